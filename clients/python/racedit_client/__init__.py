@@ -1,0 +1,1 @@
+"""racedit_client: the Python SDK of the racedit service (no torch)."""

@@ -1,0 +1,130 @@
+"""Checkpoints: a folder with `model.safetensors` (weights and thresholds) and `config.json`.
+
+Never pickle: a pickled file is refused with the command that converts it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig
+from .dit import RaceDiT
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "racedit-checkpoint"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+
+CONVERT_HINT = (
+    "racedit reads only safetensors + JSON checkpoints. Convert a trusted pickle with:\n"
+    "  python -c \"import torch; from racedit.model import build, save; "
+    "m = build('<preset>'); m.load_state_dict(torch.load('<file>', weights_only=True)); save(m, '<out dir>')\""
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, pickled or does not match its config."""
+
+
+def save(model: RaceDiT, path: Union[str, os.PathLike], metadata: Optional[dict[str, Any]] = None) -> Path:
+    """Write `path/model.safetensors` and `path/config.json`; returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "class_names": model.config.class_names,
+        "thresholds": [float(layer.threshold) for layer in model.moe_layers],
+        "metadata": metadata or {},
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    return folder
+
+
+def read_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The parsed `config.json` of a checkpoint folder, with clear errors."""
+    folder = _checkpoint_folder(path)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: missing (a checkpoint folder holds {WEIGHTS_FILE} and {CONFIG_FILE})")
+    try:
+        document = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(document, dict) or document.get("format") != FORMAT or "model" not in document:
+        raise CheckpointError(f"{config_path}: not a racedit checkpoint config (no 'format': '{FORMAT}')")
+    return document
+
+
+def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> RaceDiT:
+    """Rebuild the model of a checkpoint folder exactly, in eval mode."""
+    folder = _checkpoint_folder(path)
+    document = read_config(folder)
+    try:
+        config = ModelConfig.from_dict(document["model"])
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: invalid model config: {exc}") from exc
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing")
+    _refuse_pickle(weights_path)
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights_path}: unreadable or truncated safetensors file ({exc})") from exc
+    model = RaceDiT(config)
+    _check_state(model, state, weights_path)
+    model.load_state_dict(state, strict=True)
+    model.metadata = document.get("metadata", {})
+    return model.to(device).eval()
+
+
+def _checkpoint_folder(path: Union[str, os.PathLike]) -> Path:
+    p = Path(path)
+    if p.is_file():
+        _refuse_pickle(p)
+        if p.name in (WEIGHTS_FILE, CONFIG_FILE):
+            return p.parent
+        raise CheckpointError(f"{p}: a checkpoint is a folder holding {WEIGHTS_FILE} and {CONFIG_FILE}")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such checkpoint folder")
+    pickles = [f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES]
+    if pickles and not (p / WEIGHTS_FILE).exists():
+        raise CheckpointError(f"{p / pickles[0]}: pickle checkpoints are refused.\n{CONVERT_HINT}")
+    return p
+
+
+def _refuse_pickle(path: Path) -> None:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    is_pickle = head[:1] == b"\x80" or path.suffix in PICKLE_SUFFIXES or zipfile.is_zipfile(path)
+    if is_pickle:
+        raise CheckpointError(f"{path}: pickle checkpoints are refused.\n{CONVERT_HINT}")
+
+
+def _check_state(model: RaceDiT, state: dict[str, torch.Tensor], weights_path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        problems.append("shape mismatches " + "; ".join(wrong[:5]))
+    if problems:
+        raise CheckpointError(f"{weights_path}: does not match {CONFIG_FILE}: " + "; ".join(problems))

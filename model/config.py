@@ -1,0 +1,217 @@
+"""Typed configuration of a Race-DiT network and its presets.
+
+A config is plain data: it round-trips through JSON (checkpoints) and YAML
+(training configs), and `validate()` rejects impossible shapes before any
+tensor is allocated, naming the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ROUTINGS = ("token_choice", "expert_choice", "expert_race")
+GATINGS = ("identity", "sigmoid", "softmax")
+ROUTERS = ("linear", "mlp")
+INFERENCE_MODES = ("threshold", "topk")
+
+SHAPES10_CLASSES = [
+    "circle", "square", "triangle", "diamond", "pentagon",
+    "hexagon", "star", "cross", "ring", "heart",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts layer that replaces each block's MLP.
+
+    `spec` is "{k}in{E}": E experts, k activated per token on average.
+    `hidden_split` (S) divides the dense MLP width among activated experts:
+    each expert has width mlp_ratio * D / S, so S = k (the default) keeps the
+    activated parameter count equal to the dense MLP.
+    """
+
+    spec: str = "2in8"
+    hidden_split: Optional[int] = None
+    routing: str = "expert_race"
+    gating: str = "identity"
+    router: str = "mlp"
+    shared_expert: bool = False
+    threshold_momentum: float = 0.99
+    inference: str = "threshold"
+
+    @property
+    def num_experts(self) -> int:
+        return _parse_spec(self.spec)[1]
+
+    @property
+    def k(self) -> int:
+        return _parse_spec(self.spec)[0]
+
+    @property
+    def split(self) -> int:
+        return self.hidden_split or self.k
+
+    def validate(self) -> None:
+        k, e = _parse_spec(self.spec)
+        if not 1 <= k <= e:
+            raise ConfigError(f"moe.spec {self.spec!r}: need 1 <= k <= E")
+        _check_choice("moe.routing", self.routing, ROUTINGS)
+        _check_choice("moe.gating", self.gating, GATINGS)
+        _check_choice("moe.router", self.router, ROUTERS)
+        _check_choice("moe.inference", self.inference, INFERENCE_MODES)
+        if self.hidden_split is not None and self.hidden_split < 1:
+            raise ConfigError("moe.hidden_split must be a positive integer")
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise ConfigError("moe.threshold_momentum must be in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a (Race-)DiT. `moe=None` gives a dense DiT baseline."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    patch_size: int = 4
+    hidden_size: int = 192
+    depth: int = 6
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    class_dropout_prob: float = 0.1
+    moe: Optional[MoEConfig] = field(default_factory=MoEConfig)
+    class_names: Optional[list[str]] = None
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    def validate(self) -> None:
+        for name in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"model.image_size {self.image_size} is not divisible by model.patch_size {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}"
+            )
+        if self.hidden_size % 2:
+            raise ConfigError("model.hidden_size must be even (2-D sin-cos position embedding)")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ConfigError("model.class_dropout_prob must be in [0, 1)")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ConfigError(
+                f"model.class_names has {len(self.class_names)} names but num_classes is {self.num_classes}"
+            )
+        if self.moe is not None:
+            self.moe.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        moe = data.pop("moe", {}) if "moe" in data else MoEConfig()
+        config = cls(**_known_fields(cls, data, "model"))
+        if moe is None:
+            config.moe = None
+        elif isinstance(moe, MoEConfig):
+            config.moe = moe
+        else:
+            config.moe = MoEConfig(**_known_fields(MoEConfig, moe, "model.moe"))
+        _check_types(config)
+        config.validate()
+        return config
+
+
+def _parse_spec(spec: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)in(\d+)", str(spec))
+    if not match:
+        raise ConfigError(f"moe.spec {spec!r} is not of the form '{{k}}in{{E}}', e.g. '2in8'")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+
+
+def _known_fields(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}.{unknown[0]} (allowed: {', '.join(sorted(names))})")
+    return data
+
+
+def _check_types(config: ModelConfig) -> None:
+    """Reject wrongly typed values that dataclasses accept silently (YAML "32" vs 32)."""
+    for obj, prefix in ((config, "model"), (config.moe, "model.moe")):
+        if obj is None:
+            continue
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(
+                str(f.type).replace("Optional[", "").rstrip("]")
+            )
+            if expected is None or value is None:
+                continue
+            if isinstance(value, bool) and expected is not bool:
+                raise ConfigError(f"{prefix}.{f.name} must be {f.type}, got {value!r}")
+            if not isinstance(value, expected):
+                raise ConfigError(f"{prefix}.{f.name} must be {f.type}, got {value!r}")
+
+
+# Presets. Paper sizes follow Race-DiT Table 4 on 256x256 ImageNet latents (32x32x4).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Runs a forward in milliseconds on CPU: for tests.
+    "tiny": dict(image_size=16, in_channels=3, patch_size=4, hidden_size=64, depth=2, num_heads=4,
+                 num_classes=10, moe=dict(spec="2in4"), class_names=SHAPES10_CLASSES),
+    # The bundled default model trained on shapes10 (docs/training.md).
+    "shapes10": dict(image_size=32, in_channels=3, patch_size=4, hidden_size=192, depth=6, num_heads=6,
+                     num_classes=10, moe=dict(spec="2in8"), class_names=SHAPES10_CLASSES),
+    "B/2": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=768, depth=12, num_heads=12,
+                num_classes=1000, moe=dict(spec="4in32")),
+    "M/2": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=960, depth=16, num_heads=16,
+                num_classes=1000, moe=dict(spec="4in32")),
+    "L/2": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=1024, depth=24, num_heads=16,
+                num_classes=1000, moe=dict(spec="4in32")),
+    "XL/2": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16,
+                 num_classes=1000, moe=dict(spec="4in32")),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> ModelConfig:
+    """Config of a named preset; `overrides` replace model fields, `moe` may be a dict, a spec string or None."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    data = {**PRESETS[name]}
+    moe_override = overrides.pop("moe", "keep")
+    data.update(overrides)
+    if moe_override is None:
+        data["moe"] = None
+    elif isinstance(moe_override, str) and moe_override != "keep":
+        data["moe"] = {**data["moe"], "spec": moe_override}
+    elif isinstance(moe_override, dict):
+        data["moe"] = {**data["moe"], **moe_override}
+    elif isinstance(moe_override, MoEConfig):
+        data["moe"] = dataclasses.asdict(moe_override)
+    return ModelConfig.from_dict(data)

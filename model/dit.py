@@ -1,0 +1,232 @@
+"""Race-DiT: a DiT (Peebles & Xie, 2023) whose MLPs are Expert-Race MoE layers.
+
+    x [B, C, H, W] --patchify--> tokens [B, L, D] + fixed 2-D sin-cos positions
+    c = t_emb(t) + y_emb(y)                         [B, D]
+    N x block:  x += gate_msa * Attn(modulate(LN(x), shift, scale))
+                x += gate_mlp * MoE (modulate(LN(x), shift, scale))   (adaLN-Zero)
+    final:      adaLN, Linear -> p*p*C, unpatchify  -> v [B, C, H, W]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .moe import MoELayer, Routing
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ------------------------------------------------------------ embeddings ----
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of t (256-d) through a 2-layer SiLU MLP."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # Flow-matching time lives in [0, 1]; scale to DiT's 0..1000 range for the frequencies.
+        freq = self.sinusoid(t * 1000.0, self.frequency_dim)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape, device=y.device) < self.dropout_prob
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.table(y)
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [grid*grid, dim] (half the width per axis)."""
+
+    def axis(d: int, pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    coords = torch.arange(grid, dtype=torch.float64)
+    gw, gh = torch.meshgrid(coords, coords, indexing="xy")
+    return torch.cat([axis(dim // 2, gh), axis(dim // 2, gw)], dim=1).float()
+
+
+# ----------------------------------------------------------------- block ----
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, d_head]
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    """The dense DiT MLP, used when the model has no MoE (baselines)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """adaLN-Zero transformer block; the MLP is an MoE layer when configured."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, config.num_heads)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        target_dim = config.patch_size**2 * config.out_channels
+        self.mlp = (MoELayer(d, config.mlp_ratio, config.moe, target_dim) if config.moe
+                    else MLP(d, int(d * config.mlp_ratio)))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, predict_target: bool) -> tuple[torch.Tensor, Optional[Routing]]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        h = modulate(self.norm2(x), shift2, scale2)
+        routing = None
+        if isinstance(self.mlp, MoELayer):
+            h, routing = self.mlp(h, predict_target)
+        else:
+            h = self.mlp(h)
+        return x + gate2.unsqueeze(1) * h, routing
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(d, config.patch_size**2 * config.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# ----------------------------------------------------------------- stats ----
+@dataclass
+class ForwardStats:
+    """Routing of one forward. Integer counts are cheap to collect (no extra expert work)."""
+
+    experts_per_token: torch.Tensor  # int [n_moe_layers, B, L]
+    expert_load: torch.Tensor  # int [n_moe_layers, B, E]: tokens each expert took, per sample
+    routing: list[Routing]  # per MoE layer, for the training losses
+
+
+# ----------------------------------------------------------------- model ----
+class RaceDiT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        c, p, d = config.in_channels, config.patch_size, config.hidden_size
+        self.x_embedder = nn.Conv2d(c, d, kernel_size=p, stride=p)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, config.grid_size)[None], persistent=False)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(config)
+        self.initialize_weights()
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def initialize_weights(self) -> None:
+        """DiT initialisation: Xavier linears, zero adaLN and output (the "-Zero" of adaLN-Zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, L, p*p*C] in the same layout as the output head."""
+        b, c, h, w = x.shape
+        p = self.config.patch_size
+        x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, p*p*C] -> [B, C, H, W]."""
+        p, c, g = self.config.patch_size, self.config.out_channels, self.config.grid_size
+        x = x.view(x.shape[0], g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_stats: bool = False,
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, ForwardStats]]:
+        """Velocity v(x_t, t, y). x: [B, C, H, W], t: [B] in [0, 1], y: [B] int (null class allowed)."""
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, L, D]
+        c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
+        routings: list[Routing] = []
+        for block in self.blocks:
+            h, routing = block(h, c, predict_target=self.training)
+            if routing is not None:
+                routings.append(routing)
+        v = self.unpatchify(self.final_layer(h, c))
+        if not return_stats:
+            return v
+        return v, self.stats(routings, x.shape[0])
+
+    def stats(self, routings: list[Routing], batch: int) -> ForwardStats:
+        if not routings:
+            empty = torch.zeros(0, batch, self.config.num_tokens, dtype=torch.int32)
+            return ForwardStats(empty, torch.zeros(0, batch, 0, dtype=torch.int32), [])
+        masks = torch.stack([r.mask for r in routings])  # [n, B, L, E]
+        return ForwardStats(
+            experts_per_token=masks.sum(-1, dtype=torch.int32),
+            expert_load=masks.sum(2, dtype=torch.int32),
+            routing=routings,
+        )

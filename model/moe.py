@@ -1,0 +1,199 @@
+"""Mixture-of-Experts layer routed by Expert Race (Yuan et al., ICML 2025).
+
+The layer maps tokens x: [B, L, D] to sum_{e selected} G[i, e] * Expert_e(x_i).
+Which (token, expert) pairs are selected is decided by one of the small
+routing functions below, each returning a boolean mask [B, L, E]:
+
+    token_choice   top-k experts of each token                  (k per token)
+    expert_choice  top-(k*L/E) tokens of each (sample, expert)   (fixed per expert)
+    expert_race    top-(B*L*k) pairs of the whole batch          (free allocation)
+    threshold      G > tau, tau an EMA of the race's K-th value  (batch-independent)
+
+Only selected pairs are computed (sparse dispatch): tokens are gathered per
+expert, each expert runs once on its group, and results are scaled and
+scatter-added back. Nothing ever computes all experts densely.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+
+# ---------------------------------------------------------------- gating ----
+def gate(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Gating function G(logits). Identity keeps the order of scores across tokens."""
+    if kind == "identity":
+        return logits
+    if kind == "sigmoid":
+        return torch.sigmoid(logits)
+    if kind == "softmax":
+        return torch.softmax(logits, dim=-1)
+    raise ValueError(f"unknown gating {kind!r}")
+
+
+# --------------------------------------------------------------- routing ----
+def token_choice(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each token takes its top-k experts. scores: [B, L, E] -> mask [B, L, E]."""
+    index = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+
+
+def expert_choice(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each expert takes its top-(k*L/E) tokens within each sample."""
+    _, seq_len, num_experts = scores.shape
+    capacity = max(1, round(k * seq_len / num_experts))
+    index = scores.topk(capacity, dim=1).indices  # [B, C, E]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
+
+
+def expert_race(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top B*L*k (token, expert) pairs of the whole batch race together.
+
+    Returns the mask and the K-th largest score (the threshold's EMA target).
+    """
+    flat = scores.reshape(-1)
+    num_selected = scores.shape[0] * scores.shape[1] * k
+    values, index = flat.topk(num_selected)
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, index, True)
+    return mask.view_as(scores), values[-1]
+
+
+def threshold(scores: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Select a pair iff its score beats the learned threshold: depends on the token alone."""
+    return scores > tau
+
+
+# ---------------------------------------------------------------- router ----
+class Router(nn.Module):
+    """Scores tokens against experts.
+
+    `linear`: logits = W x. `mlp` (per-layer regularisation, the paper's
+    default): h = GELU(W1 x), logits = W_gate h, and a target head
+    y_hat = W_target h that predicts the final denoising target per token;
+    its loss strengthens shallow layers (paper Fig. 5). Unused at inference.
+    """
+
+    def __init__(self, dim: int, num_experts: int, kind: str, target_dim: int):
+        super().__init__()
+        self.kind = kind
+        if kind == "mlp":
+            self.hidden = nn.Linear(dim, dim)
+            self.gate_head = nn.Linear(dim, num_experts)
+            self.target_head = nn.Linear(dim, target_dim)
+        else:
+            self.gate_head = nn.Linear(dim, num_experts)
+            self.target_head = None
+
+    def forward(self, x: torch.Tensor, predict_target: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.kind == "mlp":
+            h = F.gelu(self.hidden(x))
+            target = self.target_head(h) if predict_target else None
+            return self.gate_head(h), target
+        return self.gate_head(x), None
+
+
+# --------------------------------------------------------------- experts ----
+class Experts(nn.Module):
+    """E independent GELU(tanh) MLPs D -> D_e -> D, weights stacked for grouped execution."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        bound1, bound2 = 1.0 / dim**0.5, 1.0 / hidden**0.5
+        nn.init.uniform_(self.w1, -bound1, bound1)
+        nn.init.uniform_(self.w2, -bound2, bound2)
+
+    def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its gathered tokens x: [n, D] -> [n, D]."""
+        h = F.gelu(torch.addmm(self.b1[e], x, self.w1[e]), approximate="tanh")
+        return torch.addmm(self.b2[e], h, self.w2[e])
+
+
+def sparse_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """Compute only the selected pairs. x: [N, D], weights and mask: [N, E] -> [N, D].
+
+    Pairs are grouped by expert (nonzero of the transposed mask is expert-major),
+    each expert runs once on its contiguous group, and the gated outputs are
+    scatter-added to their tokens. A token with no expert receives zero.
+    """
+    expert_index, token_index = mask.t().nonzero(as_tuple=True)  # grouped by expert
+    counts = mask.sum(0).tolist()
+    pair_weights = weights[token_index, expert_index].unsqueeze(1).to(x.dtype)
+    gathered = x.index_select(0, token_index)
+    outputs = [experts.run(e, chunk) for e, chunk in enumerate(gathered.split(counts)) if counts[e]]
+    out = torch.zeros_like(x)
+    if outputs:
+        out.index_add_(0, token_index, torch.cat(outputs) * pair_weights)
+    return out
+
+
+# -------------------------------------------------------------- MoE layer ----
+@dataclass
+class Routing:
+    """What one MoE layer decided for one forward; the losses and statistics read it."""
+
+    scores: torch.Tensor  # [B, L, E] gate values G
+    mask: torch.Tensor  # [B, L, E] bool, selected pairs
+    target: Optional[torch.Tensor]  # [B, L, p*p*C] per-layer-regularisation prediction, or None
+    logits: torch.Tensor  # [B, L, E] router logits (balance loss)
+
+
+class MoELayer(nn.Module):
+    """The MLP of a Race-DiT block: router, experts, optional shared expert, learned threshold."""
+
+    def __init__(self, dim: int, mlp_ratio: float, config: MoEConfig, target_dim: int):
+        super().__init__()
+        self.config = config
+        self.num_experts, self.k = config.num_experts, config.k
+        self.expert_hidden = int(mlp_ratio * dim / config.split)
+        self.router = Router(dim, self.num_experts, config.router, target_dim)
+        self.experts = Experts(self.num_experts, dim, self.expert_hidden)
+        self.shared_expert = (
+            nn.Sequential(nn.Linear(dim, self.expert_hidden), nn.GELU(approximate="tanh"),
+                          nn.Linear(self.expert_hidden, dim))
+            if config.shared_expert else None
+        )
+        # Learned threshold tau: EMA of the race's K-th largest gate value (saved in checkpoints).
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Choose (token, expert) pairs for scores [B, L, E]; updates tau while training a race."""
+        routing = self.config.routing
+        if routing == "token_choice":
+            return token_choice(scores, self.k)
+        if routing == "expert_choice":
+            return expert_choice(scores, self.k)
+        if not self.training and self.config.inference == "threshold":
+            return threshold(scores, self.threshold)
+        mask, kth = expert_race(scores, self.k)
+        if self.training:
+            self._update_threshold(kth.detach())
+        return mask
+
+    @torch.no_grad()
+    def _update_threshold(self, kth: torch.Tensor) -> None:
+        m = self.config.threshold_momentum if int(self.threshold_updates) > 0 else 0.0
+        self.threshold.mul_(m).add_((1.0 - m) * kth.float())
+        self.threshold_updates.add_(1)
+
+    def forward(self, x: torch.Tensor, predict_target: bool = False) -> tuple[torch.Tensor, Routing]:
+        batch, seq_len, dim = x.shape
+        logits, target = self.router(x, predict_target)  # [B, L, E]
+        scores = gate(logits, self.config.gating)
+        mask = self.select(scores)
+        out = sparse_dispatch(x.reshape(-1, dim), scores.reshape(-1, self.num_experts),
+                              mask.reshape(-1, self.num_experts), self.experts)
+        out = out.view(batch, seq_len, dim)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        return out, Routing(scores=scores, mask=mask, target=target, logits=logits)

@@ -1,0 +1,203 @@
+"""The Race-DiT network: routing counts, gradients, threshold, batch independence, presets."""
+import pytest
+import torch
+
+from racedit.model import build, count_parameters, preset_config
+from racedit.model.config import ConfigError
+from racedit.model.losses import balance, combination_usage, max_violation, per_layer_regularisation, router_similarity
+from racedit.model.moe import expert_choice, expert_race, sparse_dispatch, threshold, token_choice, Experts
+
+from conftest import batch
+
+
+def tiny(routing="expert_race", gating="identity", **moe):
+    return build("tiny", moe={"routing": routing, "gating": gating, **moe})
+
+
+def test_forward_shapes_and_stats_types():
+    model = tiny().eval()
+    x, t, y = batch(model, 3)
+    v = model(x, t, y)
+    assert v.shape == x.shape
+    v2, stats = model(x, t, y, return_stats=True)
+    assert torch.equal(v, v2)
+    n_layers, seq = len(model.moe_layers), model.config.num_tokens
+    assert stats.experts_per_token.shape == (n_layers, 3, seq)
+    assert stats.experts_per_token.dtype in (torch.int32, torch.int64)
+    assert torch.equal(stats.expert_load.sum(-1), stats.experts_per_token.sum(-1))
+
+
+@pytest.mark.parametrize("routing", ["token_choice", "expert_choice", "expert_race"])
+def test_exact_selection_counts_in_training(routing):
+    model = tiny(routing).train()
+    b = 5
+    x, t, y = batch(model, b)
+    _, stats = model(x, t, y, return_stats=True)
+    k, e, seq = 2, 4, model.config.num_tokens
+    for layer_routing in stats.routing:
+        mask = layer_routing.mask
+        assert mask.shape == (b, seq, e)
+        if routing == "token_choice":
+            assert (mask.sum(-1) == k).all()
+        elif routing == "expert_choice":
+            assert (mask.sum(1) == k * seq // e).all()
+        else:
+            assert int(mask.sum()) == b * seq * k
+    if routing == "expert_race":
+        # Race allocation is free: experts per token must vary across tokens.
+        assert stats.experts_per_token.unique().numel() > 1
+
+
+def test_routing_functions_directly():
+    scores = torch.randn(2, 8, 4)
+    assert (token_choice(scores, 3).sum(-1) == 3).all()
+    assert (expert_choice(scores, 2).sum(1) == 4).all()
+    mask, kth = expert_race(scores, 2)
+    assert int(mask.sum()) == 32
+    assert torch.equal(mask, scores >= kth)
+    assert torch.equal(threshold(scores, torch.tensor(0.3)), scores > 0.3)
+
+
+def test_sparse_dispatch_matches_a_dense_reference():
+    torch.manual_seed(1)
+    experts = Experts(4, 8, 16)
+    x = torch.randn(10, 8)
+    weights = torch.randn(10, 4)
+    mask = torch.rand(10, 4) > 0.5
+    mask[3] = False  # a token with no expert gets zero
+    out = sparse_dispatch(x, weights, mask, experts)
+    dense = torch.stack([experts.run(e, x) for e in range(4)], dim=1)  # [N, E, D]
+    ref = (dense * (weights * mask).unsqueeze(-1)).sum(1)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.equal(out[3], torch.zeros(8))
+
+
+@pytest.mark.parametrize("gating", ["identity", "sigmoid", "softmax"])
+@pytest.mark.parametrize("routing", ["token_choice", "expert_choice", "expert_race"])
+def test_gradient_reaches_router(routing, gating):
+    model = tiny(routing, gating).train()
+    # adaLN-Zero makes the MoE output gate zero at init; open it so gradients flow to the router.
+    for block in model.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
+    x, t, y = batch(model, 4)
+    model(x, t, y).pow(2).mean().backward()
+    for layer in model.moe_layers:
+        grad = layer.router.gate_head.weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+
+
+def test_threshold_moves_in_training_and_is_frozen_in_eval():
+    model = tiny().train()
+    x, t, y = batch(model, 4)
+    model(x, t, y)
+    first = [float(layer.threshold) for layer in model.moe_layers]
+    x2, t2, y2 = batch(model, 4, seed=1)
+    model(x2 * 3, t2, y2)
+    second = [float(layer.threshold) for layer in model.moe_layers]
+    assert first != second
+    assert all(int(layer.threshold_updates) == 2 for layer in model.moe_layers)
+    model.eval()
+    model(x, t, y)
+    assert [float(layer.threshold) for layer in model.moe_layers] == second
+
+
+def test_thresholds_are_named_buffers_in_state_dict():
+    keys = build("tiny").state_dict().keys()
+    assert sum("threshold" in k for k in keys) >= 2
+
+
+@pytest.mark.parametrize("routing", ["expert_race", "token_choice", "expert_choice"])
+def test_eval_routing_and_output_independent_of_batch_mates(routing):
+    model = tiny(routing).train()
+    for _ in range(3):  # give the threshold a trained value
+        model(*batch(model, 8, seed=_))
+    model.eval()
+    x, t, y = batch(model, 1, seed=10)
+    alone_v, alone = model(x, t, y, return_stats=True)
+    mates_x, mates_t, mates_y = batch(model, 7, seed=11)
+    xs, ts, ys = torch.cat([mates_x[:3], x, mates_x[3:]]), torch.cat([mates_t[:3], t, mates_t[3:]]), torch.cat([mates_y[:3], y, mates_y[3:]])
+    mixed_v, mixed = model(xs, ts, ys, return_stats=True)
+    assert torch.equal(mixed.experts_per_token[:, 3], alone.experts_per_token[:, 0])
+    assert (mixed_v[3] - alone_v[0]).abs().max() < 1e-4
+
+
+def test_topk_inference_mode_is_batch_dependent_ablation():
+    model = tiny(inference="topk").eval()
+    x, t, y = batch(model, 4)
+    _, stats = model(x, t, y, return_stats=True)
+    assert int(stats.experts_per_token.sum(dim=(1, 2))[0]) == 4 * model.config.num_tokens * 2
+
+
+def test_dense_baseline_has_no_moe():
+    model = build("tiny", moe=None)
+    assert model.moe_layers == []
+    x, t, y = batch(model, 2)
+    v, stats = model(x, t, y, return_stats=True)
+    assert v.shape == x.shape and stats.experts_per_token.shape[0] == 0
+
+
+def test_shared_expert_and_linear_router():
+    model = tiny(shared_expert=True, router="linear")
+    assert model.moe_layers[0].shared_expert is not None
+    assert model.moe_layers[0].router.target_head is None
+    assert model(*batch(model, 2)).shape == (2, 3, 16, 16)
+
+
+def test_losses_and_metrics():
+    model = tiny().train()
+    x, t, y = batch(model, 4)
+    _, stats = model(x, t, y, return_stats=True)
+    target = model.patchify(torch.randn_like(x))
+    assert per_layer_regularisation(stats.routing, target) > 0
+    sim = router_similarity(stats.routing)
+    assert sim >= 0 and sim.requires_grad
+    assert balance(stats.routing) > 0
+    assert max_violation(torch.tensor([1.0, 1.0, 1.0, 1.0])) == 0.0
+    assert max_violation(torch.tensor([4.0, 0.0, 0.0, 0.0])) == pytest.approx(3.0)
+    # Two fixed pairs (Fig. 4 top) use 2 of 6 combinations; diverse pairs use more.
+    collapsed = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]] * 4, dtype=torch.bool)
+    diverse = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.bool)
+    assert combination_usage(collapsed) == pytest.approx(2 / 6)
+    assert combination_usage(diverse) == pytest.approx(1.0)
+
+
+def test_router_similarity_is_low_for_independent_experts():
+    from racedit.model.moe import Routing
+    g = torch.randn(4096, 8)
+    independent = Routing(scores=g, mask=g > 0, target=None, logits=g)
+    copied = Routing(scores=g[:, [0, 0, 1, 1, 2, 2, 3, 3]], mask=g > 0, target=None, logits=g)
+    assert router_similarity([independent]) < 0.01 < router_similarity([copied])
+
+
+def test_paper_preset_parameter_counts_on_meta_device():
+    with torch.device("meta"):
+        xl = build("XL/2", moe="4in32")
+        dense = build("XL/2", moe=None)
+    total, activated = count_parameters(xl)
+    assert abs(total / 2.788e9 - 1) < 0.02, total
+    assert abs(activated / 0.707e9 - 1) < 0.02, activated
+    assert abs(count_parameters(dense)[0] / 0.669e9 - 1) < 0.02
+    for name, depth, width in [("B/2", 12, 768), ("M/2", 16, 960), ("L/2", 24, 1024)]:
+        cfg = preset_config(name)
+        assert (cfg.depth, cfg.hidden_size) == (depth, width)
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ConfigError, match="patch_size"):
+        build("tiny", image_size=18)
+    with pytest.raises(ConfigError, match="moe.routing"):
+        build("tiny", moe={"routing": "random"})
+    with pytest.raises(ConfigError, match="moe.spec"):
+        build("tiny", moe="9in4")
+    with pytest.raises(ConfigError, match="unknown key model.widht"):
+        build("tiny", widht=3)
+    with pytest.raises(ConfigError, match="model.depth"):
+        build("tiny", depth="2")
+
+
+def test_config_object_and_attributes():
+    cfg = preset_config("tiny")
+    model = build(cfg)
+    assert (model.config.image_size, model.config.in_channels, model.config.patch_size, model.config.num_classes) == (16, 3, 4, 10)
+    assert model.config.moe.spec == "2in4"
