@@ -1,0 +1,79 @@
+"""The `racedit` command: train, eval, serve, export. Each subcommand imports its code lazily."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import load_config, train
+
+    config = load_config(args.config)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    path = train(config, out, resume=Path(args.resume) if args.resume else None)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import main as evaluate_main
+
+    return evaluate_main(args)
+
+
+def _serve(args: Sequence[str]) -> int:
+    from racedit.server.cli import main as serve_main
+
+    return serve_main(list(args))
+
+
+def _export(args: Sequence[str]) -> int:
+    from racedit.export.cli import main as export_main
+
+    return export_main(list(args))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # serve and export own their flags (typed settings); hand them the rest of the line.
+    if argv[:1] == ["serve"]:
+        return _serve(argv[1:])
+    if argv[:1] == ["export"]:
+        return _export(argv[1:])
+    parser = argparse.ArgumentParser(prog="racedit", description="Race-DiT training, evaluation, serving and export")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="serve a checkpoint over HTTP (racedit serve --help)")
+    sub.add_parser("export", help="export ONNX / AOTInductor / Triton (racedit export --help)")
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", help="output folder (default runs/<config name>)")
+    p.add_argument("--resume", help="checkpoint folder of an earlier run to continue")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("eval", help="class fidelity, Frechet distance, sample grid and Fig. 6 plot")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the bundled shapes10 model)")
+    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--num-steps", type=int, default=25)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--out", default="eval-out")
+    p.add_argument("--classifier", default=None, help="classifier folder (default: the bundled one)")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("train-classifier", help="train the shapes10 classifier used by eval")
+    p.add_argument("--out", default=None)
+    p.add_argument("--steps", type=int, default=1500)
+    p.set_defaults(func=lambda a: __import__("racedit.model.evaluate", fromlist=["x"]).train_classifier_main(a))
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"racedit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Evaluation: `racedit eval --checkpoint PATH`.
+
+Class fidelity is the share of generated images that a shapes10 classifier
+(shipped in `weights/shapes10-classifier`, trained by `racedit train-classifier`)
+assigns to the class that was asked for. The Frechet distance is computed in
+that classifier's 128-d feature space against real val images. The Fig. 6
+plot shows mean experts per token against the sampling timestep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .checkpoint import CheckpointError, load
+from .config import SHAPES10_CLASSES
+from .data import Shapes10
+from .sampling import generate, time_grid
+
+DEFAULT_CLASSIFIER = Path(__file__).resolve().parent / "weights" / "shapes10-classifier"
+
+
+class ShapesClassifier(nn.Module):
+    """A small CNN for 32x32 shapes10; `features` gives the 128-d embedding used for FD."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+
+        def stage(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.body = nn.Sequential(stage(3, 32), nn.MaxPool2d(2), stage(32, 64), nn.MaxPool2d(2),
+                                  stage(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(128, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def to_input(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def load_classifier(path: Optional[Path] = None) -> ShapesClassifier:
+    folder = Path(path or DEFAULT_CLASSIFIER)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing; train one with `racedit train-classifier`")
+    model = ShapesClassifier()
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(model: ShapesClassifier, images_uint8: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted labels [N] and features [N, 128]."""
+    preds, feats = [], []
+    for chunk in images_uint8.split(batch):
+        f = model.features(to_input(chunk))
+        feats.append(f)
+        preds.append(model.head(f).argmax(1))
+    return torch.cat(preds), torch.cat(feats)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.t()), torch.cov(b.t())
+    vals, vecs = torch.linalg.eigh(cov_a)
+    sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.t()
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+
+
+def train_classifier(out: Path, steps: int = 1500, batch: int = 128, seed: int = 0) -> float:
+    """Train on shapes10 train (with pixel noise, so it also reads imperfect samples); returns val accuracy."""
+    torch.manual_seed(seed)
+    images, labels = Shapes10("train").materialize()
+    val_images, val_labels = Shapes10("val").materialize()
+    model = ShapesClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        index = torch.randint(0, images.shape[0], (batch,), generator=g)
+        x = to_input(images[index])
+        x = x + torch.randn(x.shape, generator=g) * torch.rand(batch, 1, 1, 1, generator=g) * 0.15
+        loss = F.cross_entropy(model(x), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 250 == 0:
+            print(f"classifier step {step}: loss {loss.item():.4f}", flush=True)
+    model.eval()
+    preds, _ = classify(model, val_images)
+    accuracy = float((preds == val_labels).float().mean())
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"classes": SHAPES10_CLASSES, "val_accuracy": accuracy,
+                                                 "steps": steps, "batch": batch, "seed": seed}, indent=2) + "\n")
+    return accuracy
+
+
+def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: Path, title: str,
+              xlabel: str, ylabel: str, size: tuple[int, int] = (640, 420)) -> None:
+    """A plain line chart drawn with PIL (no plotting dependency)."""
+    w, h = size
+    left, right, top, bottom = 70, 20, 40, 55
+    image = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(image)
+    all_y = [v for ys in series.values() for v in ys]
+    y_lo, y_hi = min(all_y + [0.0]), max(all_y) * 1.1 or 1.0
+    x_lo, x_hi = min(xs), max(xs)
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        px = left + (x - x_lo) / ((x_hi - x_lo) or 1) * (w - left - right)
+        py = h - bottom - (y - y_lo) / ((y_hi - y_lo) or 1) * (h - top - bottom)
+        return px, py
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(6):
+        yv = y_lo + (y_hi - y_lo) * i / 5
+        _, py = point(x_lo, yv)
+        d.line([left - 4, py, left, py], fill="black")
+        d.text((8, py - 6), f"{yv:.2f}", fill="black")
+        xv = x_lo + (x_hi - x_lo) * i / 5
+        px, _ = point(xv, y_lo)
+        d.line([px, h - bottom, px, h - bottom + 4], fill="black")
+        d.text((px - 10, h - bottom + 8), f"{xv:.2f}", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for (name, ys), colour in zip(series.items(), colours):
+        d.line([point(x, y) for x, y in zip(xs, ys)], fill=colour, width=2)
+        d.text((w - right - 150, top + 8 + 14 * list(series).index(name)), name, fill=colour)
+    d.text((w / 2 - 120, 12), title, fill="black")
+    d.text((w / 2 - 60, h - 22), xlabel, fill="black")
+    d.text((8, top - 28), ylabel, fill="black")
+    image.save(path)
+
+
+def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: int, batch_size: int,
+             out: Path, classifier_path: Optional[Path] = None) -> dict:
+    from .train import save_grid
+
+    model = load(checkpoint)
+    classifier = load_classifier(classifier_path)
+    n_classes = model.config.num_classes
+    labels = [i % n_classes for i in range(num_samples)]
+    images, usages = [], []
+    start = time.time()
+    for lo in range(0, num_samples, batch_size):
+        chunk = labels[lo:lo + batch_size]
+        imgs, usage = generate(model, chunk, cfg_scale=cfg_scale, num_steps=num_steps,
+                               seeds=list(range(lo, lo + len(chunk))))
+        images.append(imgs)
+        usages.extend(usage)
+    images = torch.cat(images)
+    seconds = time.time() - start
+    preds, feats = classify(classifier, images)
+    target = torch.tensor(labels)
+    val_images, _ = Shapes10("val").materialize()
+    _, real_feats = classify(classifier, val_images)
+    per_step = np.mean([u["per_step"] for u in usages], axis=0).tolist()
+    grid_t = time_grid(num_steps)[:-1]
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(images[: min(100, num_samples)], out / "samples.png")
+    line_plot(grid_t, {"mean experts per token": per_step}, out / "experts_per_timestep.png",
+              title=f"Experts per token vs timestep (cfg {cfg_scale})", xlabel="t (1 = noise)",
+              ylabel="experts / token")
+    report = {
+        "checkpoint": str(checkpoint),
+        "num_samples": num_samples, "cfg_scale": cfg_scale, "num_steps": num_steps,
+        "class_fidelity": float((preds == target).float().mean()),
+        "per_class_fidelity": {SHAPES10_CLASSES[c]: float((preds[target == c] == c).float().mean())
+                               for c in range(n_classes) if (target == c).any()},
+        "frechet_distance": frechet_distance(feats, real_feats),
+        "mean_experts_per_token": float(np.mean([u["mean_experts_per_token"] for u in usages])),
+        "experts_per_token_by_t": {f"{t:.2f}": round(v, 4) for t, v in zip(grid_t, per_step)},
+        "generation_seconds": round(seconds, 2),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import DEFAULT_CHECKPOINT
+
+    report = evaluate(Path(args.checkpoint or DEFAULT_CHECKPOINT), args.num_samples, args.cfg_scale,
+                      args.num_steps, args.batch_size, Path(args.out),
+                      Path(args.classifier) if args.classifier else None)
+    print(json.dumps({k: v for k, v in report.items() if k != "experts_per_token_by_t"}, indent=2))
+    print(f"wrote {args.out}/report.json, samples.png, experts_per_timestep.png")
+    return 0
+
+
+def train_classifier_main(args: argparse.Namespace) -> int:
+    accuracy = train_classifier(Path(args.out or DEFAULT_CLASSIFIER), steps=args.steps)
+    print(f"val accuracy {accuracy:.4f}")
+    return 0 if accuracy >= 0.98 else 1

@@ -1,0 +1,208 @@
+"""Rectified-flow objective, samplers with classifier-free guidance, and expert-usage accounting.
+
+Flow matching: x_t = (1 - t) x_0 + t eps, target v = eps - x_0, t logit-normal.
+Sampling integrates dx/dt = v from t = 1 (noise) to t = 0 (image).
+
+The one-step functions here (`guided_velocity`, `euler_update`, `time_grid`)
+are what both `generate` and the serving engine call, so a request's images
+are the same whichever of the two produced them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import losses
+from .dit import ForwardStats, RaceDiT
+
+
+# ------------------------------------------------------------- objective ----
+@dataclass
+class LossWeights:
+    plr: float = 1.0  # per-layer regularisation
+    similarity: float = 0.01  # router similarity
+    balance: float = 0.0  # Switch-style balance (token-choice baselines)
+
+
+def logit_normal(n: int, generator: Optional[torch.Generator] = None, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+
+
+def training_loss(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, weights: LossWeights,
+                  generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, float], ForwardStats, torch.Tensor]:
+    """Total loss, its terms as floats, the forward's routing stats and its timesteps (for metrics)."""
+    net: RaceDiT = getattr(model, "module", model)
+    t = logit_normal(x0.shape[0], generator, x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    tb = t.view(-1, 1, 1, 1)
+    x_t = (1 - tb) * x0 + tb * eps
+    target = eps - x0
+    v, stats = model(x_t, t, y, return_stats=True)
+    mse = torch.mean((v.float() - target) ** 2)
+    plr = losses.per_layer_regularisation(stats.routing, net.patchify(target))
+    sim = losses.router_similarity(stats.routing).to(mse.device)
+    bal = losses.balance(stats.routing).to(mse.device) if weights.balance else mse.new_zeros(())
+    total = mse + weights.plr * plr + weights.similarity * sim + weights.balance * bal
+    terms = {name: float(value.detach()) for name, value in
+             (("loss", total), ("mse", mse), ("plr", plr), ("similarity", sim), ("balance", bal))}
+    return total, terms, stats, t
+
+
+# -------------------------------------------------------------- sampling ----
+def time_grid(num_steps: int) -> list[float]:
+    """t_0 = 1 > t_1 > ... > t_N = 0, uniform."""
+    return [1.0 - i / num_steps for i in range(num_steps + 1)]
+
+
+def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """Starting noise of one image from a CPU generator seeded by its own seed (device-independent)."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
+
+
+@torch.no_grad()
+def guided_velocity(model: RaceDiT, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                    cfg_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """v = v_u + s (v_c - v_u) for N images, each with its own t, label and scale, in one forward.
+
+    Rows: N conditional rows, then one unconditional row for each image with s != 1.
+    Returns v [N, C, H, W] and, per forward row, experts_per_token [n_layers, R, L],
+    expert_load [n_layers, R, E] and the image each row belongs to [R].
+    """
+    guided = (cfg_scales != 1.0).nonzero().squeeze(1)
+    rows_x = torch.cat([x, x[guided]])
+    rows_t = torch.cat([t, t[guided]])
+    rows_y = torch.cat([labels, torch.full_like(labels[guided], model.null_class)])
+    v_rows, stats = model(rows_x, rows_t, rows_y, return_stats=True)
+    v = v_rows[: x.shape[0]].clone()
+    if guided.numel():
+        v_u = v_rows[x.shape[0]:]
+        s = cfg_scales[guided].view(-1, 1, 1, 1).to(v.dtype)
+        v[guided] = v_u + s * (v[guided] - v_u)
+    owner = torch.cat([torch.arange(x.shape[0], device=x.device), guided])
+    return v, stats.experts_per_token, stats.expert_load, owner
+
+
+def euler_update(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    return x + (t_next - t).view(-1, 1, 1, 1).to(x.dtype) * v
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 [N, C, H, W] on the CPU."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# ----------------------------------------------------------- expert usage ----
+@dataclass
+class UsageAccumulator:
+    """Expert usage of one image (or request), summed over its own forward rows and steps."""
+
+    num_layers: int
+    num_experts: int
+    num_tokens: int
+    k: int
+    token_sum: Optional[torch.Tensor] = None  # [n_layers, L] selected experts summed over rows
+    load_sum: Optional[torch.Tensor] = None  # [n_layers, E]
+    rows: int = 0
+    step_selected: list[int] = field(default_factory=list)  # selected pairs in each step
+    step_slots: list[int] = field(default_factory=list)  # (layer, row, token) slots in each step
+
+    def add(self, experts_per_token: torch.Tensor, expert_load: torch.Tensor) -> None:
+        """One step's rows of this image: experts_per_token [n_layers, r, L], expert_load [n_layers, r, E]."""
+        tokens = experts_per_token.sum(1).to(torch.int64).cpu()
+        load = expert_load.sum(1).to(torch.int64).cpu()
+        self.token_sum = tokens if self.token_sum is None else self.token_sum + tokens
+        self.load_sum = load if self.load_sum is None else self.load_sum + load
+        self.rows += experts_per_token.shape[1]
+        self.step_selected.append(int(tokens.sum()))
+        self.step_slots.append(experts_per_token.numel())
+
+    def merge(self, other: "UsageAccumulator") -> None:
+        """Fold another image's usage in (a request of several images)."""
+        if other.token_sum is None:
+            return
+        if self.token_sum is None:
+            self.token_sum, self.load_sum = other.token_sum.clone(), other.load_sum.clone()
+            self.step_selected, self.step_slots = list(other.step_selected), list(other.step_slots)
+        else:
+            self.token_sum, self.load_sum = self.token_sum + other.token_sum, self.load_sum + other.load_sum
+            self.step_selected = [a + b for a, b in zip(self.step_selected, other.step_selected)]
+            self.step_slots = [a + b for a, b in zip(self.step_slots, other.step_slots)]
+        self.rows += other.rows
+
+    def summary(self) -> dict:
+        """The `expert_usage` object of the HTTP answer (DESIGN.md section 4)."""
+        if self.token_sum is None or self.rows == 0:
+            zeros = [0.0] * self.num_layers
+            return {"num_moe_layers": self.num_layers, "num_experts": self.num_experts, "nominal_k": self.k,
+                    "mean_experts_per_token": 0.0, "activated_pairs": 0, "nominal_pairs": 0,
+                    "per_layer": [{"mean_experts_per_token": z, "expert_load": [0] * self.num_experts} for z in zeros],
+                    "per_step": [], "token_map": []}
+        per_token = self.token_sum.float() / self.rows  # [n_layers, L]
+        grid = int(round(self.num_tokens**0.5))
+        activated = int(self.token_sum.sum())
+        return {
+            "num_moe_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "nominal_k": self.k,
+            "mean_experts_per_token": float(per_token.mean()),
+            "activated_pairs": activated,
+            "nominal_pairs": self.rows * self.num_tokens * self.k * self.num_layers,
+            "per_layer": [{"mean_experts_per_token": float(per_token[i].mean()),
+                           "expert_load": [int(v) for v in self.load_sum[i]]} for i in range(self.num_layers)],
+            "per_step": [round(a / b, 4) if b else 0.0 for a, b in zip(self.step_selected, self.step_slots)],
+            "token_map": per_token.mean(0).view(grid, grid).tolist(),
+        }
+
+
+def new_usage(model: RaceDiT) -> UsageAccumulator:
+    moe = model.config.moe
+    return UsageAccumulator(num_layers=len(model.moe_layers), num_experts=moe.num_experts if moe else 0,
+                            num_tokens=model.config.num_tokens, k=moe.k if moe else 0)
+
+
+# -------------------------------------------------------------- generate ----
+@torch.no_grad()
+def generate(model: RaceDiT, labels: Sequence[int], cfg_scale: Union[float, Sequence[float]] = 4.0,
+             num_steps: int = 25, seeds: Optional[Sequence[int]] = None, sampler: str = "euler",
+             ) -> tuple[torch.Tensor, list[dict]]:
+    """Images uint8 [N, 3, H, W] and per-image expert usage (the `expert_usage` dicts).
+
+    Each image's noise comes from its own seed, and threshold routing makes every
+    row independent, so an image never depends on what else is in the batch.
+    """
+    if sampler not in ("euler", "heun"):
+        raise ValueError(f"sampler must be 'euler' or 'heun', got {sampler!r}")
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    n = len(labels)
+    seeds = list(seeds) if seeds is not None else list(range(n))
+    scales = [float(cfg_scale)] * n if isinstance(cfg_scale, (int, float)) else [float(s) for s in cfg_scale]
+    if len(seeds) != n or len(scales) != n:
+        raise ValueError("labels, seeds and cfg_scale must have the same length")
+    cfg = model.config
+    x = torch.stack([initial_noise(s, (cfg.in_channels, cfg.image_size, cfg.image_size)) for s in seeds]).to(device, dtype)
+    y = torch.tensor(list(labels), dtype=torch.long, device=device)
+    s = torch.tensor(scales, device=device)
+    usage = [new_usage(model) for _ in range(n)]
+    grid = time_grid(num_steps)
+
+    def velocity(x_now: torch.Tensor, t_now: float) -> torch.Tensor:
+        t = torch.full((n,), t_now, device=device, dtype=dtype)
+        v, ept, load, owner = guided_velocity(model, x_now, t, y, s)
+        for i in range(n):
+            rows = (owner == i).nonzero().squeeze(1)
+            usage[i].add(ept[:, rows], load[:, rows])
+        return v
+
+    for t_now, t_next in zip(grid[:-1], grid[1:]):
+        v = velocity(x, t_now)
+        tn = torch.full((n,), t_now, device=device)
+        tn1 = torch.full((n,), t_next, device=device)
+        if sampler == "heun" and t_next > 0:
+            x_pred = euler_update(x, v, tn, tn1)
+            v = 0.5 * (v + velocity(x_pred, t_next))
+        x = euler_update(x, v, tn, tn1)
+    return to_uint8(x), [u.summary() for u in usage]

@@ -1,0 +1,287 @@
+"""Training: `racedit train --config configs/NAME.yaml [--out DIR] [--resume DIR]`.
+
+AdamW with warm-up, EMA weights (what checkpoints ship), gradient clipping,
+bf16 autocast on CUDA, DDP under torchrun (gloo on CPU, NCCL on CUDA),
+periodic checkpoints and sample grids, a CSV of loss terms and routing metrics.
+Everything is seeded: the same config on the same machine gives the same losses.
+Resumable state (raw weights, optimizer moments, RNG) is safetensors + JSON too.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from . import checkpoint, losses
+from .config import ConfigError, ModelConfig, _known_fields, preset_config
+from .data import Shapes10, ShapesStyle
+from .dit import RaceDiT
+from .sampling import LossWeights, generate, training_loss
+
+TIMESTEP_BUCKETS = 4
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes10"  # shapes10 | imagefolder
+    root: Optional[str] = None  # imagefolder only
+    length: int = 50_000
+    seed: int = 0
+    style: dict = field(default_factory=dict)  # ShapesStyle fields
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    sample_every: int = 1000
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    loss: LossWeights
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
+                "optim": dataclasses.asdict(self.optim), "loss": dataclasses.asdict(self.loss)}
+
+
+def parse_config(document: dict[str, Any]) -> TrainConfig:
+    """Validate a training config before anything is built; errors name the key."""
+    if not isinstance(document, dict):
+        raise ConfigError("a training config is a mapping with keys model, data, optim, loss")
+    _known_fields(TrainConfig, document, "config")
+    model_doc = dict(document.get("model") or {})
+    preset = model_doc.pop("preset", None)
+    model = preset_config(preset, **model_doc) if preset else ModelConfig.from_dict(model_doc)
+    sections = {}
+    for name, cls in (("data", DataConfig), ("optim", OptimConfig), ("loss", LossWeights)):
+        values = document.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name} must be a mapping")
+        _known_fields(cls, values, name)
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                _check_value(f"{name}.{f.name}", values[f.name], getattr(cls(), f.name) if f.default_factory is dataclasses.MISSING else f.default_factory())
+        sections[name] = cls(**values)
+    data = sections["data"]
+    if data.name not in ("shapes10", "imagefolder"):
+        raise ConfigError(f"data.name {data.name!r} is not one of shapes10, imagefolder")
+    if data.name == "imagefolder" and not data.root:
+        raise ConfigError("data.root is required for data.name imagefolder")
+    _known_fields(ShapesStyle, data.style, "data.style")
+    optim = sections["optim"]
+    for key in ("steps", "batch_size"):
+        if getattr(optim, key) < 1:
+            raise ConfigError(f"optim.{key} must be >= 1")
+    return TrainConfig(model=model, data=data, optim=optim, loss=sections["loss"])
+
+
+def _check_value(name: str, value: Any, default: Any) -> None:
+    if default is None or isinstance(default, dict) and isinstance(value, dict):
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) \
+        else isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+    if not ok:
+        raise ConfigError(f"{name} must be {type(default).__name__}, got {value!r}")
+
+
+def load_config(path: str) -> TrainConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    return parse_config(yaml.safe_load(p.read_text()))
+
+
+# ------------------------------------------------------------ resumable ----
+def _save_state(folder: Path, model: RaceDiT, optimizer: torch.optim.Optimizer, step: int,
+                generator: torch.Generator, history: list[dict]) -> None:
+    """Raw weights, AdamW moments and RNG as safetensors; scalars as JSON."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+    tensors["rng.train"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(folder / "train_state.safetensors"))
+    (folder / "train_state.json").write_text(json.dumps({"step": step, "history": history}, indent=2))
+
+
+def _load_state(folder: Path, model: RaceDiT, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator) -> tuple[int, list[dict]]:
+    state_path = folder / "train_state.safetensors"
+    if not state_path.is_file():
+        raise checkpoint.CheckpointError(f"{state_path}: missing; --resume takes a training output folder's checkpoint")
+    tensors = load_file(str(state_path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for name, p in model.named_parameters():
+        moments = {key.rsplit(".", 1)[1]: v for key, v in tensors.items() if key.startswith(f"optim.{name}.")}
+        if moments:
+            optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in moments.items()}
+    generator.set_state(tensors["rng.train"])
+    torch.set_rng_state(tensors["rng.torch"])
+    doc = json.loads((folder / "train_state.json").read_text())
+    return int(doc["step"]), list(doc["history"])
+
+
+# ---------------------------------------------------------------- train ----
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _dataset(config: TrainConfig, rank: int):
+    if config.data.name == "shapes10":
+        ds = Shapes10("train", image_size=config.model.image_size, seed=config.data.seed,
+                      length=config.data.length, style=ShapesStyle(**config.data.style))
+        images, labels = ds.materialize()
+        return images, labels
+    from .data import ImageFolder
+    ds = ImageFolder(config.data.root, image_size=config.model.image_size)
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return ((torch.stack(xs) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), torch.tensor(ys)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 10, scale: int = 3) -> None:
+    """uint8 [N, 3, H, W] -> one PNG grid."""
+    n, _, h, w = images.shape
+    rows = math.ceil(n / columns)
+    canvas = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = image.permute(1, 2, 0).numpy()
+    Image.fromarray(canvas).resize((columns * w * scale, rows * h * scale), Image.NEAREST).save(path)
+
+
+def _routing_metrics(stats, t: torch.Tensor) -> dict[str, float]:
+    """Experts per token by timestep bucket, MaxVio and combination usage, averaged over layers."""
+    out: dict[str, float] = {}
+    if not stats.routing:
+        return out
+    ept = stats.experts_per_token.float()  # [n, B, L]
+    bucket = (t * TIMESTEP_BUCKETS).long().clamp(max=TIMESTEP_BUCKETS - 1).cpu()
+    for b in range(TIMESTEP_BUCKETS):
+        rows = (bucket == b).nonzero().squeeze(1)
+        out[f"ept_t{b}"] = float(ept[:, rows].mean()) if rows.numel() else float("nan")
+    out["maxvio"] = float(np.mean([losses.max_violation(r.mask.reshape(-1, r.mask.shape[-1]).sum(0)) for r in stats.routing]))
+    out["comb_usage"] = float(np.mean([losses.combination_usage(r.mask) for r in stats.routing]))
+    return out
+
+
+def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progress: bool = True) -> Path:
+    """Train, checkpointing to `out/checkpoint` (EMA weights, loadable by racedit.model.load)."""
+    rank, world = _distributed()
+    if config.optim.threads:
+        torch.set_num_threads(config.optim.threads)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.optim.seed)
+    model = RaceDiT(config.model).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    generator = torch.Generator(device=device).manual_seed(config.optim.seed * 1000 + rank)
+    out.mkdir(parents=True, exist_ok=True)
+    step, history = 0, []
+    if resume is not None:
+        step, history = _load_state(resume, model, optimizer, generator)
+        ema.load_state_dict(checkpoint.load(resume).state_dict())
+    run_record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_step": step, "to_step": config.optim.steps,
+                  "world_size": world, "device": str(device), "resumed_from": str(resume) if resume else None}
+    images, labels = _dataset(config, rank)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    csv_path = out / "metrics.csv"
+    writer = None
+    bar = None
+    if rank == 0 and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=config.optim.steps, initial=step, unit="step", dynamic_ncols=True)
+    start = time.time()
+    start_step = step
+    o = config.optim
+    while step < o.steps:
+        index = torch.randint(0, images.shape[0], (o.batch_size,), generator=generator, device=device).cpu()
+        x0 = (images[index].to(device).float() / 127.5 - 1.0)
+        y = labels[index].to(device)
+        lr = o.lr * min(1.0, (step + 1) / max(1, o.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, terms, stats, t = training_loss(wrapped, x0, y, config.loss, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(o.ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+            for e, b in zip(ema.buffers(), model.buffers()):
+                e.copy_(b)
+        step += 1
+        if rank != 0:
+            continue
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['loss']:.4f}", mse=f"{terms['mse']:.4f}")
+        if step % o.log_every == 0 or step == o.steps:
+            row = {"step": step, "lr": lr, "grad_norm": float(grad_norm), **terms, **_routing_metrics(stats, t),
+                   "sec_per_step": (time.time() - start) / (step - start_step)}
+            for i, layer in enumerate(model.moe_layers):
+                row[f"tau{i}"] = float(layer.threshold)
+            new_file = not csv_path.exists()
+            with open(csv_path, "a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(row))
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
+        if step % o.sample_every == 0 or step == o.steps:
+            grid, _ = generate(ema, labels=[i % config.model.num_classes for i in range(40)], cfg_scale=4.0,
+                               num_steps=25, seeds=list(range(40)))
+            save_grid(grid, out / f"samples-{step:07d}.png")
+        if step % o.checkpoint_every == 0 or step == o.steps:
+            record = {**run_record, "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "to_step": step,
+                      "wall_seconds": round(time.time() - start, 1), "final_terms": terms}
+            metadata = {"train_config": config.to_dict(), "step": step, "history": history + [record]}
+            ck = checkpoint.save(ema, out / "checkpoint", metadata=metadata)
+            _save_state(ck, model, optimizer, step, generator, history + [record])
+    if bar is not None:
+        bar.close()
+    if world > 1:
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+        (out / f"weights-rank{rank}.sha256").write_text(digest + "\n")
+        dist.barrier()
+        dist.destroy_process_group()
+    return out / "checkpoint"

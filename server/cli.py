@@ -1,0 +1,82 @@
+"""`racedit serve`: flags generated from ServeSettings (each also a RACEDIT_* variable)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from typing import Optional, Sequence
+
+import uvicorn
+from pydantic import ValidationError
+
+from .settings import ServeSettings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="racedit serve",
+        description="Serve a Race-DiT checkpoint over HTTP. Every flag is also an environment variable "
+                    "RACEDIT_<FLAG> (e.g. RACEDIT_MAX_BATCH_ROWS=128); flags win over variables.")
+    for name, field in ServeSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default if not callable(field.default) else None
+        parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
+                            help=f"{field.description} (env RACEDIT_{name.upper()}, default {default})")
+    return parser
+
+
+def settings_from_args(argv: Sequence[str]) -> ServeSettings:
+    args = _parser().parse_args(list(argv))
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return ServeSettings(**given)
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: stop admission (new requests get 503), let in-flight requests finish, then exit.
+
+    A second signal exits at once.
+    """
+
+    def handle_exit(self, sig: int, frame) -> None:  # type: ignore[override]
+        engine = getattr(self.config.app.state, "engine", None) if hasattr(self.config.app, "state") else None
+        if engine is None or getattr(self, "_draining", False):
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        engine.begin_drain()
+        timeout = self.config.app.state.settings.drain_timeout_s
+        logging.getLogger("racedit.server").info("signal %s: draining (up to %.0f s)", sig, timeout)
+
+        def finish() -> None:
+            engine.wait_idle(timeout)
+            self.should_exit = True
+
+        threading.Thread(target=finish, name="racedit-drain", daemon=True).start()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        settings = settings_from_args(sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"racedit serve: error: {field}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
+        return 2
+    from racedit.model import CheckpointError, read_config
+
+    try:
+        read_config(settings.checkpoint)
+    except CheckpointError as exc:
+        print(f"racedit serve: error: {exc}", file=sys.stderr)
+        return 2
+    if settings.backend == "onnxruntime" and settings.onnx is None:
+        print("racedit serve: error: --backend onnxruntime needs --onnx PATH", file=sys.stderr)
+        return 2
+    from .app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
+    DrainingServer(config).run()
+    return 0

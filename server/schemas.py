@@ -1,0 +1,83 @@
+"""The wire format, defined once. The SDK (`racedit_client.models`) mirrors these models."""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    class_label: Union[int, str] = Field(..., description="class index or class name")
+    cfg_scale: float = Field(4.0, description="classifier-free guidance scale; 1 skips the unconditional pass")
+    num_steps: int = Field(25, description="Euler steps from noise to image")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="seed of the first image (image i uses seed + i)")
+    num_images: int = Field(1, description="images to generate")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class ImageOut(BaseModel):
+    seed: int
+    mime_type: str
+    data: str = Field(..., description="base64-encoded image")
+
+
+class LayerUsage(BaseModel):
+    mean_experts_per_token: float
+    expert_load: list[int] = Field(..., description="tokens routed to each expert, over all steps and rows")
+
+
+class ExpertUsage(BaseModel):
+    num_moe_layers: int
+    num_experts: int
+    nominal_k: int
+    mean_experts_per_token: float
+    activated_pairs: int = Field(..., description="(token, expert) pairs computed for this request")
+    nominal_pairs: int = Field(..., description="pairs fixed top-k routing would have computed")
+    per_layer: list[LayerUsage]
+    per_step: list[float] = Field(..., description="mean experts per token at each step, from t=1 to t=0")
+    token_map: list[list[float]] = Field(..., description="(H/p) x (W/p) mean experts per token")
+
+
+class Timing(BaseModel):
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    seed: int
+    images: list[ImageOut]
+    expert_usage: ExpertUsage
+    timing: Timing
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    classes: list[str]
+    image_size: int
+    in_channels: int
+    patch_size: int
+    routing: Optional[dict[str, Any]]
+    parameters_total: int
+    parameters_activated: int
+    thresholds: list[float]
+    backend: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    detail: Any
+    request_id: Optional[str] = None
+
+
+class Health(BaseModel):
+    status: str

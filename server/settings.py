@@ -1,0 +1,36 @@
+"""Typed serving settings: every field is a `racedit serve` flag and a `RACEDIT_*` variable."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from racedit.model import DEFAULT_CHECKPOINT
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RACEDIT_", extra="forbid")
+
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint folder (safetensors + config.json)")
+    model_name: Optional[str] = Field(None, description="model id in /v1/models and KServe routes (default: from the checkpoint)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0 picks a free one)")
+    device: str = Field("auto", description="auto | cpu | cuda (auto: CUDA in bf16 when present, else CPU fp32)")
+    backend: Literal["torch", "onnxruntime"] = Field("torch", description="denoiser backend")
+    onnx: Optional[Path] = Field(None, description="ONNX file for --backend onnxruntime")
+    batching: Literal["step", "static"] = Field("step", description="step-level continuous batching, or the static baseline")
+    static_wait_ms: float = Field(20.0, ge=0, description="static mode: how long to gather a batch")
+    max_batch_rows: int = Field(64, ge=1, description="rows per engine step (two per guided image)")
+    max_queue: int = Field(256, ge=1, description="requests waiting before 429")
+    max_steps: int = Field(100, ge=1, description="largest num_steps accepted")
+    max_images: int = Field(8, ge=1, description="largest num_images accepted")
+    max_cfg_scale: float = Field(20.0, gt=0, description="largest cfg_scale accepted")
+    request_timeout_s: float = Field(300.0, gt=0, description="deadline of a request; later gives 504")
+    drain_timeout_s: float = Field(120.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
+    max_body_bytes: int = Field(65536, ge=1024, description="largest request body")
+    api_key: Optional[SecretStr] = Field(None, description="bearer key required on every route but health")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503")
+    log_level: str = Field("info", description="uvicorn log level")
+    fault_label: Optional[int] = Field(None, description="testing only: steps containing this class label raise")
