@@ -16,3 +16,88 @@ def batch(model, n, seed=0):
     t = torch.rand(n, generator=g)
     y = torch.randint(0, cfg.num_classes, (n,), generator=g)
     return x, t, y
+
+
+# ------------------------------------------------------------ servers ----
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def make_tiny_checkpoint(path: Path) -> Path:
+    """A tiny model with trained thresholds and a non-zero output head, so images vary."""
+    from racedit.model import build, save
+
+    torch.manual_seed(0)
+    model = build("tiny").train()
+    for seed in range(3):
+        model(*batch(model, 8, seed=seed))
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.05)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.05)
+    return save(model.eval(), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "racedit-tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`racedit serve` in a real process on loopback."""
+
+    def __init__(self, checkpoint: Path, log_path: Path, *flags: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "racedit.model.cli", "serve", "--checkpoint", str(checkpoint),
+             "--port", str(self.port), "--log-level", "warning", *flags],
+            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=environment)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready: {log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server_factory(tmp_path_factory, tiny_checkpoint):
+    started = []
+
+    def start(*flags: str, env: dict | None = None) -> ServerProcess:
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        server = ServerProcess(tiny_checkpoint, log, *flags, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
