@@ -1,0 +1,74 @@
+"""`racedit-client generate|models`: talk to a racedit server from the shell."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .client import Client, GenerateResult
+from .errors import RaceditError
+
+SPARK = " .:-=+*#%@"
+
+
+def usage_summary(result: GenerateResult) -> str:
+    u = result.expert_usage
+    lines = [
+        f"request {result.id}: {len(result.images)} image(s), seeds {result.seeds}, "
+        f"{result.timing.total_ms:.0f} ms (queue {result.timing.queue_ms:.0f} ms)",
+        f"experts per token: {u.mean_experts_per_token:.3f} (nominal k = {u.nominal_k} of {u.num_experts}); "
+        f"pairs computed {u.activated_pairs} / {u.nominal_pairs} nominal = {u.compute_ratio:.3f}",
+        "per layer: " + "  ".join(f"L{i}={layer.mean_experts_per_token:.2f}" for i, layer in enumerate(u.per_layer)),
+    ]
+    if u.per_step:
+        hi = max(u.per_step) or 1.0
+        lines.append("per step (t=1 -> 0): " + "".join(SPARK[min(9, int(v / hi * 9))] for v in u.per_step)
+                     + f"  [{min(u.per_step):.2f} .. {max(u.per_step):.2f}]")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="racedit-client", description="Client of a racedit server")
+    parser.add_argument("--url", default=os.environ.get("RACEDIT_URL", "http://127.0.0.1:8000"),
+                        help="server address (env RACEDIT_URL)")
+    parser.add_argument("--api-key", default=os.environ.get("RACEDIT_API_KEY"), help="bearer key (env RACEDIT_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate images and save them")
+    g.add_argument("--class", dest="class_label", required=True, help="class name or index")
+    g.add_argument("--cfg", type=float, default=4.0, help="guidance scale")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("-n", "--num-images", type=int, default=1)
+    g.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
+    g.add_argument("-o", "--out", default=".", help="output folder")
+    sub.add_parser("models", help="list the served models")
+    args = parser.parse_args(argv)
+    label = int(args.class_label) if getattr(args, "class_label", "").isdigit() else getattr(args, "class_label", None)
+    try:
+        with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
+            if args.command == "models":
+                for card in client.models().data:
+                    print(f"{card.id}: {card.image_size}x{card.image_size}, classes {', '.join(card.classes)}; "
+                          f"{card.parameters_activated / 1e6:.1f} M of {card.parameters_total / 1e6:.1f} M parameters active")
+                return 0
+            result = client.generate(label, cfg_scale=args.cfg, num_steps=args.steps, seed=args.seed,
+                                     num_images=args.num_images, output_format=args.format)
+    except RaceditError as exc:
+        print(f"racedit-client: error: {exc}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extension = {"png": "png", "jpeg": "jpg", "webp": "webp"}[args.format]
+    for image, seed in zip(result.images, result.seeds):
+        path = out / f"{args.class_label}-{seed}.{extension}"
+        image.save(path)
+        print(f"saved {path}")
+    print(usage_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Sync and async clients. Both share `_Core`: request building, error mapping and retry policy."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import httpx
+from PIL import Image
+
+from . import errors
+from .models import ExpertUsage, GenerateRequest, GenerateResponse, Health, ModelList, Timing
+
+RETRY_STATUSES = {429, 503}
+RETRY_EXCEPTIONS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+@dataclass
+class GenerateResult:
+    """A typed answer of POST /generate, with decoded PIL images."""
+
+    id: str
+    model: str
+    images: list[Image.Image]
+    seeds: list[int]
+    expert_usage: ExpertUsage
+    timing: Timing
+    raw: GenerateResponse
+
+
+class _Core:
+    def __init__(self, base_url: str, api_key: Optional[str], timeout: float, max_retries: int,
+                 max_retry_seconds: float, backoff: float):
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout, self.max_retries = timeout, max_retries
+        self.max_retry_seconds, self.backoff = max_retry_seconds, backoff
+
+    def retry_delay(self, attempt: int, started: float, response: Optional[httpx.Response]) -> Optional[float]:
+        """Seconds to wait before the next try, or None to give up. Honours Retry-After; full jitter."""
+        if attempt >= self.max_retries:
+            return None
+        delay = random.uniform(0, self.backoff * 2**attempt)
+        if response is not None:
+            header = response.headers.get("retry-after", "")
+            if header.replace(".", "", 1).isdigit():
+                delay = max(delay, float(header))
+        if time.monotonic() - started + delay > self.max_retry_seconds:
+            return None
+        return delay
+
+    def decide(self, attempt: int, started: float, response: Optional[httpx.Response] = None,
+               error: Optional[Exception] = None) -> Union[httpx.Response, float]:
+        """The response to return, or seconds to sleep before retrying; raises the typed error on giving up."""
+        if response is not None and response.status_code not in RETRY_STATUSES:
+            self.raise_for(response)
+            return response
+        delay = self.retry_delay(attempt, started, response)
+        if delay is not None:
+            return delay
+        if response is not None:
+            self.raise_for(response)
+        raise errors.ConnectionFailed(f"cannot reach {self.base_url}: {error}") from error
+
+    @staticmethod
+    def raise_for(response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"detail": response.text}
+        detail = body.get("detail", body.get("error")) if isinstance(body, dict) else body
+        rid = (body.get("request_id") if isinstance(body, dict) else None) or response.headers.get("x-request-id")
+        message = _describe(detail) or response.reason_phrase
+        status = response.status_code
+        kind: type[errors.RaceditError]
+        if status in (400, 413, 422):
+            kind = errors.ValidationError
+        elif status in (401, 403):
+            kind = errors.AuthError
+        elif status == 404:
+            kind = errors.NotFound
+        elif status in RETRY_STATUSES:
+            retry_after = response.headers.get("retry-after")
+            raise errors.Overloaded(message, status, rid, detail,
+                                    retry_after=float(retry_after) if retry_after else None)
+        elif status == 504:
+            kind = errors.DeadlineExceeded
+        else:
+            kind = errors.ServerError
+        raise kind(message, status, rid, detail)
+
+    @staticmethod
+    def generate_body(class_label: Union[int, str], cfg_scale: float, num_steps: int, seed: Optional[int],
+                      num_images: int, output_format: str) -> dict[str, Any]:
+        return GenerateRequest(class_label=class_label, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
+                               num_images=num_images, output_format=output_format).model_dump(exclude_none=True)
+
+    @staticmethod
+    def parse_generate(response: httpx.Response) -> GenerateResult:
+        raw = GenerateResponse.model_validate(response.json())
+        images = []
+        for item in raw.images:
+            with Image.open(io.BytesIO(base64.b64decode(item.data))) as image:
+                image.load()
+                images.append(image.copy())
+        return GenerateResult(id=raw.id, model=raw.model, images=images, seeds=[i.seed for i in raw.images],
+                              expert_usage=raw.expert_usage, timing=raw.timing, raw=raw)
+
+
+def _describe(detail: Any) -> str:
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:]) or 'body'}: {d.get('msg')}"
+                         if isinstance(d, dict) else str(d) for d in detail)
+    return "" if detail is None else str(detail)
+
+
+class Client(_Core):
+    """Blocking client: `Client("http://host:8000").generate("star", seed=1).images[0].save("star.png")`."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: Optional[str] = None,
+                 timeout: float = 300.0, max_retries: int = 5, max_retry_seconds: float = 60.0, backoff: float = 0.25):
+        super().__init__(base_url, api_key, timeout, max_retries, max_retry_seconds, backoff)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                outcome = self.decide(attempt, started, response=self._http.request(method, path, **kwargs))
+            except RETRY_EXCEPTIONS as exc:
+                outcome = self.decide(attempt, started, error=exc)
+            if isinstance(outcome, httpx.Response):
+                return outcome
+            time.sleep(outcome)
+            attempt += 1
+
+    def generate(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
+                 seed: Optional[int] = None, num_images: int = 1, output_format: str = "png") -> GenerateResult:
+        body = self.generate_body(class_label, cfg_scale, num_steps, seed, num_images, output_format)
+        return self.parse_generate(self._request("POST", "/generate", json=body))
+
+    def models(self) -> ModelList:
+        return ModelList.model_validate(self._request("GET", "/v1/models").json())
+
+    def health(self) -> Health:
+        return Health.model_validate(self._request("GET", "/healthz").json())
+
+    def ready(self) -> bool:
+        return self._http.get("/readyz").status_code == 200
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncClient(_Core):
+    """asyncio client: `async with AsyncClient(url) as c: await c.generate("star")`."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: Optional[str] = None,
+                 timeout: float = 300.0, max_retries: int = 5, max_retry_seconds: float = 60.0, backoff: float = 0.25):
+        super().__init__(base_url, api_key, timeout, max_retries, max_retry_seconds, backoff)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout)
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                outcome = self.decide(attempt, started, response=await self._http.request(method, path, **kwargs))
+            except RETRY_EXCEPTIONS as exc:
+                outcome = self.decide(attempt, started, error=exc)
+            if isinstance(outcome, httpx.Response):
+                return outcome
+            await asyncio.sleep(outcome)
+            attempt += 1
+
+    async def generate(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
+                       seed: Optional[int] = None, num_images: int = 1, output_format: str = "png") -> GenerateResult:
+        body = self.generate_body(class_label, cfg_scale, num_steps, seed, num_images, output_format)
+        return self.parse_generate(await self._request("POST", "/generate", json=body))
+
+    async def models(self) -> ModelList:
+        return ModelList.model_validate((await self._request("GET", "/v1/models")).json())
+
+    async def health(self) -> Health:
+        return Health.model_validate((await self._request("GET", "/healthz")).json())
+
+    async def ready(self) -> bool:
+        return (await self._http.get("/readyz")).status_code == 200
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()

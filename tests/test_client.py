@@ -1,0 +1,133 @@
+"""The Python SDK and CLI against real server processes."""
+import asyncio
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+import racedit_client
+from racedit_client import AsyncClient, Client
+from racedit_client.models import WIRE_MODELS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(server_factory):
+    return server_factory("--max-steps", "100000", "--max-batch-rows", "16")
+
+
+def test_sync_generate_models_health(server):
+    with Client(server.url) as client:
+        result = client.generate("star", cfg_scale=3.0, num_steps=5, seed=7, num_images=2)
+        assert [im.size for im in result.images] == [(16, 16), (16, 16)] and result.seeds == [7, 8]
+        assert result.expert_usage.num_experts == 4 and len(result.expert_usage.per_step) == 5
+        assert 0 < result.expert_usage.compute_ratio and result.timing.total_ms > 0
+        assert client.models().data[0].id == "racedit-tiny"
+        assert client.health().status == "ok" and client.ready()
+
+
+def test_async_generate_four_concurrent(server):
+    async def run():
+        async with AsyncClient(server.url) as client:
+            results = await asyncio.gather(*(client.generate(c, num_steps=4, seed=c) for c in range(4)))
+            assert (await client.health()).status == "ok" and await client.ready()
+            assert (await client.models()).data[0].classes[0] == "circle"
+            return results
+    results = asyncio.run(run())
+    assert [r.seeds for r in results] == [[0], [1], [2], [3]]
+    with Client(server.url) as client:  # same pixels as the sync client
+        assert client.generate(2, num_steps=4, seed=2).images[0].tobytes() == results[2].images[0].tobytes()
+
+
+def test_typed_validation_errors_are_not_retried(server):
+    with Client(server.url, max_retries=3) as client:
+        start = time.monotonic()
+        with pytest.raises(racedit_client.ValidationError) as info:
+            client.generate("blob", num_steps=0)
+        assert time.monotonic() - start < 2
+    err = info.value
+    assert err.status == 422 and err.request_id and "class_label" in err.message and "num_steps" in err.message
+
+
+def test_connection_errors_retry_then_fail():
+    with Client("http://127.0.0.1:9", max_retries=2, backoff=0.01) as client:
+        with pytest.raises(racedit_client.ConnectionFailed):
+            client.health()
+
+
+def test_retries_on_429_honour_retry_after(server_factory):
+    tight = server_factory("--max-queue", "1", "--max-batch-rows", "2", "--max-steps", "100000")
+    slow = {"class_label": 1, "num_steps": 800}
+    with ThreadPoolExecutor(2) as pool:
+        blockers = [pool.submit(httpx.post, tight.url + "/generate", json=slow, timeout=60) for _ in range(2)]
+        time.sleep(0.4)
+        # Without retries the full queue is an immediate, typed Overloaded error ...
+        with Client(tight.url, max_retries=0) as impatient:
+            with pytest.raises(racedit_client.Overloaded) as info:
+                impatient.generate(1, num_steps=2)
+        assert info.value.status == 429 and info.value.retry_after == 1.0
+        # ... with retries the same call waits (Retry-After: 1 s) and then succeeds.
+        with Client(tight.url, max_retries=20, max_retry_seconds=60) as patient:
+            start = time.monotonic()
+            result = patient.generate(1, num_steps=2)
+            waited = time.monotonic() - start
+        assert result.images and waited >= 1.0
+        assert all(f.result().status_code in (200, 429) for f in blockers)
+
+
+def test_sdk_models_mirror_the_server_openapi(server):
+    schema = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
+    for model in WIRE_MODELS:
+        server_side = schema[model.__name__]
+        mine = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        assert set(mine["properties"]) == set(server_side["properties"]), model.__name__
+        assert set(mine.get("required", [])) == set(server_side.get("required", [])), model.__name__
+        for name, prop in mine["properties"].items():
+            theirs = server_side["properties"][name]
+            for key in ("type", "anyOf", "$ref", "enum", "const", "default", "items"):
+                assert _strip(prop.get(key)) == _strip(theirs.get(key)), (model.__name__, name, key)
+
+
+def _strip(value):
+    """Drop documentation-only keys before comparing schema fragments."""
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in ("title", "description")}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def test_cli_writes_decodable_pngs(server, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "racedit_client.cli", "--url", server.url, "generate",
+                             "--class", "star", "--cfg", "4", "--steps", "5", "--seed", "1", "-n", "3",
+                             "-o", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    files = sorted(tmp_path.glob("*.png"))
+    assert [f.name for f in files] == ["star-1.png", "star-2.png", "star-3.png"]
+    for f in files:
+        with Image.open(f) as im:
+            assert im.format == "PNG" and im.size == (16, 16)
+    assert "experts per token" in result.stdout and "per layer" in result.stdout
+    models = subprocess.run([sys.executable, "-m", "racedit_client.cli", "--url", server.url, "models"],
+                            capture_output=True, text=True, timeout=60)
+    assert models.returncode == 0 and "racedit-tiny" in models.stdout
+    bad = subprocess.run([sys.executable, "-m", "racedit_client.cli", "--url", server.url, "generate", "--class", "blob"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "unknown class 'blob'" in bad.stderr
+
+
+def test_triton_example(server, tmp_path):
+    out = tmp_path / "t.png"
+    result = subprocess.run([sys.executable, str(ROOT / "clients" / "triton_example.py"), "--url", f"127.0.0.1:{server.port}",
+                             "--model", "racedit-tiny", "--class", "6", "--steps", "5", "--out", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as im:
+        assert im.size == (16, 16)
+    assert "mean experts per token" in result.stdout
