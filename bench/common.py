@@ -1,0 +1,51 @@
+"""Helpers shared by the benchmarks: timing and saving results as JSON and markdown."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3, cuda: bool = False) -> float:
+    """Median seconds of `fn()` over `repeats` runs."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def machine() -> dict[str, Any]:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def save(name: str, payload: dict[str, Any], table: list[dict[str, Any]]) -> Path:
+    """Write bench/results/NAME.json and NAME.md (a markdown table of `table`)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), **payload, "rows": table}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if table:
+        keys = list(table[0])
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for row in table:
+            lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{json.dumps(payload['machine'])}\n\n" + "\n".join(lines) + "\n")
+    return RESULTS / f"{name}.json"
