@@ -62,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.set_defaults(func=_eval)
     p = sub.add_parser("train-classifier", help="train the shapes10 classifier used by eval")
     p.add_argument("--out", default=None)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
     p.set_defaults(func=lambda a: __import__("racedit.model.evaluate", fromlist=["x"]).train_classifier_main(a))
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError

@@ -3,7 +3,7 @@
 Class fidelity is the share of generated images that a shapes10 classifier
 (shipped in `weights/shapes10-classifier`, trained by `racedit train-classifier`)
 assigns to the class that was asked for. The Frechet distance is computed in
-that classifier's 128-d feature space against real val images. The Fig. 6
+that classifier's 64-d feature space against real val images. The Fig. 6
 plot shows mean experts per token against the sampling timestep.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ DEFAULT_CLASSIFIER = Path(__file__).resolve().parent / "weights" / "shapes10-cla
 
 
 class ShapesClassifier(nn.Module):
-    """A small CNN for 32x32 shapes10; `features` gives the 128-d embedding used for FD."""
+    """A small CNN for 32x32 shapes10; `features` gives the 64-d embedding used for FD."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -39,9 +39,9 @@ class ShapesClassifier(nn.Module):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
                                  nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
 
-        self.body = nn.Sequential(stage(3, 32), nn.MaxPool2d(2), stage(32, 64), nn.MaxPool2d(2),
-                                  stage(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(128, num_classes)
+        self.body = nn.Sequential(stage(3, 16), nn.MaxPool2d(2), stage(16, 32), nn.MaxPool2d(2),
+                                  stage(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(64, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -66,7 +66,7 @@ def load_classifier(path: Optional[Path] = None) -> ShapesClassifier:
 
 @torch.no_grad()
 def classify(model: ShapesClassifier, images_uint8: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted labels [N] and features [N, 128]."""
+    """Predicted labels [N] and features [N, 64]."""
     preds, feats = [], []
     for chunk in images_uint8.split(batch):
         f = model.features(to_input(chunk))
@@ -86,7 +86,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
 
 
-def train_classifier(out: Path, steps: int = 1500, batch: int = 128, seed: int = 0) -> float:
+def train_classifier(out: Path, steps: int = 600, batch: int = 64, seed: int = 0) -> float:
     """Train on shapes10 train (with pixel noise, so it also reads imperfect samples); returns val accuracy."""
     torch.manual_seed(seed)
     images, labels = Shapes10("train").materialize()

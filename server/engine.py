@@ -185,6 +185,7 @@ class Engine:
     def submit(self, request: GenerationRequest) -> Future:
         """Queue a request; the future resolves to a GenerationResult or fails with an EngineError."""
         if not self._accepting:
+            self.metrics.rejected.labels(reason="draining").inc()
             raise ShuttingDown("the server is shutting down and admits no new requests")
         if request.rows > self.max_batch_rows:
             raise ValueError(f"request needs {request.rows} rows per step but max_batch_rows is {self.max_batch_rows}")
@@ -355,6 +356,7 @@ class Engine:
         self._fail(job, error)
 
     def _fail(self, job: _Job, error: EngineError) -> None:
+        self.metrics.request_errors.labels(kind=type(error).__name__).inc()
         self._forget(job)
         if not job.future.done():
             if job.future.running() or job.future.set_running_or_notify_cancel():

@@ -29,6 +29,11 @@ class EngineMetrics:
         self.cancelled = Counter("racedit_cancelled_requests", "Requests dropped because the client left", registry=r)
         self.request_errors = Counter("racedit_request_errors", "Requests that ended in an engine error",
                                       ["kind"], registry=r)
+        # Known label values start at zero, so dashboards and alerts see the series before the first event.
+        for reason in ("queue_full", "draining"):
+            self.rejected.labels(reason=reason)
+        for kind in ("DeadlineExceeded", "StepFailed", "Cancelled", "ShuttingDown"):
+            self.request_errors.labels(kind=kind)
 
     def record_usage(self, usage: dict) -> None:
         for layer_index, layer in enumerate(usage["per_layer"]):

@@ -11,7 +11,7 @@ from racedit.model import DEFAULT_CHECKPOINT
 
 
 class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RACEDIT_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="RACEDIT_", extra="forbid", env_ignore_empty=True)
 
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint folder (safetensors + config.json)")
     model_name: Optional[str] = Field(None, description="model id in /v1/models and KServe routes (default: from the checkpoint)")
