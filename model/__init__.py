@@ -34,6 +34,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return total, total - inactive
 
 
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
+    """(total, activated) parameters of a config, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        return count_parameters(RaceDiT(config))
+
+
 def __getattr__(name: str) -> Any:
     # `generate` pulls in the sampler; imported lazily so the network stays importable alone.
     if name == "generate":
@@ -44,7 +50,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "build", "load", "save", "generate", "read_config", "count_parameters",
+    "build", "load", "save", "generate", "read_config", "count_parameters", "parameter_counts",
     "RaceDiT", "ModelConfig", "MoEConfig", "ForwardStats", "PRESETS", "preset_config",
     "ConfigError", "CheckpointError", "DEFAULT_CHECKPOINT",
 ]

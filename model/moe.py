@@ -121,18 +121,16 @@ class Experts(nn.Module):
 def sparse_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts) -> torch.Tensor:
     """Compute only the selected pairs. x: [N, D], weights and mask: [N, E] -> [N, D].
 
-    Pairs are grouped by expert (nonzero of the transposed mask is expert-major),
-    each expert runs once on its contiguous group, and the gated outputs are
-    scatter-added to their tokens. A token with no expert receives zero.
+    For each expert: gather the tokens routed to it, run it once on that group,
+    scale by the gate and scatter-add back. A token with no expert receives zero.
+    Group sizes are data-dependent tensors (no host sync), so the same code
+    exports to ONNX and torch.export with true sparse compute.
     """
-    expert_index, token_index = mask.t().nonzero(as_tuple=True)  # grouped by expert
-    counts = mask.sum(0).tolist()
-    pair_weights = weights[token_index, expert_index].unsqueeze(1).to(x.dtype)
-    gathered = x.index_select(0, token_index)
-    outputs = [experts.run(e, chunk) for e, chunk in enumerate(gathered.split(counts)) if counts[e]]
     out = torch.zeros_like(x)
-    if outputs:
-        out.index_add_(0, token_index, torch.cat(outputs) * pair_weights)
+    for e in range(mask.shape[1]):
+        index = mask[:, e].nonzero().squeeze(1)  # tokens routed to expert e: unique, so the scatter-add is exact
+        gate_e = weights[:, e].index_select(0, index).unsqueeze(1).to(x.dtype)
+        out = out.index_add(0, index, experts.run(e, x.index_select(0, index)) * gate_e)
     return out
 
 

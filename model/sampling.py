@@ -175,8 +175,10 @@ def generate(model: RaceDiT, labels: Sequence[int], cfg_scale: Union[float, Sequ
     if sampler not in ("euler", "heun"):
         raise ValueError(f"sampler must be 'euler' or 'heun', got {sampler!r}")
     model.eval()
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    anchor = next(iter(model.parameters()), None)
+    if anchor is None:
+        anchor = next(iter(model.buffers()), torch.zeros(()))
+    device, dtype = anchor.device, anchor.dtype
     n = len(labels)
     seeds = list(seeds) if seeds is not None else list(range(n))
     scales = [float(cfg_scale)] * n if isinstance(cfg_scale, (int, float)) else [float(s) for s in cfg_scale]

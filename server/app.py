@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -119,10 +120,10 @@ async def run_on_engine(engine: Engine, job: GenerationRequest, request: Request
 
 
 def model_card(engine: Engine, name: str, backend: str) -> ModelCard:
-    from racedit.model import count_parameters
+    from racedit.model import parameter_counts
 
     cfg = engine.model.config
-    total, activated = count_parameters(engine.model)
+    total, activated = parameter_counts(cfg)
     return ModelCard(
         id=name, classes=list(cfg.class_names or [str(i) for i in range(cfg.num_classes)]),
         image_size=cfg.image_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
@@ -138,10 +139,11 @@ def build_engine(settings: ServeSettings) -> Engine:
 
     device, dtype = pick_device(settings.device)
     if settings.backend == "onnxruntime":
-        from racedit.export.ort_backend import load_onnx_model
+        from racedit.export.external import load_onnx_model
 
-        model = load_onnx_model(settings.checkpoint, settings.onnx, device)
-        dtype = model.dtype
+        # onnxruntime picks its own provider (CUDA where present unless --device cpu); tensors cross on the CPU.
+        model = load_onnx_model(settings.checkpoint, settings.onnx, device if device.type == "cpu" else None)
+        device, dtype = torch.device("cpu"), torch.float32
     else:
         model = load(settings.checkpoint)
     return Engine(model, device, dtype, max_batch_rows=settings.max_batch_rows, max_queue=settings.max_queue,

@@ -1,0 +1,43 @@
+"""torch.export + AOTInductor package (.pt2) of the served denoiser forward.
+
+The sparse dispatch's group sizes are data-dependent (unbacked) sizes in the
+exported graph, so the compiled artifact computes only the selected pairs too.
+Load it back with the public API: `torch._inductor.aoti_load_package(path)`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from racedit.model.dit import RaceDiT
+
+from .onnx_export import DTYPES, ExportError, ServedDenoiser, example_inputs, prepare_output
+
+
+def export_program(model: RaceDiT, dtype: str = "float32", device: str = "cpu") -> torch.export.ExportedProgram:
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    served = ServedDenoiser(model.to(device=device, dtype=DTYPES[dtype]))
+    inputs = tuple(i.to(device) for i in example_inputs(model, dtype=DTYPES[dtype]))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return torch.export.export(served, inputs, dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
+                               strict=False)
+
+
+def export_aot(model: RaceDiT, path: Union[str, os.PathLike], dtype: str = "float32", device: str = "cpu") -> Path:
+    """Compile an AOTInductor package for `device` (cpu or cuda)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("device cuda requested but no CUDA device is available")
+    path = prepare_output(path)
+    program = export_program(model, dtype, device)
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return path
+
+
+def load_aot(path: Union[str, os.PathLike]):
+    """The compiled forward: call it as `v, experts_per_token, expert_load = fn(x, t, y)`."""
+    return torch._inductor.aoti_load_package(str(path))

@@ -1,0 +1,146 @@
+"""Exporters: ONNX and AOTInductor parity, Triton repository, onnxruntime serving backend, CLI errors."""
+import base64
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from racedit.export.onnx_export import ServedDenoiser, example_inputs, export_onnx
+from racedit.export.triton_repo import build_triton_repo, parse_config
+from racedit.model import DEFAULT_CHECKPOINT, generate, load
+
+import fake_triton
+
+CHECKPOINTS = ["tiny", "shipped"]
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def checkpoint(request, tiny_checkpoint) -> Path:
+    return tiny_checkpoint if request.param == "tiny" else DEFAULT_CHECKPOINT
+
+
+@pytest.fixture(scope="module")
+def onnx_file(checkpoint, tmp_path_factory) -> Path:
+    return export_onnx(load(checkpoint), tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_onnx_parity_and_routing(checkpoint, onnx_file):
+    model = load(checkpoint)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    for batch in (1, 5, 16):
+        x, t, y = example_inputs(model, batch, seed=100 + batch)
+        with torch.no_grad():
+            v, ept, load_ = ServedDenoiser(model)(x, t, y)
+        out_v, out_ept, out_load = session.run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})
+        assert out_v.shape == tuple(x.shape)
+        assert np.abs(out_v - v.numpy()).max() < 1e-4
+        assert out_ept.shape == (len(model.moe_layers), batch, model.config.num_tokens)
+        assert np.array_equal(out_ept, ept.numpy()) and np.array_equal(out_load, load_.numpy())
+
+
+def test_onnx_graph_is_sparse_and_drops_the_target_head(onnx_file):
+    graph = onnx.load(str(onnx_file)).graph
+    ops = [node.op_type for node in graph.node]
+    experts = 4 if "tiny" in str(onnx_file.parent) else None
+    assert ops.count("NonZero") >= 2  # one data-dependent group per (layer, expert)
+    assert "ScatterElements" in ops or "ScatterND" in ops
+    assert not any("target_head" in init.name for init in graph.initializer)
+    onnx.checker.check_model(str(onnx_file), full_check=True)
+    assert {i.name for i in graph.input} == {"x", "t", "y"}
+    assert experts is None or ops.count("NonZero") == 2 * experts
+
+
+def test_aot_inductor_parity(checkpoint, tmp_path):
+    from racedit.export.aot import export_aot, load_aot
+
+    model = load(checkpoint)
+    compiled = load_aot(export_aot(model, tmp_path / "model.pt2"))
+    for batch in (1, 5, 16):
+        x, t, y = example_inputs(model, batch, seed=200 + batch)
+        with torch.no_grad():
+            v, ept, _ = ServedDenoiser(model)(x, t, y)
+        out_v, out_ept, _ = compiled(x, t, y)
+        assert (out_v - v).abs().max() < 1e-4
+        assert torch.equal(out_ept, ept)
+
+
+def test_triton_repository(checkpoint, tmp_path):
+    model = load(checkpoint)
+    repo = build_triton_repo(model, checkpoint, tmp_path / "repo")
+    denoiser = parse_config((repo / "racedit_denoiser" / "config.pbtxt").read_text())
+    assert denoiser.backend == "onnxruntime" and denoiser.max_batch_size > 0
+    assert denoiser.dynamic_batching.max_queue_delay_microseconds > 0 and len(denoiser.instance_group) >= 1
+    pipeline = parse_config((repo / "racedit" / "config.pbtxt").read_text())
+    assert pipeline.backend == "python"
+    assert [i.name for i in pipeline.input] == ["class_label", "cfg_scale", "num_steps", "seed"]
+    assert [o.name for o in pipeline.output] == ["image", "mean_experts_per_token"]
+    with pytest.raises(Exception):
+        parse_config('name: "x"\nbackend: "python"\nnot_a_field: 3\n')
+
+    # Run the Python backend's loop with BLS served by onnxruntime on the exported denoiser.
+    sys.modules["triton_python_backend_utils"] = fake_triton
+    fake_triton.register("racedit_denoiser", repo / "racedit_denoiser" / "1" / "model.onnx")
+    spec = importlib.util.spec_from_file_location("racedit_triton_model", repo / "racedit" / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    triton_model = module.TritonPythonModel()
+    config_json = '{"parameters": {"denoiser": {"string_value": "racedit_denoiser"}}}'
+    triton_model.initialize({"model_config": config_json, "model_repository": str(repo / "racedit"), "model_version": "1"})
+    request = fake_triton.InferenceRequest(inputs=[
+        fake_triton.Tensor("class_label", np.array([6, 1, 3], np.int64)),
+        fake_triton.Tensor("cfg_scale", np.array([4.0, 1.0, 2.0], np.float32)),
+        fake_triton.Tensor("num_steps", np.array([5, 3, 5], np.int32)),
+        fake_triton.Tensor("seed", np.array([7, 8, 9], np.int64))])
+    bad = fake_triton.InferenceRequest(inputs=[fake_triton.Tensor("class_label", np.array([99], np.int64))])
+    good, refused = triton_model.execute([request, bad])
+    assert not good.has_error() and refused.has_error() and "class_label" in refused.error().message()
+    images = fake_triton.get_output_tensor_by_name(good, "image").as_numpy()
+    assert images.shape == (3, model.config.image_size, model.config.image_size, 3)
+    expected, _ = generate(model, labels=[6, 3], cfg_scale=[4.0, 2.0], num_steps=5, seeds=[7, 9])
+    diff = np.abs(images[[0, 2]].astype(int) - expected.permute(0, 2, 3, 1).numpy().astype(int))
+    assert diff.max() <= 2
+
+
+def test_onnxruntime_serving_backend(server_factory, checkpoint, onnx_file):
+    if checkpoint != DEFAULT_CHECKPOINT:
+        torch_server = server_factory()
+        ort_server = server_factory("--backend", "onnxruntime", "--onnx", str(onnx_file))
+    else:
+        torch_server = server_factory("--checkpoint", str(checkpoint))
+        ort_server = server_factory("--checkpoint", str(checkpoint), "--backend", "onnxruntime", "--onnx", str(onnx_file))
+    body = {"class_label": 6, "cfg_scale": 4.0, "num_steps": 10, "seed": 3, "num_images": 2}
+    a = httpx.post(torch_server.url + "/generate", json=body, timeout=120).json()
+    b = httpx.post(ort_server.url + "/generate", json=body, timeout=120).json()
+    assert httpx.get(ort_server.url + "/v1/models").json()["data"][0]["backend"] == "onnxruntime"
+
+    def pixels(answer):
+        return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(i["data"])))) for i in answer["images"]]).astype(int)
+
+    assert np.abs(pixels(a) - pixels(b)).max() <= 2
+    assert a["expert_usage"] == b["expert_usage"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "racedit.model.cli", "export", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_errors(tmp_path, tiny_checkpoint):
+    missing = run_cli("onnx", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "no such checkpoint folder" in missing.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    unwritable = run_cli("onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(blocker / "sub"))
+    assert unwritable.returncode == 2 and "cannot write to" in unwritable.stderr
+    opset = run_cli("onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--opset", "11")
+    assert opset.returncode == 2 and "opset 11 is not supported" in opset.stderr
+    ok = run_cli("onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o"))
+    assert ok.returncode == 0 and (tmp_path / "o" / "model.onnx").is_file()
