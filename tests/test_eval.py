@@ -1,0 +1,50 @@
+"""Evaluation: classifier, Frechet distance, and `racedit eval` on the shipped checkpoint."""
+import json
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+from racedit.model import DEFAULT_CHECKPOINT, load
+from racedit.model.data import Shapes10
+from racedit.model.evaluate import classify, frechet_distance, load_classifier
+
+
+def test_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 8, generator=g)
+    b = torch.randn(2000, 8, generator=g)
+    assert frechet_distance(a, b) < 0.1
+    assert frechet_distance(a, b + 1.0) > 7.5  # a mean shift of 1 in 8 dims adds 8
+    assert frechet_distance(a, b * 2) > 1.0
+
+
+def test_shipped_classifier_is_accurate_on_real_val_images():
+    images, labels = Shapes10("val", length=400).materialize()
+    preds, feats = classify(load_classifier(), images)
+    assert float((preds == labels).float().mean()) >= 0.98
+    assert feats.shape == (400, 64)
+
+
+def test_shipped_checkpoint_loads():
+    model = load(DEFAULT_CHECKPOINT)
+    cfg = model.config
+    assert cfg.moe.routing == "expert_race" and cfg.moe.gating == "identity" and cfg.moe.router == "mlp"
+    assert cfg.moe.inference == "threshold" and all(float(layer.threshold) != 0 for layer in model.moe_layers)
+    assert model.metadata["step"] > 0 and model.metadata["history"]
+    size = sum(p.stat().st_size for p in DEFAULT_CHECKPOINT.iterdir())
+    assert size <= 25 * 2**20
+
+
+def test_eval_cli_runs_on_a_small_sample(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "racedit.model.cli", "eval", "--num-samples", "20",
+                             "--num-steps", "4", "--batch-size", "20", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert 0.0 <= report["class_fidelity"] <= 1.0 and report["frechet_distance"] >= 0
+    assert len(report["experts_per_token_by_t"]) == 4 and len(report["per_class_fidelity"]) == 10
+    for name in ("samples.png", "experts_per_timestep.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.size[0] > 100
