@@ -34,11 +34,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, pickled or does not match its config."""
 
 
-def save(model: RaceDiT, path: Union[str, os.PathLike], metadata: Optional[dict[str, Any]] = None) -> Path:
-    """Write `path/model.safetensors` and `path/config.json`; returns the folder."""
+def save(model: RaceDiT, path: Union[str, os.PathLike], metadata: Optional[dict[str, Any]] = None,
+         weights_dtype: Optional[torch.dtype] = None) -> Path:
+    """Write `path/model.safetensors` and `path/config.json`; returns the folder.
+
+    `weights_dtype` (e.g. torch.float16) stores floating-point parameters in that
+    type to halve the file; buffers such as the learned thresholds stay exact, and
+    `load` upcasts to the model's float32.
+    """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    parameters = {name for name, _ in model.named_parameters()}
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().contiguous().cpu()
+        if weights_dtype is not None and k in parameters and v.is_floating_point():
+            v = v.to(weights_dtype)
+        state[k] = v
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
     document = {
         "format": FORMAT,
@@ -46,6 +58,7 @@ def save(model: RaceDiT, path: Union[str, os.PathLike], metadata: Optional[dict[
         "model": model.config.to_dict(),
         "class_names": model.config.class_names,
         "thresholds": [float(layer.threshold) for layer in model.moe_layers],
+        "weights_dtype": str(weights_dtype or torch.float32).removeprefix("torch."),
         "metadata": metadata or {},
     }
     (folder / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")

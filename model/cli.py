@@ -17,6 +17,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load, save
+
+    model = load(args.checkpoint)
+    path = save(model, args.out, metadata=model.metadata, weights_dtype=getattr(torch, args.dtype))
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"packed {args.checkpoint} -> {path} ({size / 2**20:.1f} MiB, parameters in {args.dtype})")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import main as evaluate_main
 
@@ -60,6 +72,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default="eval-out")
     p.add_argument("--classifier", default=None, help="classifier folder (default: the bundled one)")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("pack", help="copy a checkpoint for shipping: weights only, parameters in float16")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.set_defaults(func=_pack)
     p = sub.add_parser("train-classifier", help="train the shapes10 classifier used by eval")
     p.add_argument("--out", default=None)
     p.add_argument("--steps", type=int, default=600)

@@ -76,3 +76,16 @@ def test_corrupt_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         load(tmp_path)
+
+
+def test_half_precision_weights_keep_thresholds_exact(tmp_path):
+    model = trained_tiny()
+    save(model, tmp_path / "half", weights_dtype=torch.float16)
+    full = save(model, tmp_path / "full")
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    loaded = load(tmp_path / "half")
+    assert next(loaded.parameters()).dtype == torch.float32
+    assert [float(a.threshold) for a in loaded.moe_layers] == [float(a.threshold) for a in model.moe_layers]
+    for (name, a), b in zip(model.named_parameters(), loaded.parameters()):
+        assert torch.equal(a.half().float(), b), name
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["weights_dtype"] == "float16"
