@@ -2,8 +2,11 @@
 against the engine's direct (in-process, no HTTP) throughput at the same batch size.
 
     python bench/serve_load.py [--checkpoint PATH] [--steps 25] [--max-batch-rows 64]
+    python bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64   # GPU figures, random weights
 
-Prints and saves bench/results/serve_load.{json,md}. All traffic stays on loopback,
+Prints and saves bench/results/serve_load[-<preset>-<device>].{json,md}. On CUDA it also
+reports the share of the GPU's bf16 dense peak that the served forwards reached
+(`--peak-tflops`, default 989 for an H100 SXM). All traffic stays on loopback,
 bounded in count and time.
 """
 from __future__ import annotations
@@ -32,11 +35,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, batching: str, max_batch_rows: int) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: str, batching: str, max_batch_rows: int, device: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "racedit.model.cli", "serve", "--checkpoint", checkpoint,
                              "--port", str(port), "--batching", batching, "--max-batch-rows", str(max_batch_rows),
-                             "--max-queue", "1024", "--log-level", "warning"],
+                             "--max-queue", "1024", "--log-level", "warning", "--device", device],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -77,13 +80,12 @@ async def run_load(url: str, concurrency: int, requests_per_client: int, steps: 
             "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
 
 
-def direct_engine(checkpoint: str, max_batch_rows: int, steps: int, requests: int) -> float:
+def direct_engine(checkpoint: str, max_batch_rows: int, steps: int, requests: int, device: str) -> float:
     """Images/s of the engine alone at saturation (every request queued at once)."""
-    import torch
+    from racedit.server.engine import Engine, GenerationRequest, pick_device
 
-    from racedit.server.engine import Engine, GenerationRequest
-
-    engine = Engine(load(checkpoint), torch.device("cpu"), max_batch_rows=max_batch_rows, max_queue=requests + 1).start()
+    torch_device, dtype = pick_device(device)
+    engine = Engine(load(checkpoint), torch_device, dtype, max_batch_rows=max_batch_rows, max_queue=requests + 1).start()
     start = time.monotonic()
     futures = [engine.submit(GenerationRequest(class_label=i % 10, cfg_scale=4.0, num_steps=steps, seed=i))
                for i in range(requests)]
@@ -97,6 +99,9 @@ def direct_engine(checkpoint: str, max_batch_rows: int, steps: int, requests: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--preset", default=None, help="serve a randomly initialised preset instead (e.g. B/2)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--max-batch-rows", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -104,12 +109,14 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=240.0, help="seconds per (mode, concurrency) cell")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if args.preset:
+        args.checkpoint = random_checkpoint(args.preset)
     saturation_requests = max(args.concurrency) * args.rounds
-    direct = direct_engine(args.checkpoint, args.max_batch_rows, args.steps, saturation_requests)
+    direct = direct_engine(args.checkpoint, args.max_batch_rows, args.steps, saturation_requests, args.device)
     print(f"direct engine: {direct:.2f} images/s ({saturation_requests} requests at once)")
     rows = []
     for batching in ("step", "static"):
-        proc, url = start_server(args.checkpoint, batching, args.max_batch_rows)
+        proc, url = start_server(args.checkpoint, batching, args.max_batch_rows, args.device)
         try:
             for c in args.concurrency:
                 per_client = max(args.rounds, saturation_requests // c // 4) if c < max(args.concurrency) else args.rounds
@@ -127,9 +134,40 @@ def main() -> None:
     summary = {"direct_engine_images_per_s": direct,
                "server_over_direct_at_saturation": step_top["images_per_s"] / direct,
                "p95_static_over_step_at_c16": (p95_16["static"] / p95_16["step"]) if len(p95_16) == 2 else None}
+    if args.device != "cpu":
+        flops = flops_per_image(args.checkpoint, args.steps)
+        summary["bf16_peak_share_at_saturation"] = step_top["images_per_s"] * flops / (args.peak_tflops * 1e12)
     print(summary)
-    save("serve_load", {"checkpoint": args.checkpoint, "steps": args.steps, "max_batch_rows": args.max_batch_rows,
-                        "summary": summary}, rows)
+    name = "serve_load" + (f"-{args.preset.replace('/', '_')}-{args.device}" if args.preset else "")
+    save(name, {"checkpoint": args.checkpoint, "preset": args.preset, "device": args.device, "steps": args.steps,
+                "max_batch_rows": args.max_batch_rows, "summary": summary}, rows)
+
+
+def random_checkpoint(preset: str) -> str:
+    """A randomly initialised preset (thresholds set by a few training forwards) for speed figures."""
+    import tempfile
+
+    import torch
+
+    from racedit.model import build, save as save_checkpoint
+
+    model = build(preset).train()
+    cfg = model.config
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, cfg.in_channels, cfg.image_size, cfg.image_size), torch.rand(8),
+                  torch.randint(0, cfg.num_classes, (8,)))
+    return str(save_checkpoint(model.eval(), Path(tempfile.mkdtemp()) / "racedit-random"))
+
+
+def flops_per_image(checkpoint: str, steps: int) -> float:
+    """Matmul FLOPs of one guided image (2 rows per step): 2 x activated parameters x tokens, roughly."""
+    from racedit.model import parameter_counts, read_config
+    from racedit.model.config import ModelConfig
+
+    config = ModelConfig.from_dict(read_config(checkpoint)["model"])
+    _, activated = parameter_counts(config)
+    return 2.0 * activated * config.num_tokens * 2 * steps
 
 
 if __name__ == "__main__":

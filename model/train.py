@@ -215,8 +215,9 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     out.mkdir(parents=True, exist_ok=True)
     step, history = 0, []
     if resume is not None:
-        step, history = _load_state(resume, model, optimizer, generator)
+        # EMA first: building it draws from the global RNG, which _load_state then restores.
         ema.load_state_dict(checkpoint.load(resume).state_dict())
+        step, history = _load_state(resume, model, optimizer, generator)
     run_record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_step": step, "to_step": config.optim.steps,
                   "world_size": world, "device": str(device), "resumed_from": str(resume) if resume else None}
     images, labels = _dataset(config, rank)

@@ -272,6 +272,9 @@ class Engine:
         if job.cancelled:
             self._fail(job, Cancelled("client disconnected"))
             return
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            self._fail(job, DeadlineExceeded(f"waited in the queue past its {job.request.timeout_s} s deadline"))
+            return
         if not job.future.set_running_or_notify_cancel():
             self._forget(job)
             return
