@@ -53,7 +53,12 @@ def start_server(checkpoint: str, batching: str, max_batch_rows: int, device: st
     raise RuntimeError("server did not become ready")
 
 
-async def run_load(url: str, concurrency: int, requests_per_client: int, steps: int, time_limit: float) -> dict:
+def steps_for(index: int, steps: list[int]) -> int:
+    """Step count of request `index`: cycles through the mix, so both modes see the same workload."""
+    return steps[index % len(steps)]
+
+
+async def run_load(url: str, concurrency: int, requests_per_client: int, steps: list[int], time_limit: float) -> dict:
     latencies: list[float] = []
     images = 0
     stop = time.monotonic() + time_limit
@@ -63,7 +68,8 @@ async def run_load(url: str, concurrency: int, requests_per_client: int, steps: 
         for i in range(requests_per_client):
             if time.monotonic() > stop:
                 return
-            body = {"class_label": (index + i) % 10, "cfg_scale": 4.0, "num_steps": steps, "seed": index * 1000 + i}
+            body = {"class_label": (index + i) % 10, "cfg_scale": 4.0, "num_steps": steps_for(index + i, steps),
+                    "seed": index * 1000 + i}
             start = time.monotonic()
             r = await http.post(url + "/generate", json=body)
             r.raise_for_status()
@@ -80,14 +86,14 @@ async def run_load(url: str, concurrency: int, requests_per_client: int, steps: 
             "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
 
 
-def direct_engine(checkpoint: str, max_batch_rows: int, steps: int, requests: int, device: str) -> float:
+def direct_engine(checkpoint: str, max_batch_rows: int, steps: list[int], requests: int, device: str) -> float:
     """Images/s of the engine alone at saturation (every request queued at once)."""
     from racedit.server.engine import Engine, GenerationRequest, pick_device
 
     torch_device, dtype = pick_device(device)
     engine = Engine(load(checkpoint), torch_device, dtype, max_batch_rows=max_batch_rows, max_queue=requests + 1).start()
     start = time.monotonic()
-    futures = [engine.submit(GenerationRequest(class_label=i % 10, cfg_scale=4.0, num_steps=steps, seed=i))
+    futures = [engine.submit(GenerationRequest(class_label=i % 10, cfg_scale=4.0, num_steps=steps_for(i, steps), seed=i))
                for i in range(requests)]
     for f in futures:
         f.result()
@@ -102,7 +108,8 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="serve a randomly initialised preset instead (e.g. B/2)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 40],
+                        help="step counts, cycled over requests (a mix, as real traffic has); one value for a uniform load")
     parser.add_argument("--max-batch-rows", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--rounds", type=int, default=2, help="requests per client at the highest concurrency")
@@ -138,7 +145,8 @@ def main() -> None:
         flops = flops_per_image(args.checkpoint, args.steps)
         summary["bf16_peak_share_at_saturation"] = step_top["images_per_s"] * flops / (args.peak_tflops * 1e12)
     print(summary)
-    name = "serve_load" + (f"-{args.preset.replace('/', '_')}-{args.device}" if args.preset else "")
+    name = "serve_load" + (f"-{args.preset.replace('/', '_')}-{args.device}" if args.preset else "") \
+        + ("-mixed" if len(args.steps) > 1 else "-uniform")
     save(name, {"checkpoint": args.checkpoint, "preset": args.preset, "device": args.device, "steps": args.steps,
                 "max_batch_rows": args.max_batch_rows, "summary": summary}, rows)
 
@@ -160,14 +168,14 @@ def random_checkpoint(preset: str) -> str:
     return str(save_checkpoint(model.eval(), Path(tempfile.mkdtemp()) / "racedit-random"))
 
 
-def flops_per_image(checkpoint: str, steps: int) -> float:
+def flops_per_image(checkpoint: str, steps: list[int]) -> float:
     """Matmul FLOPs of one guided image (2 rows per step): 2 x activated parameters x tokens, roughly."""
     from racedit.model import parameter_counts, read_config
     from racedit.model.config import ModelConfig
 
     config = ModelConfig.from_dict(read_config(checkpoint)["model"])
     _, activated = parameter_counts(config)
-    return 2.0 * activated * config.num_tokens * 2 * steps
+    return 2.0 * activated * config.num_tokens * 2 * sum(steps) / len(steps)
 
 
 if __name__ == "__main__":
