@@ -22,7 +22,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .engine import (Cancelled, DeadlineExceeded, Engine, EngineError, GenerationRequest, GenerationResult,
+from .engine import (DeadlineExceeded, Engine, EngineError, GenerationRequest, GenerationResult,
                      QueueFull, ShuttingDown, StepFailed)
 from .schemas import ErrorBody, GenerateRequest, GenerateResponse, Health, ModelCard, ModelList
 from .settings import ServeSettings

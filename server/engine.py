@@ -15,7 +15,6 @@ The engine knows nothing of HTTP: it takes `GenerationRequest`s and resolves
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -23,7 +22,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
