@@ -35,6 +35,12 @@ def _eval(args: argparse.Namespace) -> int:
     return evaluate_main(args)
 
 
+def _train_classifier(args: argparse.Namespace) -> int:
+    from .evaluate import train_classifier_main
+
+    return train_classifier_main(args)
+
+
 def _serve(args: Sequence[str]) -> int:
     from racedit.server.cli import main as serve_main
 
@@ -80,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("train-classifier", help="train the shapes10 classifier used by eval")
     p.add_argument("--out", default=None)
     p.add_argument("--steps", type=int, default=600)
-    p.set_defaults(func=lambda a: __import__("racedit.model.evaluate", fromlist=["x"]).train_classifier_main(a))
+    p.set_defaults(func=_train_classifier)
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError
