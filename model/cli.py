@@ -12,7 +12,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    path = train(config, out, resume=Path(args.resume) if args.resume else None)
+    path = train(config, out, resume=Path(args.resume) if args.resume else None,
+                 init=Path(args.init) if args.init else None)
     print(f"checkpoint: {path}")
     return 0
 
@@ -67,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("--config", required=True)
     p.add_argument("--out", help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", help="checkpoint folder of an earlier run to continue")
+    p.add_argument("--resume", help="checkpoint folder of an earlier run to continue exactly")
+    p.add_argument("--init", help="start from this checkpoint's weights with a fresh optimizer (fine-tuning)")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="class fidelity, Frechet distance, sample grid and Fig. 6 plot")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the bundled shapes10 model)")

@@ -201,8 +201,13 @@ def _routing_metrics(stats, t: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progress: bool = True) -> Path:
-    """Train, checkpointing to `out/checkpoint` (EMA weights, loadable by racedit.model.load)."""
+def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progress: bool = True,
+          init: Optional[Path] = None) -> Path:
+    """Train, checkpointing to `out/checkpoint` (EMA weights, loadable by racedit.model.load).
+
+    `resume` continues a run exactly (weights, optimizer, RNG); `init` starts a new run
+    from a checkpoint's weights and thresholds (e.g. the bundled model) with a fresh optimizer.
+    """
     rank, world = _distributed()
     if config.optim.threads:
         torch.set_num_threads(config.optim.threads)
@@ -214,12 +219,20 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     generator = torch.Generator(device=device).manual_seed(config.optim.seed * 1000 + rank)
     out.mkdir(parents=True, exist_ok=True)
     step, history = 0, []
+    if init is not None:
+        start = checkpoint.load(init)
+        if start.config.to_dict() != config.model.to_dict():
+            raise ConfigError(f"--init {init}: its model config differs from the training config's model section")
+        model.load_state_dict(start.state_dict())
+        ema.load_state_dict(start.state_dict())
+        history = list(getattr(start, "metadata", {}).get("history", []))
     if resume is not None:
         # EMA first: building it draws from the global RNG, which _load_state then restores.
         ema.load_state_dict(checkpoint.load(resume).state_dict())
         step, history = _load_state(resume, model, optimizer, generator)
     run_record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_step": step, "to_step": config.optim.steps,
-                  "world_size": world, "device": str(device), "resumed_from": str(resume) if resume else None}
+                  "world_size": world, "device": str(device), "resumed_from": str(resume) if resume else None,
+                  "initialised_from": str(init) if init else None}
     images, labels = _dataset(config, rank)
     wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     csv_path = out / "metrics.csv"

@@ -56,6 +56,22 @@ def test_resume_continues_and_records_history(tmp_path):
     assert losses(tmp_path / "b") == losses(tmp_path / "c")[-2:]
 
 
+def test_init_starts_from_a_checkpoint(tmp_path):
+    train(tiny_config(steps=20), tmp_path / "a", progress=False)
+    start = load(tmp_path / "a" / "checkpoint")
+    train(tiny_config(steps=5), tmp_path / "b", progress=False, init=tmp_path / "a" / "checkpoint")
+    tuned = load(tmp_path / "b" / "checkpoint")
+    history = tuned.metadata["history"]
+    assert len(history) == 2 and history[-1]["initialised_from"].endswith("checkpoint")
+    # Five small steps from the start weights stay close to them (a fresh init would not).
+    drift = max((a - b).abs().max().item() for a, b in zip(start.parameters(), tuned.parameters()))
+    assert drift < 0.05
+    with pytest.raises(ConfigError, match="--init"):
+        wider = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+        wider["model"]["hidden_size"] = 32
+        train(parse_config(wider), tmp_path / "c", progress=False, init=tmp_path / "a" / "checkpoint")
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d["optim"].update(stepz=3), "unknown key optim.stepz"),
     (lambda d: d["optim"].update(lr="fast"), "optim.lr must be float"),
