@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install racedit (and with --dev, the test tools and the client SDK).
+# Create .venv and install racedit and the client SDK (with --dev: the test tools, and Debian's
+# docker-compose and prometheus for the deployment checks when run as root).
 # On a machine without an NVIDIA GPU, torch's CPU build is installed first, so that the
 # unpinned `torch` requirement does not pull a multi-GB CUDA build.
 set -euo pipefail
@@ -15,6 +16,14 @@ if ! $py -c "import torch" 2>/dev/null; then
   else
     $py -m pip install -q "torch==${RACEDIT_CPU_TORCH:-2.13.0}" \
       || $py -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+if [ -n "$extras" ] && { ! command -v docker-compose >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; }; then
+  # The deployment tests validate the compose files and the Prometheus config with Debian's tools.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose prometheus >/dev/null
+  else
+    echo "note: the deployment tests need docker-compose and promtool (Debian: apt-get install docker-compose prometheus)" >&2
   fi
 fi
 $py -m pip install -q -e ".${extras}"
