@@ -337,7 +337,7 @@ class Engine:
         for job in [j for j in self._active if j.step >= j.request.num_steps]:
             self._active.remove(job)
             now = time.monotonic()
-            total = UsageAccumulator(**{k: getattr(job.usage[0], k) for k in ("num_layers", "num_experts", "num_tokens", "k")})
+            total = new_usage(self.model)
             for u in job.usage:
                 total.merge(u)
             summary = total.summary()
