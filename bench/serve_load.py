@@ -1,7 +1,11 @@
 """Load test: a real `racedit serve` process under concurrency 1, 4, 16, 64, in both batching modes,
 against the engine's direct (in-process, no HTTP) throughput at the same batch size.
 
-    python bench/serve_load.py [--checkpoint PATH] [--steps 25] [--max-batch-rows 64]
+Closed loop (`--concurrency`): each client sends its next request when the last is answered;
+each client's first answer is a warm-up and not measured. Open loop (`--rates`): Poisson
+arrivals at a fixed rate, how traffic from many independent users looks.
+
+    python bench/serve_load.py [--checkpoint PATH] [--steps 25] [--max-batch-rows 64] [--rates 1.5 2.5]
     python bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64   # GPU figures, random weights
 
 Prints and saves bench/results/serve_load[-<preset>-<device>].{json,md}. On CUDA it also
@@ -53,12 +57,28 @@ def start_server(checkpoint: str, batching: str, max_batch_rows: int, device: st
     raise RuntimeError("server did not become ready")
 
 
-def steps_for(index: int, steps: list[int]) -> int:
-    """Step count of request `index`: cycles through the mix, so both modes see the same workload."""
-    return steps[index % len(steps)]
+def request_body(index: int, steps: list[int]) -> dict:
+    """Request `index` of a run: classes and step counts cycle, so both modes see the same workload."""
+    return {"class_label": index % 10, "cfg_scale": 4.0, "num_steps": steps[index % len(steps)], "seed": index}
 
 
-async def run_load(url: str, concurrency: int, requests_per_client: int, steps: list[int], time_limit: float) -> dict:
+def summarize(latencies: list[float], images: int, wall: float) -> dict:
+    latencies = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
+    return {"images": images, "measured": len(latencies), "wall_s": wall, "images_per_s": images / wall,
+            "p50_ms": 1000 * statistics.median(latencies), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
+
+
+async def closed_loop(url: str, concurrency: int, requests_per_client: int, warmup_per_client: int,
+                      steps: list[int], time_limit: float) -> dict:
+    """`concurrency` clients, each sending its next request when the last one is answered.
+
+    The first `warmup_per_client` answers of each client are not measured: they start as one
+    synchronised burst, which is not the steady state the percentiles should describe.
+    """
     latencies: list[float] = []
     images = 0
     stop = time.monotonic() + time_limit
@@ -68,22 +88,42 @@ async def run_load(url: str, concurrency: int, requests_per_client: int, steps: 
         for i in range(requests_per_client):
             if time.monotonic() > stop:
                 return
-            body = {"class_label": (index + i) % 10, "cfg_scale": 4.0, "num_steps": steps_for(index + i, steps),
-                    "seed": index * 1000 + i}
             start = time.monotonic()
-            r = await http.post(url + "/generate", json=body)
+            r = await http.post(url + "/generate", json=request_body(index + i * concurrency, steps))
             r.raise_for_status()
-            latencies.append(time.monotonic() - start)
+            if i >= warmup_per_client:
+                latencies.append(time.monotonic() - start)
             images += 1
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as http:
         start = time.monotonic()
         await asyncio.gather(*(client(c, http) for c in range(concurrency)))
         wall = time.monotonic() - start
-    latencies.sort()
-    return {"images": images, "wall_s": wall, "images_per_s": images / wall,
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
+    return summarize(latencies, images, wall)
+
+
+async def open_loop(url: str, rate: float, requests: int, steps: list[int], seed: int = 0) -> dict:
+    """Poisson arrivals at `rate` requests/s, whatever the answers: how traffic from many users looks."""
+    import random
+
+    gaps = random.Random(seed)
+    latencies: list[float] = []
+
+    async def one(index: int, http: httpx.AsyncClient) -> None:
+        start = time.monotonic()
+        r = await http.post(url + "/generate", json=request_body(index, steps))
+        r.raise_for_status()
+        latencies.append(time.monotonic() - start)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=requests + 4)) as http:
+        start = time.monotonic()
+        tasks = []
+        for i in range(requests):
+            tasks.append(asyncio.create_task(one(i, http)))
+            await asyncio.sleep(gaps.expovariate(rate))
+        await asyncio.gather(*tasks)
+        wall = time.monotonic() - start
+    return summarize(latencies, requests, wall)
 
 
 def direct_engine(checkpoint: str, max_batch_rows: int, steps: list[int], requests: int, device: str) -> float:
@@ -93,8 +133,7 @@ def direct_engine(checkpoint: str, max_batch_rows: int, steps: list[int], reques
     torch_device, dtype = pick_device(device)
     engine = Engine(load(checkpoint), torch_device, dtype, max_batch_rows=max_batch_rows, max_queue=requests + 1).start()
     start = time.monotonic()
-    futures = [engine.submit(GenerationRequest(class_label=i % 10, cfg_scale=4.0, num_steps=steps_for(i, steps), seed=i))
-               for i in range(requests)]
+    futures = [engine.submit(GenerationRequest(**request_body(i, steps))) for i in range(requests)]
     for f in futures:
         f.result()
     rate = requests / (time.monotonic() - start)
@@ -112,13 +151,17 @@ def main() -> None:
                         help="step counts, cycled over requests (a mix, as real traffic has); one value for a uniform load")
     parser.add_argument("--max-batch-rows", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client at the highest concurrency")
-    parser.add_argument("--time-limit", type=float, default=240.0, help="seconds per (mode, concurrency) cell")
+    parser.add_argument("--requests", type=int, default=96,
+                        help="measured requests per closed-loop cell (at least 2 per client) and per open-loop rate")
+    parser.add_argument("--warmup-per-client", type=int, default=1, help="unmeasured first answers of each client")
+    parser.add_argument("--rates", type=float, nargs="*", default=[],
+                        help="open-loop Poisson arrival rates (requests/s) to run after the closed-loop sweep")
+    parser.add_argument("--time-limit", type=float, default=90.0, help="seconds per closed-loop cell")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     if args.preset:
         args.checkpoint = random_checkpoint(args.preset)
-    saturation_requests = max(args.concurrency) * args.rounds
+    saturation_requests = max(args.requests, 2 * max(args.concurrency))
     direct = direct_engine(args.checkpoint, args.max_batch_rows, args.steps, saturation_requests, args.device)
     print(f"direct engine: {direct:.2f} images/s ({saturation_requests} requests at once)")
     rows = []
@@ -126,12 +169,16 @@ def main() -> None:
         proc, url = start_server(args.checkpoint, batching, args.max_batch_rows, args.device)
         try:
             for c in args.concurrency:
-                per_client = max(args.rounds, saturation_requests // c // 4) if c < max(args.concurrency) else args.rounds
-                result = asyncio.run(run_load(url, c, per_client, args.steps, args.time_limit))
-                row = {"batching": batching, "concurrency": c, **result}
-                rows.append(row)
-                print(f"{batching:6s} c={c:3d}: {result['images_per_s']:.2f} images/s, "
-                      f"p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms ({result['images']} images)")
+                per_client = args.warmup_per_client + max(2, -(-args.requests // c))
+                result = asyncio.run(closed_loop(url, c, per_client, args.warmup_per_client, args.steps, args.time_limit))
+                rows.append({"batching": batching, "arrivals": f"closed c={c}", "concurrency": c, **result})
+                print(f"{batching:6s} c={c:3d}: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
+                      f"p95 {result['p95_ms']:.0f} ms ({result['measured']} measured of {result['images']})")
+            for rate in args.rates:
+                result = asyncio.run(open_loop(url, rate, args.requests, args.steps))
+                rows.append({"batching": batching, "arrivals": f"poisson {rate:g}/s", "concurrency": None, **result})
+                print(f"{batching:6s} {rate:g}/s: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
+                      f"p95 {result['p95_ms']:.0f} ms")
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -141,6 +188,9 @@ def main() -> None:
     summary = {"direct_engine_images_per_s": direct,
                "server_over_direct_at_saturation": step_top["images_per_s"] / direct,
                "p95_static_over_step_at_c16": (p95_16["static"] / p95_16["step"]) if len(p95_16) == 2 else None}
+    for rate in args.rates:
+        p95 = {r["batching"]: r["p95_ms"] for r in rows if r["arrivals"] == f"poisson {rate:g}/s"}
+        summary[f"p95_static_over_step_at_{rate:g}_per_s"] = p95["static"] / p95["step"]
     if args.device != "cpu":
         flops = flops_per_image(args.checkpoint, args.steps)
         summary["bf16_peak_share_at_saturation"] = step_top["images_per_s"] * flops / (args.peak_tflops * 1e12)

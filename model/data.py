@@ -227,8 +227,26 @@ class ImageFolder(Dataset):
         return x, label
 
 
-def vae_encoder(vae: torch.nn.Module, scale: float = 0.18215) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Wrap a local diffusers AutoencoderKL as an ImageFolder encoder (the DiT latent scaling)."""
+def vae_encoder(vae: Union[torch.nn.Module, str, os.PathLike], scale: Optional[float] = None
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An ImageFolder encoder from a diffusers AutoencoderKL: a module, or a local folder
+    written by `save_pretrained` (loaded with `local_files_only`, so nothing is fetched).
+
+    Latents are the posterior mean times `scale`, by default the VAE's own
+    `config.scaling_factor` (0.18215 for the SD VAE that DiT uses).
+    """
+    if not isinstance(vae, torch.nn.Module):
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as exc:
+            raise ImportError("encoding to latents needs diffusers: pip install diffusers") from exc
+        path = Path(vae)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not an AutoencoderKL folder (no config.json); write one with save_pretrained")
+        vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+    vae = vae.eval()
+    if scale is None:
+        scale = float(getattr(getattr(vae, "config", None), "scaling_factor", 0.18215))
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         return vae.encode(x).latent_dist.mean * scale

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from racedit.model.data import ImageFolder, Shapes10, ShapesStyle
+from racedit.model.data import ImageFolder, Shapes10, ShapesStyle, vae_encoder
 
 
 def test_shapes10_items_and_classes():
@@ -76,3 +76,28 @@ def test_image_folder_with_an_encoder(tmp_path):
     encoder = torch.nn.Conv2d(3, 4, 8, stride=8)
     ds = ImageFolder(tmp_path, image_size=16, encoder=encoder)
     assert ds[0][0].shape == (4, 2, 2)
+
+
+def test_image_folder_with_a_local_diffusers_vae(tmp_path):
+    """A tiny randomly initialised AutoencoderKL, saved and loaded by path: nothing from a hub."""
+    import diffusers  # a dev dependency: this test must run, not skip
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=8, sample_size=16, scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "vae")
+    for name, colour in (("red", (200, 10, 10)), ("blue", (10, 10, 200))):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.new("RGB", (20, 20), colour).save(tmp_path / "images" / name / "0.png")
+    ds = ImageFolder(tmp_path / "images", image_size=16, encoder=vae_encoder(tmp_path / "vae"))
+    assert ds.class_names == ["blue", "red"]
+    (z_blue, y_blue), (z_red, y_red) = ds[0], ds[1]
+    assert z_blue.shape == (4, 8, 8) and (y_blue, y_red) == (0, 1)
+    pixels = ImageFolder(tmp_path / "images", image_size=16)[1][0]
+    with torch.no_grad():
+        expected = vae.eval().encode(pixels[None]).latent_dist.mean[0] * 0.5  # the VAE's own scaling_factor
+    torch.testing.assert_close(z_red, expected)
+    assert not torch.allclose(z_red, z_blue)
+    with pytest.raises(FileNotFoundError, match="AutoencoderKL folder"):
+        vae_encoder(tmp_path / "images")

@@ -10,7 +10,7 @@ import yaml
 
 from racedit.model import load
 from racedit.model.config import ConfigError
-from racedit.model.train import load_config, parse_config, train
+from racedit.model.train import OptimConfig, learning_rate, load_config, parse_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +72,17 @@ def test_init_starts_from_a_checkpoint(tmp_path):
         train(parse_config(wider), tmp_path / "c", progress=False, init=tmp_path / "a" / "checkpoint")
 
 
+def test_learning_rate_warms_up_holds_then_cools_down():
+    o = OptimConfig(steps=100, lr=1e-3, warmup_steps=10, decay_steps=40, min_lr=1e-4)
+    lrs = [learning_rate(o, step) for step in range(o.steps)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[9:61])
+    assert all(a > b for a, b in zip(lrs[60:], lrs[61:]))  # strictly decreasing cosine
+    assert lrs[80] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half-way down the cosine
+    assert lrs[-1] > 1e-4 and lrs[-1] == pytest.approx(1e-4, rel=0.02)
+    assert learning_rate(OptimConfig(steps=100, lr=1e-3, warmup_steps=1), 99) == 1e-3  # no decay by default
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d["optim"].update(stepz=3), "unknown key optim.stepz"),
     (lambda d: d["optim"].update(lr="fast"), "optim.lr must be float"),
@@ -79,6 +90,8 @@ def test_init_starts_from_a_checkpoint(tmp_path):
     (lambda d: d.update(extra=1), "unknown key config.extra"),
     (lambda d: d["data"].update(name="imagenet"), "data.name"),
     (lambda d: d["model"].update(moe={"routing": "nope"}), "moe.routing"),
+    (lambda d: d["optim"].update(decay_steps=10_000), "optim.decay_steps must be in 0..optim.steps"),
+    (lambda d: d["optim"].update(min_lr=1.0), "optim.min_lr must be in 0..optim.lr"),
 ])
 def test_bad_config_fails_before_training(mutate, message):
     doc = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
