@@ -183,6 +183,16 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _with_folder_classes(config: TrainConfig) -> TrainConfig:
+    """An ImageFolder's sub-folders are the classes: the checkpoint must carry their names."""
+    from .data import ImageFolder
+    names = ImageFolder(config.data.root, image_size=config.model.image_size).class_names
+    if len(names) != config.model.num_classes:
+        raise ConfigError(f"model.num_classes is {config.model.num_classes} but data.root {config.data.root} "
+                          f"has {len(names)} class folders ({', '.join(names)})")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, class_names=names))
+
+
 def _dataset(config: TrainConfig, rank: int):
     if config.data.name == "shapes10":
         ds = Shapes10("train", image_size=config.model.image_size, seed=config.data.seed,
@@ -191,6 +201,8 @@ def _dataset(config: TrainConfig, rank: int):
         return images, labels
     from .data import ImageFolder
     ds = ImageFolder(config.data.root, image_size=config.model.image_size)
+    if config.model.in_channels != 3:
+        raise ConfigError("training on an ImageFolder works in pixel space: model.in_channels must be 3")
     xs, ys = zip(*(ds[i] for i in range(len(ds))))
     return ((torch.stack(xs) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), torch.tensor(ys)
 
@@ -228,6 +240,8 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     `resume` continues a run exactly (weights, optimizer, RNG); `init` starts a new run
     from a checkpoint's weights and thresholds (e.g. the bundled model) with a fresh optimizer.
     """
+    if config.data.name == "imagefolder":
+        config = _with_folder_classes(config)
     rank, world = _distributed()
     if config.optim.threads:
         torch.set_num_threads(config.optim.threads)

@@ -128,3 +128,21 @@ def test_ddp_two_gloo_processes_hold_identical_weights(tmp_path):
     digests = [(tmp_path / "out" / f"weights-rank{r}.sha256").read_text() for r in range(2)]
     assert digests[0] == digests[1]
     assert load(tmp_path / "out" / "checkpoint").metadata["history"][0]["world_size"] == 2
+
+
+def test_train_on_an_image_folder_names_the_classes(tmp_path):
+    from PIL import Image
+
+    names = [f"class{i:02d}" for i in range(10)]
+    for i, name in enumerate(names):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (20, 20), (25 * i, 100, 40 * j)).save(tmp_path / "images" / name / f"{j}.png")
+    doc = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    doc["data"] = {"name": "imagefolder", "root": str(tmp_path / "images")}
+    doc["optim"].update(steps=3, checkpoint_every=3, sample_every=100)
+    path = train(parse_config(doc), tmp_path / "run", progress=False)
+    assert load(path).config.class_names == names
+    doc["model"]["num_classes"] = 12
+    with pytest.raises(ConfigError, match="model.num_classes is 12 but data.root .* has 10 class folders"):
+        train(parse_config(doc), tmp_path / "run2", progress=False)
