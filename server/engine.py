@@ -121,6 +121,7 @@ class Engine:
         self.fault_label = fault_label  # fault injection for resilience tests: steps with this label raise
         self._queue: "queue.Queue[_Job]" = queue.Queue(maxsize=max_queue)
         self._active: list[_Job] = []
+        self._held: Optional[_Job] = None  # taken from the queue but did not fit: first in line next time
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._accepting = False
@@ -197,7 +198,7 @@ class Engine:
                 self.metrics.rejected.labels(reason="queue_full").inc()
                 raise QueueFull(f"queue full ({self._queue.maxsize} requests waiting)") from None
             self._jobs[request.request_id] = job
-        self.metrics.queue_depth.set(self._queue.qsize())
+        self.metrics.queue_depth.set(self.queue_depth())
         return job.future
 
     def cancel(self, request_id: str) -> bool:
@@ -210,7 +211,7 @@ class Engine:
         return True
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + (self._held is not None)
 
     def active_rows(self) -> int:
         return sum(j.request.rows for j in self._active)
@@ -238,34 +239,29 @@ class Engine:
         static = self.mode == "static"
         if static and self._active:
             return
-        block = not self._active
-        deadline = None
+        block = not self._active  # idle: wait briefly for work instead of spinning
+        deadline = None  # static mode: when the gathering window closes
         while True:
-            rows = self.active_rows()
             try:
-                if block:
+                if self._held is not None:
+                    job, self._held = self._held, None
+                elif block:
                     job = self._queue.get(timeout=0.05)
-                    block = False
-                    if static:
-                        deadline = time.monotonic() + self.static_wait_ms / 1000
-                elif static and deadline is not None:
+                elif deadline is not None:
                     job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 else:
                     job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if rows + job.request.rows > self.max_batch_rows and self._active:
-                self._requeue_front(job)
+            if block:
+                block = False
+                if static:
+                    deadline = time.monotonic() + self.static_wait_ms / 1000
+            if self.active_rows() + job.request.rows > self.max_batch_rows and self._active:
+                self._held = job
                 break
             self._activate(job)
-        self.metrics.queue_depth.set(self._queue.qsize())
-
-    def _requeue_front(self, job: _Job) -> None:
-        # queue.Queue has no push-front; rebuild it with this job first (rare: only when the batch is full).
-        with self._queue.mutex:
-            self._queue.queue.appendleft(job)
-            self._queue.unfinished_tasks += 1
-            self._queue.not_empty.notify()
+        self.metrics.queue_depth.set(self.queue_depth())
 
     def _activate(self, job: _Job) -> None:
         if job.cancelled:
