@@ -193,6 +193,8 @@ class Engine:
         job = _Job(request, Future(), now, now + request.timeout_s if request.timeout_s else None)
         with self._lock:
             try:
+                if self.queue_depth() >= self._queue.maxsize:  # the held job still waits: it counts
+                    raise queue.Full
                 self._queue.put_nowait(job)
             except queue.Full:
                 self.metrics.rejected.labels(reason="queue_full").inc()

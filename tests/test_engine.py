@@ -66,3 +66,25 @@ def test_new_requests_join_a_running_batch_at_the_next_step(tiny_checkpoint):
         engine.stop()
     joined = [i for i, ids in enumerate(steps) if "short" in ids]
     assert len(joined) == 2 and all("long" in steps[i] for i in joined)
+
+
+def test_a_request_held_for_room_counts_against_the_queue(tiny_checkpoint):
+    from racedit.server.engine import QueueFull
+
+    engine = Engine(load(tiny_checkpoint), torch.device("cpu"), max_batch_rows=2, max_queue=1).start()
+    try:
+        running = engine.submit(GenerationRequest(class_label=0, num_steps=1000, request_id="running"))
+        deadline = time.monotonic() + 10
+        while engine.active_rows() < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        waiting = engine.submit(GenerationRequest(class_label=1, num_steps=2, request_id="waiting"))
+        while engine._held is None and time.monotonic() < deadline:  # the worker took it, found no room
+            time.sleep(0.005)
+        assert engine.queue_depth() == 1
+        with pytest.raises(QueueFull):
+            engine.submit(GenerationRequest(class_label=2, num_steps=2))
+        engine.cancel("running")
+        assert waiting.result(timeout=30).images.shape[0] == 1
+        assert running.exception(timeout=30) is not None
+    finally:
+        engine.stop()
