@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import httpx
 
@@ -55,6 +57,14 @@ def start_server(checkpoint: str, batching: str, max_batch_rows: int, device: st
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not become ready")
+
+
+def closed_label(concurrency: int) -> str:
+    return f"closed c={concurrency}"
+
+
+def open_label(rate: float) -> str:
+    return f"poisson {rate:g}/s"
 
 
 def request_body(index: int, steps: list[int]) -> dict:
@@ -104,8 +114,6 @@ async def closed_loop(url: str, concurrency: int, requests_per_client: int, warm
 
 async def open_loop(url: str, rate: float, requests: int, steps: list[int], seed: int = 0) -> dict:
     """Poisson arrivals at `rate` requests/s, whatever the answers: how traffic from many users looks."""
-    import random
-
     gaps = random.Random(seed)
     latencies: list[float] = []
 
@@ -168,29 +176,32 @@ def main() -> None:
     for batching in ("step", "static"):
         proc, url = start_server(args.checkpoint, batching, args.max_batch_rows, args.device)
         try:
+            def record(arrivals: str, concurrency: Optional[int], result: dict) -> None:
+                rows.append({"batching": batching, "arrivals": arrivals, "concurrency": concurrency, **result})
+                print(f"{batching:6s} {arrivals}: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
+                      f"p95 {result['p95_ms']:.0f} ms ({result['measured']} measured of {result['images']})")
+
             for c in args.concurrency:
                 per_client = args.warmup_per_client + max(2, -(-args.requests // c))
-                result = asyncio.run(closed_loop(url, c, per_client, args.warmup_per_client, args.steps, args.time_limit))
-                rows.append({"batching": batching, "arrivals": f"closed c={c}", "concurrency": c, **result})
-                print(f"{batching:6s} c={c:3d}: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
-                      f"p95 {result['p95_ms']:.0f} ms ({result['measured']} measured of {result['images']})")
+                record(closed_label(c), c, asyncio.run(
+                    closed_loop(url, c, per_client, args.warmup_per_client, args.steps, args.time_limit)))
             for rate in args.rates:
-                result = asyncio.run(open_loop(url, rate, args.requests, args.steps))
-                rows.append({"batching": batching, "arrivals": f"poisson {rate:g}/s", "concurrency": None, **result})
-                print(f"{batching:6s} {rate:g}/s: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
-                      f"p95 {result['p95_ms']:.0f} ms")
+                record(open_label(rate), None, asyncio.run(open_loop(url, rate, args.requests, args.steps)))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
     top = max(args.concurrency)
     step_top = next(r for r in rows if r["batching"] == "step" and r["concurrency"] == top)
-    p95_16 = {r["batching"]: r["p95_ms"] for r in rows if r["concurrency"] == 16}
+
+    def p95_static_over_step(arrivals: str) -> Optional[float]:
+        p95 = {r["batching"]: r["p95_ms"] for r in rows if r["arrivals"] == arrivals}
+        return p95["static"] / p95["step"] if len(p95) == 2 else None
+
     summary = {"direct_engine_images_per_s": direct,
                "server_over_direct_at_saturation": step_top["images_per_s"] / direct,
-               "p95_static_over_step_at_c16": (p95_16["static"] / p95_16["step"]) if len(p95_16) == 2 else None}
+               "p95_static_over_step_at_c16": p95_static_over_step(closed_label(16))}
     for rate in args.rates:
-        p95 = {r["batching"]: r["p95_ms"] for r in rows if r["arrivals"] == f"poisson {rate:g}/s"}
-        summary[f"p95_static_over_step_at_{rate:g}_per_s"] = p95["static"] / p95["step"]
+        summary[f"p95_static_over_step_at_{rate:g}_per_s"] = p95_static_over_step(open_label(rate))
     if args.device != "cpu":
         flops = flops_per_image(args.checkpoint, args.steps)
         summary["bf16_peak_share_at_saturation"] = step_top["images_per_s"] * flops / (args.peak_tflops * 1e12)

@@ -205,7 +205,7 @@ def preset_config(name: str, **overrides: Any) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     data = {**PRESETS[name]}
     moe_override = overrides.pop("moe", "keep")
-    if overrides.get("num_classes", data.get("num_classes")) != data.get("num_classes") and "class_names" not in overrides:
+    if "class_names" not in overrides and overrides.get("num_classes", data["num_classes"]) != data["num_classes"]:
         data["class_names"] = None  # the preset's names belong to its own class count
     data.update(overrides)
     if moe_override is None:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint, losses
 from .config import ConfigError, ModelConfig, _known_fields, preset_config
-from .data import Shapes10, ShapesStyle
+from .data import ImageFolder, Shapes10, ShapesStyle
 from .dit import RaceDiT
 from .sampling import LossWeights, generate, training_loss
 
@@ -112,6 +112,8 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"data.name {data.name!r} is not one of shapes10, imagefolder")
     if data.name == "imagefolder" and not data.root:
         raise ConfigError("data.root is required for data.name imagefolder")
+    if data.name == "imagefolder" and model.in_channels != 3:
+        raise ConfigError("training on an ImageFolder works in pixel space: model.in_channels must be 3")
     _known_fields(ShapesStyle, data.style, "data.style")
     optim = sections["optim"]
     for key in ("steps", "batch_size"):
@@ -183,27 +185,22 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _with_folder_classes(config: TrainConfig) -> TrainConfig:
+def _with_folder_classes(config: TrainConfig, folder: ImageFolder) -> TrainConfig:
     """An ImageFolder's sub-folders are the classes: the checkpoint must carry their names."""
-    from .data import ImageFolder
-    names = ImageFolder(config.data.root, image_size=config.model.image_size).class_names
+    names = folder.class_names
     if len(names) != config.model.num_classes:
         raise ConfigError(f"model.num_classes is {config.model.num_classes} but data.root {config.data.root} "
                           f"has {len(names)} class folders ({', '.join(names)})")
     return dataclasses.replace(config, model=dataclasses.replace(config.model, class_names=names))
 
 
-def _dataset(config: TrainConfig, rank: int):
-    if config.data.name == "shapes10":
+def _dataset(config: TrainConfig, folder: Optional[ImageFolder]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole training set in memory as uint8 images [N, 3, H, W] and labels [N]."""
+    if folder is None:
         ds = Shapes10("train", image_size=config.model.image_size, seed=config.data.seed,
                       length=config.data.length, style=ShapesStyle(**config.data.style))
-        images, labels = ds.materialize()
-        return images, labels
-    from .data import ImageFolder
-    ds = ImageFolder(config.data.root, image_size=config.model.image_size)
-    if config.model.in_channels != 3:
-        raise ConfigError("training on an ImageFolder works in pixel space: model.in_channels must be 3")
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        return ds.materialize()
+    xs, ys = zip(*(folder[i] for i in range(len(folder))))
     return ((torch.stack(xs) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), torch.tensor(ys)
 
 
@@ -240,8 +237,10 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     `resume` continues a run exactly (weights, optimizer, RNG); `init` starts a new run
     from a checkpoint's weights and thresholds (e.g. the bundled model) with a fresh optimizer.
     """
+    folder = None
     if config.data.name == "imagefolder":
-        config = _with_folder_classes(config)
+        folder = ImageFolder(config.data.root, image_size=config.model.image_size)
+        config = _with_folder_classes(config, folder)
     rank, world = _distributed()
     if config.optim.threads:
         torch.set_num_threads(config.optim.threads)
@@ -267,7 +266,7 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     run_record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_step": step, "to_step": config.optim.steps,
                   "world_size": world, "device": str(device), "resumed_from": str(resume) if resume else None,
                   "initialised_from": str(init) if init else None}
-    images, labels = _dataset(config, rank)
+    images, labels = _dataset(config, folder)
     wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     csv_path = out / "metrics.csv"
     writer = None

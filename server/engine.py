@@ -119,7 +119,9 @@ class Engine:
         self.max_batch_rows, self.mode, self.static_wait_ms = max_batch_rows, mode, static_wait_ms
         self.metrics = metrics or EngineMetrics()
         self.fault_label = fault_label  # fault injection for resilience tests: steps with this label raise
-        self._queue: "queue.Queue[_Job]" = queue.Queue(maxsize=max_queue)
+        # The bound is checked in submit(), not by queue.Queue: a job held for room waits outside it.
+        self.max_queue = max_queue
+        self._queue: "queue.Queue[_Job]" = queue.Queue()
         self._active: list[_Job] = []
         self._held: Optional[_Job] = None  # taken from the queue but did not fit: first in line next time
         self._jobs: dict[str, _Job] = {}
@@ -192,13 +194,10 @@ class Engine:
         now = time.monotonic()
         job = _Job(request, Future(), now, now + request.timeout_s if request.timeout_s else None)
         with self._lock:
-            try:
-                if self.queue_depth() >= self._queue.maxsize:  # the held job still waits: it counts
-                    raise queue.Full
-                self._queue.put_nowait(job)
-            except queue.Full:
+            if self.queue_depth() >= self.max_queue:
                 self.metrics.rejected.labels(reason="queue_full").inc()
-                raise QueueFull(f"queue full ({self._queue.maxsize} requests waiting)") from None
+                raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
+            self._queue.put_nowait(job)
             self._jobs[request.request_id] = job
         self.metrics.queue_depth.set(self.queue_depth())
         return job.future
@@ -213,6 +212,7 @@ class Engine:
         return True
 
     def queue_depth(self) -> int:
+        """Requests waiting for rows, the one held for room included."""
         return self._queue.qsize() + (self._held is not None)
 
     def active_rows(self) -> int:

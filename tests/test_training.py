@@ -92,6 +92,8 @@ def test_learning_rate_warms_up_holds_then_cools_down():
     (lambda d: d["model"].update(moe={"routing": "nope"}), "moe.routing"),
     (lambda d: d["optim"].update(decay_steps=10_000), "optim.decay_steps must be in 0..optim.steps"),
     (lambda d: d["optim"].update(min_lr=1.0), "optim.min_lr must be in 0..optim.lr"),
+    (lambda d: (d["data"].update(name="imagefolder", root="x"), d["model"].update(in_channels=4)),
+     "ImageFolder works in pixel space: model.in_channels must be 3"),
 ])
 def test_bad_config_fails_before_training(mutate, message):
     doc = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
