@@ -119,9 +119,12 @@ class Engine:
         self.max_batch_rows, self.mode, self.static_wait_ms = max_batch_rows, mode, static_wait_ms
         self.metrics = metrics or EngineMetrics()
         self.fault_label = fault_label  # fault injection for resilience tests: steps with this label raise
-        # The bound is checked in submit(), not by queue.Queue: a job held for room waits outside it.
+        # The bound is checked in submit() against `_waiting`, a count kept under the lock, not by
+        # queue.Queue: a job held for room waits outside the queue, and the worker moving a job
+        # between the queue and `_held` must never open a window in which the count looks lower.
         self.max_queue = max_queue
         self._queue: "queue.Queue[_Job]" = queue.Queue()
+        self._waiting = 0  # submitted, not yet activated or failed: queued plus held
         self._active: list[_Job] = []
         self._held: Optional[_Job] = None  # taken from the queue but did not fit: first in line next time
         self._jobs: dict[str, _Job] = {}
@@ -180,6 +183,7 @@ class Engine:
         with self._lock:
             leftover = list(self._jobs.values())
             self._jobs.clear()
+            self._waiting = 0
         for job in leftover:
             self._fail(job, ShuttingDown("the engine stopped before this request finished"))
 
@@ -194,9 +198,10 @@ class Engine:
         now = time.monotonic()
         job = _Job(request, Future(), now, now + request.timeout_s if request.timeout_s else None)
         with self._lock:
-            if self.queue_depth() >= self.max_queue:
+            if self._waiting >= self.max_queue:
                 self.metrics.rejected.labels(reason="queue_full").inc()
                 raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
+            self._waiting += 1
             self._queue.put_nowait(job)
             self._jobs[request.request_id] = job
         self.metrics.queue_depth.set(self.queue_depth())
@@ -213,7 +218,7 @@ class Engine:
 
     def queue_depth(self) -> int:
         """Requests waiting for rows, the one held for room included."""
-        return self._queue.qsize() + (self._held is not None)
+        return self._waiting
 
     def active_rows(self) -> int:
         return sum(j.request.rows for j in self._active)
@@ -262,6 +267,8 @@ class Engine:
             if self.active_rows() + job.request.rows > self.max_batch_rows and self._active:
                 self._held = job
                 break
+            with self._lock:
+                self._waiting -= 1
             self._activate(job)
         self.metrics.queue_depth.set(self.queue_depth())
 

@@ -61,12 +61,26 @@ def test_connection_errors_retry_then_fail():
             client.health()
 
 
+def _gauge(url: str, name: str) -> float:
+    """Read one unlabelled gauge from the server's Prometheus text."""
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def test_retries_on_429_honour_retry_after(server_factory):
-    tight = server_factory("--max-queue", "1", "--max-batch-rows", "2", "--max-steps", "100000")
-    slow = {"class_label": 1, "num_steps": 800}
+    # Two blockers that never finish on their own: the first runs, the second is held for room,
+    # so the queue (max 1) is full until the 6 s request deadline ends both with a 504.
+    tight = server_factory("--max-queue", "1", "--max-batch-rows", "2", "--max-steps", "100000",
+                           "--request-timeout-s", "6")
+    slow = {"class_label": 1, "num_steps": 100000}
     with ThreadPoolExecutor(2) as pool:
         blockers = [pool.submit(httpx.post, tight.url + "/generate", json=slow, timeout=60) for _ in range(2)]
-        time.sleep(0.4)
+        deadline = time.monotonic() + 5
+        while (_gauge(tight.url, "racedit_queue_depth"), _gauge(tight.url, "racedit_active_rows")) != (1, 2):
+            assert time.monotonic() < deadline, "the blockers did not fill the queue"
+            time.sleep(0.02)
         # Without retries the full queue is an immediate, typed Overloaded error ...
         with Client(tight.url, max_retries=0) as impatient:
             with pytest.raises(racedit_client.Overloaded) as info:
@@ -78,7 +92,7 @@ def test_retries_on_429_honour_retry_after(server_factory):
             result = patient.generate(1, num_steps=2)
             waited = time.monotonic() - start
         assert result.images and waited >= 1.0
-        assert all(f.result().status_code in (200, 429) for f in blockers)
+        assert [f.result().status_code for f in blockers] == [504, 504]
 
 
 def test_sdk_models_mirror_the_server_openapi(server):
