@@ -54,6 +54,9 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_steps: int = 0  # cosine decay over the last decay_steps steps; 0 keeps lr constant
     min_lr: float = 0.0  # where the cosine decay ends
+    # Warm restarts (SGDR): each {at, lr, decay_steps, min_lr} starts a new piece at step `at`
+    # that holds `lr` and cools down over its own last `decay_steps`; the first piece ends there.
+    restarts: list = field(default_factory=list)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
@@ -63,18 +66,54 @@ class OptimConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
 
+RESTART_KEYS = ("at", "lr", "decay_steps", "min_lr")
+
+
 def learning_rate(o: OptimConfig, step: int) -> float:
-    """Linear warm-up, constant, then a cosine cool-down to `min_lr` over the last `decay_steps`.
+    """Linear warm-up, constant, then a cosine cool-down to `min_lr` over the last `decay_steps`;
+    each warm restart in `o.restarts` repeats constant + cool-down from its own `lr`.
 
     Why the cool-down: a diffusion model trained at constant lr keeps jittering around a
-    minimum; annealing at the end lowers the loss and sharpens samples for free.
+    minimum; annealing at the end lowers the loss and sharpens samples for free. Why restarts:
+    a resumed run can go on past a finished cool-down without rewriting the steps before it.
+    A pure function of the step and the config, so resumed pieces equal one uninterrupted run.
     """
-    lr = o.lr * min(1.0, (step + 1) / max(1, o.warmup_steps))
-    decay_start = o.steps - o.decay_steps
-    if o.decay_steps > 0 and step >= decay_start:
-        progress = min(1.0, (step - decay_start) / o.decay_steps)
-        lr = o.min_lr + (lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    ends = [r["at"] for r in o.restarts] + [o.steps]
+    lr, decay_steps, min_lr, end = o.lr * min(1.0, (step + 1) / max(1, o.warmup_steps)), o.decay_steps, o.min_lr, ends[0]
+    for r, next_end in zip(o.restarts, ends[1:]):
+        if step >= r["at"]:
+            lr, decay_steps, min_lr, end = r["lr"], r["decay_steps"], r["min_lr"], next_end
+    decay_start = end - decay_steps
+    if decay_steps > 0 and step >= decay_start:
+        progress = min(1.0, (step - decay_start) / decay_steps)
+        lr = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr
+
+
+def _check_restarts(o: OptimConfig) -> None:
+    """Each restart is a full {at, lr, decay_steps, min_lr}, in order, and holds its cool-down."""
+    start, cooldown = 0, o.decay_steps  # the piece before the restart being checked
+    for i, r in enumerate(o.restarts):
+        name = f"optim.restarts[{i}]"
+        if not isinstance(r, dict):
+            raise ConfigError(f"{name} must be a mapping with keys {', '.join(RESTART_KEYS)}")
+        for key in r:
+            if key not in RESTART_KEYS:
+                raise ConfigError(f"unknown key {name}.{key} (known: {', '.join(RESTART_KEYS)})")
+        for key in RESTART_KEYS:
+            if key not in r:
+                raise ConfigError(f"{name}.{key} is missing")
+            _check_value(f"{name}.{key}", r[key], 0 if key in ("at", "decay_steps") else 0.0)
+        earliest = start + max(1, cooldown)
+        if r["at"] < earliest:
+            raise ConfigError(f"{name}.at must be >= {earliest} (the previous piece's start plus its "
+                              f"cool-down), got {r['at']}")
+        if r["decay_steps"] < 0 or not 0 <= r["min_lr"] <= r["lr"]:
+            raise ConfigError(f"{name} needs decay_steps >= 0 and min_lr in 0..lr, got {r}")
+        start, cooldown = r["at"], r["decay_steps"]
+    if start + max(1, cooldown) > o.steps:
+        raise ConfigError(f"optim.steps ({o.steps}) must leave room for the last piece, which starts at "
+                          f"{start} and cools down over {cooldown} steps")
 
 
 @dataclass
@@ -123,6 +162,7 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"optim.decay_steps must be in 0..optim.steps ({optim.steps}), got {optim.decay_steps}")
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr must be in 0..optim.lr ({optim.lr}), got {optim.min_lr}")
+    _check_restarts(optim)
     return TrainConfig(model=model, data=data, optim=optim, loss=sections["loss"])
 
 

@@ -83,6 +83,19 @@ def test_learning_rate_warms_up_holds_then_cools_down():
     assert learning_rate(OptimConfig(steps=100, lr=1e-3, warmup_steps=1), 99) == 1e-3  # no decay by default
 
 
+def test_warm_restarts_repeat_hold_and_cool_down():
+    restarts = [{"at": 100, "lr": 3e-4, "decay_steps": 40, "min_lr": 2e-5},
+                {"at": 150, "lr": 2e-4, "decay_steps": 50, "min_lr": 1e-5}]
+    o = OptimConfig(steps=200, lr=1e-3, warmup_steps=10, decay_steps=40, min_lr=5e-5, restarts=restarts)
+    lrs = [learning_rate(o, step) for step in range(o.steps)]
+    first = OptimConfig(steps=100, lr=1e-3, warmup_steps=10, decay_steps=40, min_lr=5e-5)
+    assert lrs[:100] == [learning_rate(first, step) for step in range(100)]  # the first piece as if alone
+    assert lrs[100:110] == [3e-4] * 10  # restart: hold the new lr until its cool-down starts at 110
+    assert lrs[110] == pytest.approx(3e-4) and lrs[149] == pytest.approx(2e-5, abs=1e-6)
+    assert all(a >= b for a, b in zip(lrs[110:150], lrs[111:150]))
+    assert lrs[150] == 2e-4 and lrs[199] == pytest.approx(1e-5, abs=1e-6)
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d["optim"].update(stepz=3), "unknown key optim.stepz"),
     (lambda d: d["optim"].update(lr="fast"), "optim.lr must be float"),
@@ -92,6 +105,16 @@ def test_learning_rate_warms_up_holds_then_cools_down():
     (lambda d: d["model"].update(moe={"routing": "nope"}), "moe.routing"),
     (lambda d: d["optim"].update(decay_steps=10_000), "optim.decay_steps must be in 0..optim.steps"),
     (lambda d: d["optim"].update(min_lr=1.0), "optim.min_lr must be in 0..optim.lr"),
+    (lambda d: d["optim"].update(restarts=[{"at": 10, "lr": 1e-4, "decay_steps": 5, "min_lr": 0.0, "x": 1}]),
+     r"unknown key optim.restarts\[0\].x"),
+    (lambda d: d["optim"].update(restarts=[{"at": 10, "lr": 1e-4, "decay_steps": 5}]), r"optim.restarts\[0\].min_lr is missing"),
+    (lambda d: d["optim"].update(restarts=[{"at": 10, "lr": "low", "decay_steps": 5, "min_lr": 0.0}]),
+     r"optim.restarts\[0\].lr must be float"),
+    (lambda d: d["optim"].update(steps=40, restarts=[{"at": 20, "lr": 1e-4, "decay_steps": 5, "min_lr": 0.0},
+                                                     {"at": 18, "lr": 1e-4, "decay_steps": 5, "min_lr": 0.0}]),
+     r"optim.restarts\[1\].at must be >= 25"),
+    (lambda d: d["optim"].update(steps=40, restarts=[{"at": 30, "lr": 1e-4, "decay_steps": 20, "min_lr": 0.0}]),
+     r"optim.steps \(40\) must leave room for the last piece"),
     (lambda d: (d["data"].update(name="imagefolder", root="x"), d["model"].update(in_channels=4)),
      "ImageFolder works in pixel space: model.in_channels must be 3"),
 ])
