@@ -38,13 +38,15 @@ def test_shipped_checkpoint_loads():
 
 
 def test_shipped_model_draws_the_asked_shapes():
-    """A guard on the bundled weights: its samples are read as the asked classes (0.84 on 500)."""
+    """A guard on the bundled weights: its samples are read as the asked classes (0.94 on 500).
+
+    57 of these 60 are; the step-11,500 model (0.84 on 500) got 53, below the bar.
+    """
     model = load(DEFAULT_CHECKPOINT)
-    easy = [0, 1, 2, 3, 6, 8, 9]  # circle square triangle diamond star ring heart: >= 0.98 each on 500 samples
-    labels = easy * 3
+    labels = list(range(10)) * 6
     images, _ = generate(model, labels=labels, cfg_scale=4.0, num_steps=25, seeds=list(range(len(labels))))
     preds, _ = classify(load_classifier(), images)
-    assert float((preds == torch.tensor(labels)).float().mean()) >= 0.85
+    assert float((preds == torch.tensor(labels)).float().mean()) >= 0.90
 
 
 def test_eval_cli_runs_on_a_small_sample(tmp_path):
