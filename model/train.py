@@ -78,8 +78,11 @@ def learning_rate(o: OptimConfig, step: int) -> float:
     a resumed run can go on past a finished cool-down without rewriting the steps before it.
     A pure function of the step and the config, so resumed pieces equal one uninterrupted run.
     """
+    # The piece `step` lies in: the first (with warm-up) or the last restart at or before it.
+    lr = o.lr * min(1.0, (step + 1) / max(1, o.warmup_steps))
+    decay_steps, min_lr = o.decay_steps, o.min_lr
     ends = [r["at"] for r in o.restarts] + [o.steps]
-    lr, decay_steps, min_lr, end = o.lr * min(1.0, (step + 1) / max(1, o.warmup_steps)), o.decay_steps, o.min_lr, ends[0]
+    end = ends[0]
     for r, next_end in zip(o.restarts, ends[1:]):
         if step >= r["at"]:
             lr, decay_steps, min_lr, end = r["lr"], r["decay_steps"], r["min_lr"], next_end
