@@ -54,9 +54,7 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_steps: int = 0  # cosine decay over the last decay_steps steps; 0 keeps lr constant
     min_lr: float = 0.0  # where the cosine decay ends
-    # Warm restarts (SGDR): each {at, lr, decay_steps, min_lr} starts a new piece at step `at`
-    # that holds `lr` and cools down over its own last `decay_steps`; the first piece ends there.
-    restarts: list = field(default_factory=list)
+    restarts: list = field(default_factory=list)  # of Restart, in order; YAML gives mappings
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
@@ -66,7 +64,14 @@ class OptimConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
 
-RESTART_KEYS = ("at", "lr", "decay_steps", "min_lr")
+@dataclass(frozen=True)
+class Restart:
+    """A warm restart (SGDR): from step `at` a new piece holds `lr`, then cools down to
+    `min_lr` over its own last `decay_steps`; the piece before it ends at `at`."""
+    at: int = 0
+    lr: float = 0.0
+    decay_steps: int = 0
+    min_lr: float = 0.0
 
 
 def learning_rate(o: OptimConfig, step: int) -> float:
@@ -81,11 +86,11 @@ def learning_rate(o: OptimConfig, step: int) -> float:
     # The piece `step` lies in: the first (with warm-up) or the last restart at or before it.
     lr = o.lr * min(1.0, (step + 1) / max(1, o.warmup_steps))
     decay_steps, min_lr = o.decay_steps, o.min_lr
-    ends = [r["at"] for r in o.restarts] + [o.steps]
+    ends = [r.at for r in o.restarts] + [o.steps]
     end = ends[0]
     for r, next_end in zip(o.restarts, ends[1:]):
-        if step >= r["at"]:
-            lr, decay_steps, min_lr, end = r["lr"], r["decay_steps"], r["min_lr"], next_end
+        if step >= r.at:
+            lr, decay_steps, min_lr, end = r.lr, r.decay_steps, r.min_lr, next_end
     decay_start = end - decay_steps
     if decay_steps > 0 and step >= decay_start:
         progress = min(1.0, (step - decay_start) / decay_steps)
@@ -93,30 +98,28 @@ def learning_rate(o: OptimConfig, step: int) -> float:
     return lr
 
 
-def _check_restarts(o: OptimConfig) -> None:
-    """Each restart is a full {at, lr, decay_steps, min_lr}, in order, and holds its cool-down."""
+def _parse_restarts(o: OptimConfig) -> list[Restart]:
+    """Each restart is a full, typed {at, lr, decay_steps, min_lr}, in order, and holds its cool-down."""
+    restarts = []
     start, cooldown = 0, o.decay_steps  # the piece before the restart being checked
-    for i, r in enumerate(o.restarts):
+    for i, values in enumerate(o.restarts):
         name = f"optim.restarts[{i}]"
-        if not isinstance(r, dict):
-            raise ConfigError(f"{name} must be a mapping with keys {', '.join(RESTART_KEYS)}")
-        for key in r:
-            if key not in RESTART_KEYS:
-                raise ConfigError(f"unknown key {name}.{key} (known: {', '.join(RESTART_KEYS)})")
-        for key in RESTART_KEYS:
-            if key not in r:
-                raise ConfigError(f"{name}.{key} is missing")
-            _check_value(f"{name}.{key}", r[key], 0 if key in ("at", "decay_steps") else 0.0)
+        missing = [f.name for f in dataclasses.fields(Restart) if isinstance(values, dict) and f.name not in values]
+        if missing:
+            raise ConfigError(f"{name}.{missing[0]} is missing")
+        r = _typed_section(Restart, values, name)
         earliest = start + max(1, cooldown)
-        if r["at"] < earliest:
+        if r.at < earliest:
             raise ConfigError(f"{name}.at must be >= {earliest} (the previous piece's start plus its "
-                              f"cool-down), got {r['at']}")
-        if r["decay_steps"] < 0 or not 0 <= r["min_lr"] <= r["lr"]:
-            raise ConfigError(f"{name} needs decay_steps >= 0 and min_lr in 0..lr, got {r}")
-        start, cooldown = r["at"], r["decay_steps"]
+                              f"cool-down), got {r.at}")
+        if r.decay_steps < 0 or not 0 <= r.min_lr <= r.lr:
+            raise ConfigError(f"{name} needs decay_steps >= 0 and min_lr in 0..lr, got {values}")
+        start, cooldown = r.at, r.decay_steps
+        restarts.append(r)
     if start + max(1, cooldown) > o.steps:
         raise ConfigError(f"optim.steps ({o.steps}) must leave room for the last piece, which starts at "
                           f"{start} and cools down over {cooldown} steps")
+    return restarts
 
 
 @dataclass
@@ -139,16 +142,8 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
     model_doc = dict(document.get("model") or {})
     preset = model_doc.pop("preset", None)
     model = preset_config(preset, **model_doc) if preset else ModelConfig.from_dict(model_doc)
-    sections = {}
-    for name, cls in (("data", DataConfig), ("optim", OptimConfig), ("loss", LossWeights)):
-        values = document.get(name) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{name} must be a mapping")
-        _known_fields(cls, values, name)
-        for f in dataclasses.fields(cls):
-            if f.name in values:
-                _check_value(f"{name}.{f.name}", values[f.name], getattr(cls(), f.name) if f.default_factory is dataclasses.MISSING else f.default_factory())
-        sections[name] = cls(**values)
+    sections = {name: _typed_section(cls, document.get(name) or {}, name)
+                for name, cls in (("data", DataConfig), ("optim", OptimConfig), ("loss", LossWeights))}
     data = sections["data"]
     if data.name not in ("shapes10", "imagefolder"):
         raise ConfigError(f"data.name {data.name!r} is not one of shapes10, imagefolder")
@@ -165,8 +160,19 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"optim.decay_steps must be in 0..optim.steps ({optim.steps}), got {optim.decay_steps}")
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr must be in 0..optim.lr ({optim.lr}), got {optim.min_lr}")
-    _check_restarts(optim)
+    optim = dataclasses.replace(optim, restarts=_parse_restarts(optim))
     return TrainConfig(model=model, data=data, optim=optim, loss=sections["loss"])
+
+
+def _typed_section(cls: type, values: Any, name: str) -> Any:
+    """`cls(**values)` once the keys are known and every value has its default's type."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name} must be a mapping")
+    _known_fields(cls, values, name)
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            _check_value(f"{name}.{f.name}", values[f.name], getattr(cls(), f.name) if f.default_factory is dataclasses.MISSING else f.default_factory())
+    return cls(**values)
 
 
 def _check_value(name: str, value: Any, default: Any) -> None:

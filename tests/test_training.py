@@ -10,7 +10,7 @@ import yaml
 
 from racedit.model import load
 from racedit.model.config import ConfigError
-from racedit.model.train import OptimConfig, learning_rate, load_config, parse_config, train
+from racedit.model.train import OptimConfig, Restart, learning_rate, load_config, parse_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,8 +84,8 @@ def test_learning_rate_warms_up_holds_then_cools_down():
 
 
 def test_warm_restarts_repeat_hold_and_cool_down():
-    restarts = [{"at": 100, "lr": 3e-4, "decay_steps": 40, "min_lr": 2e-5},
-                {"at": 150, "lr": 2e-4, "decay_steps": 50, "min_lr": 1e-5}]
+    restarts = [Restart(at=100, lr=3e-4, decay_steps=40, min_lr=2e-5),
+                Restart(at=150, lr=2e-4, decay_steps=50, min_lr=1e-5)]
     o = OptimConfig(steps=200, lr=1e-3, warmup_steps=10, decay_steps=40, min_lr=5e-5, restarts=restarts)
     lrs = [learning_rate(o, step) for step in range(o.steps)]
     first = OptimConfig(steps=100, lr=1e-3, warmup_steps=10, decay_steps=40, min_lr=5e-5)
