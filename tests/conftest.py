@@ -20,6 +20,7 @@ def batch(model, n, seed=0):
 
 # ------------------------------------------------------------ servers ----
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +29,12 @@ import time
 from pathlib import Path
 
 import httpx
+
+
+def metric(text: str, name: str) -> float:
+    """One sample of `name` from Prometheus text (the first, whatever its labels); nan if absent."""
+    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else float("nan")
 
 
 def make_tiny_checkpoint(path: Path) -> Path:

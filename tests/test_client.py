@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import racedit_client
+from conftest import metric
 from racedit_client import AsyncClient, Client
 from racedit_client.models import WIRE_MODELS
 
@@ -61,14 +62,6 @@ def test_connection_errors_retry_then_fail():
             client.health()
 
 
-def _gauge(url: str, name: str) -> float:
-    """Read one unlabelled gauge from the server's Prometheus text."""
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def test_retries_on_429_honour_retry_after(server_factory):
     # Two blockers that never finish on their own: the first runs, the second is held for room,
     # so the queue (max 1) is full until the 6 s request deadline ends both with a 504.
@@ -78,7 +71,10 @@ def test_retries_on_429_honour_retry_after(server_factory):
     with ThreadPoolExecutor(2) as pool:
         blockers = [pool.submit(httpx.post, tight.url + "/generate", json=slow, timeout=60) for _ in range(2)]
         deadline = time.monotonic() + 5
-        while (_gauge(tight.url, "racedit_queue_depth"), _gauge(tight.url, "racedit_active_rows")) != (1, 2):
+        while True:
+            text = httpx.get(tight.url + "/metrics").text
+            if (metric(text, "racedit_queue_depth"), metric(text, "racedit_active_rows")) == (1, 2):
+                break
             assert time.monotonic() < deadline, "the blockers did not fill the queue"
             time.sleep(0.02)
         # Without retries the full queue is an immediate, typed Overloaded error ...

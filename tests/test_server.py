@@ -2,7 +2,6 @@
 import base64
 import io
 import json
-import re
 import signal
 import socket
 import threading
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import metric
 from racedit.model import generate, load
 
 
@@ -21,11 +21,6 @@ def decode(image: dict) -> np.ndarray:
     with Image.open(io.BytesIO(base64.b64decode(image["data"]))) as im:
         assert im.format == {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}[image["mime_type"]]
         return np.asarray(im.convert("RGB"))
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
-    return float(match.group(1)) if match else float("nan")
 
 
 @pytest.fixture(scope="module")
