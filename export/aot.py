@@ -20,7 +20,7 @@ from .onnx_export import DTYPES, ExportError, ServedDenoiser, example_inputs, pr
 def export_program(model: RaceDiT, dtype: str = "float32", device: str = "cpu") -> torch.export.ExportedProgram:
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    served = ServedDenoiser(model.to(device=device, dtype=DTYPES[dtype]))
+    served = ServedDenoiser(model.to(device=device).set_precision(DTYPES[dtype]))
     inputs = tuple(i.to(device) for i in example_inputs(model, dtype=DTYPES[dtype]))
     batch = torch.export.Dim("batch", min=1, max=4096)
     return torch.export.export(served, inputs, dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},

@@ -37,10 +37,13 @@ class ServedDenoiser(nn.Module):
 
     def __init__(self, model: RaceDiT, batch_first: bool = False):
         super().__init__()
-        self.model, self.batch_first = model.eval(), batch_first
+        # Traced graphs stay shape-generic: no row padding, and the per-expert NonZero loop
+        # (data-dependent group sizes, no host sync) instead of the grouped GEMM.
+        self.model, self.batch_first = model.eval().set_execution(row_tile=None, dispatch="loop"), batch_first
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         v, stats = self.model(x, t, y, return_stats=True)
+        v = v.to(x.dtype)
         if self.batch_first:
             return v, stats.experts_per_token.transpose(0, 1), stats.expert_load.transpose(0, 1)
         return v, stats.experts_per_token, stats.expert_load
@@ -83,7 +86,7 @@ def export_onnx(model: RaceDiT, path: Union[str, os.PathLike], opset: int = 17, 
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     path = prepare_output(path)
-    served = ServedDenoiser(model.to(DTYPES[dtype]), batch_first)
+    served = ServedDenoiser(model.set_precision(DTYPES[dtype]), batch_first)
     stats_axis = 0 if batch_first else 1
     batch_axes = {"x": {0: "batch"}, "t": {0: "batch"}, "y": {0: "batch"}, "v": {0: "batch"},
                   "experts_per_token": {stats_axis: "batch"}, "expert_load": {stats_axis: "batch"}}

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .moe import MoELayer, Routing
+from .exact import ROW_TILE, Linear, cast_parameters, operand, rounded
+from .moe import DISPATCH, MoELayer, Routing
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(frequency_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     @staticmethod
     def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -43,7 +44,7 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # Flow-matching time lives in [0, 1]; scale to DiT's 0..1000 range for the frequencies.
         freq = self.sinusoid(t * 1000.0, self.frequency_dim)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+        return self.mlp(freq)
 
 
 class LabelEmbedder(nn.Module):
@@ -58,7 +59,7 @@ class LabelEmbedder(nn.Module):
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(y.shape, device=y.device) < self.dropout_prob
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        return self.table(y)
+        return self.table(y).float()
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
@@ -79,13 +80,14 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, d_head]
+        qkv = qkv.to(self.qkv.weight.dtype)  # attention's matmuls run in the parameters' dtype
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, d_head], per sample
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -94,7 +96,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -112,7 +114,7 @@ class Block(nn.Module):
         target_dim = config.patch_size**2 * config.out_channels
         self.mlp = (MoELayer(d, config.mlp_ratio, config.moe, target_dim) if config.moe
                     else MLP(d, int(d * config.mlp_ratio)))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, predict_target: bool) -> tuple[torch.Tensor, Optional[Routing]]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -131,8 +133,8 @@ class FinalLayer(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(d, config.patch_size**2 * config.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.linear = Linear(d, config.patch_size**2 * config.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 2 * d))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
@@ -172,10 +174,27 @@ class RaceDiT(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
+    def set_execution(self, row_tile: Optional[int] = ROW_TILE, dispatch: str = "grouped") -> "RaceDiT":
+        """How GEMMs run. Serving: whole row tiles and one grouped GEMM per MoE layer (batch-invariant,
+        model/exact.py). Exports: `row_tile=None, dispatch="loop"` keep the traced graph shape-generic."""
+        if dispatch not in DISPATCH:
+            raise ValueError(f"dispatch must be one of {', '.join(DISPATCH)}, got {dispatch!r}")
+        for module in self.modules():
+            if isinstance(module, (Linear, MoELayer)):
+                module.row_tile = row_tile
+            if isinstance(module, MoELayer):
+                module.dispatch = dispatch
+        return self
+
+    def set_precision(self, dtype: torch.dtype) -> "RaceDiT":
+        """Run the matmuls in `dtype`; thresholds, timesteps and activations between GEMMs stay fp32."""
+        cast_parameters(self, dtype)
+        return self
+
     def initialize_weights(self) -> None:
         """DiT initialisation: Xavier linears, zero adaLN and output (the "-Zero" of adaLN-Zero)."""
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear):  # exact.Linear included
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         w = self.x_embedder.weight.data
@@ -208,8 +227,11 @@ class RaceDiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_stats: bool = False,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, ForwardStats]]:
         """Velocity v(x_t, t, y). x: [B, C, H, W], t: [B] in [0, 1], y: [B] int (null class allowed)."""
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, L, D]
-        c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
+        x = x.float()  # inputs, timesteps and the residual stream are fp32 in every precision
+        w, b = self.x_embedder.weight, self.x_embedder.bias
+        patches = rounded(F.conv2d(operand(x, w), operand(w, w), operand(b, w), stride=self.config.patch_size), w)
+        h = patches.flatten(2).transpose(1, 2) + self.pos_embed  # [B, L, D]
+        c = self.t_embedder(t.float()) + self.y_embedder(y)  # [B, D]
         routings: list[Routing] = []
         for block in self.blocks:
             h, routing = block(h, c, predict_target=self.training)

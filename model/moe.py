@@ -9,9 +9,14 @@ routing functions below, each returning a boolean mask [B, L, E]:
     expert_race    top-(B*L*k) pairs of the whole batch          (free allocation)
     threshold      G > tau, tau an EMA of the race's K-th value  (batch-independent)
 
-Only selected pairs are computed (sparse dispatch): tokens are gathered per
-expert, each expert runs once on its group, and results are scaled and
-scatter-added back. Nothing ever computes all experts densely.
+Only selected pairs are computed (sparse dispatch), never all experts densely:
+
+    grouped_dispatch  serving and training: the selected pairs sorted by expert, each
+                      expert's group padded to whole row tiles, all experts as ONE grouped
+                      GEMM; one host sync (the pair count), batch-invariant (model/exact.py)
+    loop_dispatch     exports: per expert NonZero -> gather -> expert -> scatter-add,
+                      data-dependent sizes with no host sync, so ONNX and torch.export
+                      keep true sparse compute
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .exact import ROW_TILE, Linear, grouped_mm, operand, pad_rows, rounded
 
 
 # ---------------------------------------------------------------- gating ----
@@ -83,11 +89,11 @@ class Router(nn.Module):
         super().__init__()
         self.kind = kind
         if kind == "mlp":
-            self.hidden = nn.Linear(dim, dim)
-            self.gate_head = nn.Linear(dim, num_experts)
-            self.target_head = nn.Linear(dim, target_dim)
+            self.hidden = Linear(dim, dim)
+            self.gate_head = Linear(dim, num_experts)
+            self.target_head = Linear(dim, target_dim)
         else:
-            self.gate_head = nn.Linear(dim, num_experts)
+            self.gate_head = Linear(dim, num_experts)
             self.target_head = None
 
     def forward(self, x: torch.Tensor, predict_target: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -113,25 +119,69 @@ class Experts(nn.Module):
         nn.init.uniform_(self.w2, -bound2, bound2)
 
     def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its gathered tokens x: [n, D] -> [n, D]."""
-        h = F.gelu(torch.addmm(self.b1[e], x, self.w1[e]), approximate="tanh")
-        return torch.addmm(self.b2[e], h, self.w2[e])
+        """Expert e on its gathered tokens x: [n, D] -> [n, D] (fp32 in and out)."""
+        w1, w2 = operand(self.w1[e], self.w1), operand(self.w2[e], self.w2)
+        h = F.gelu(torch.addmm(operand(self.b1[e], self.w1), operand(x, self.w1), w1), approximate="tanh")
+        return rounded(torch.addmm(operand(self.b2[e], self.w2), operand(h, self.w2), w2), self.w2)
+
+    def run_grouped(self, rows: torch.Tensor, ends: torch.Tensor, tile_expert: torch.Tensor) -> torch.Tensor:
+        """All experts at once on rows sorted into groups of whole tiles: rows [R, D], group e ends
+        at ends[e], tile j belongs to expert tile_expert[j] -> [R, D] (fp32)."""
+        tiles = tile_expert.shape[0]
+        h = grouped_mm(operand(rows, self.w1), operand(self.w1, self.w1), ends)
+        h = h.view(tiles, -1, h.shape[1]).add_(operand(self.b1, self.w1)[tile_expert].unsqueeze(1))
+        h = operand(F.gelu(h, approximate="tanh"), self.w2).view(rows.shape[0], -1)
+        out = grouped_mm(h, operand(self.w2, self.w2), ends)
+        out = out.view(tiles, -1, out.shape[1]).add_(operand(self.b2, self.w2)[tile_expert].unsqueeze(1))
+        return rounded(out.view(rows.shape[0], -1), self.w2)
 
 
-def sparse_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """Compute only the selected pairs. x: [N, D], weights and mask: [N, E] -> [N, D].
+def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts,
+                     row_tile: Optional[int] = ROW_TILE) -> torch.Tensor:
+    """Compute only the selected pairs, all experts in one grouped GEMM. x: [N, D], weights and mask: [N, E] -> [N, D].
 
-    For each expert: gather the tokens routed to it, run it once on that group,
-    scale by the gate and scatter-add back. A token with no expert receives zero.
-    Group sizes are data-dependent tensors (no host sync), so the same code
-    exports to ONNX and torch.export with true sparse compute.
+    The pairs are sorted by expert (stable, so each token's experts come in expert order),
+    each expert's group starts at a whole tile and is zero-padded to whole tiles, so a
+    row is computed by the same kernel whatever the group's size. Each token then sums
+    its gated expert outputs in expert order. A token with no expert receives zero.
     """
-    out = torch.zeros_like(x)
+    num_experts = mask.shape[1]
+    pairs = mask.reshape(-1).nonzero().squeeze(1)  # [P] flat (token, expert) index; the layer's one host sync
+    expert = pairs % num_experts
+    order = torch.argsort(expert, stable=True)
+    pairs, expert = pairs[order], expert[order]
+    token = pairs // num_experts
+    tile = row_tile or 1
+    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).index_add_(0, expert, torch.ones_like(expert))  # [E]
+    padded = (counts + tile - 1) // tile * tile
+    ends = padded.cumsum(0)
+    slot = (ends - padded - counts.cumsum(0) + counts)[expert] + torch.arange(pairs.numel(), device=x.device)
+    tiles = (pairs.numel() + tile - 1) // tile + num_experts  # an upper bound of ends[-1] / tile, known without a sync
+    rows = x.new_zeros(tiles * tile, x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
+    tile_start = torch.arange(0, tiles * tile, tile, device=x.device)
+    tile_expert = torch.searchsorted(ends, tile_start, right=True).clamp_(max=num_experts - 1)
+    y = experts.run_grouped(rows, ends, tile_expert).index_select(0, slot)  # [P, D]
+    gate_values = weights.reshape(-1).index_select(0, pairs).unsqueeze(1).float()
+    return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, y.mul_(gate_values))
+
+
+def loop_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts,
+                  row_tile: Optional[int] = None) -> torch.Tensor:
+    """The export path: per expert, gather its tokens, run it, scale and scatter-add back.
+
+    Group sizes are data-dependent tensors (no host sync), so the same code exports to
+    ONNX and torch.export with true sparse compute. With a row tile, each group is padded.
+    """
+    out = torch.zeros_like(x, dtype=torch.float32)
     for e in range(mask.shape[1]):
         index = mask[:, e].nonzero().squeeze(1)  # tokens routed to expert e: unique, so the scatter-add is exact
-        gate_e = weights[:, e].index_select(0, index).unsqueeze(1).to(x.dtype)
-        out = out.index_add(0, index, experts.run(e, x.index_select(0, index)) * gate_e)
+        gate_e = weights[:, e].index_select(0, index).unsqueeze(1).float()
+        y = experts.run(e, pad_rows(x.index_select(0, index), row_tile))[: index.shape[0]]
+        out = out.index_add(0, index, y * gate_e)
     return out
+
+
+DISPATCH = {"grouped": grouped_dispatch, "loop": loop_dispatch}
 
 
 # -------------------------------------------------------------- MoE layer ----
@@ -154,10 +204,11 @@ class MoELayer(nn.Module):
         self.num_experts, self.k = config.num_experts, config.k
         self.expert_hidden = int(mlp_ratio * dim / config.split)
         self.router = Router(dim, self.num_experts, config.router, target_dim)
+        self.dispatch, self.row_tile = "grouped", ROW_TILE  # set by RaceDiT.set_execution
         self.experts = Experts(self.num_experts, dim, self.expert_hidden)
         self.shared_expert = (
-            nn.Sequential(nn.Linear(dim, self.expert_hidden), nn.GELU(approximate="tanh"),
-                          nn.Linear(self.expert_hidden, dim))
+            nn.Sequential(Linear(dim, self.expert_hidden), nn.GELU(approximate="tanh"),
+                          Linear(self.expert_hidden, dim))
             if config.shared_expert else None
         )
         # Learned threshold tau: EMA of the race's K-th largest gate value (saved in checkpoints).
@@ -189,8 +240,8 @@ class MoELayer(nn.Module):
         logits, target = self.router(x, predict_target)  # [B, L, E]
         scores = gate(logits, self.config.gating)
         mask = self.select(scores)
-        out = sparse_dispatch(x.reshape(-1, dim), scores.reshape(-1, self.num_experts),
-                              mask.reshape(-1, self.num_experts), self.experts)
+        out = DISPATCH[self.dispatch](x.reshape(-1, dim), scores.reshape(-1, self.num_experts),
+                                      mask.reshape(-1, self.num_experts), self.experts, self.row_tile)
         out = out.view(batch, seq_len, dim)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)

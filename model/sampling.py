@@ -84,8 +84,20 @@ def guided_velocity(model: RaceDiT, x: torch.Tensor, t: torch.Tensor, labels: to
     return v, stats.experts_per_token, stats.expert_load, owner
 
 
+def usage_by_image(experts_per_token: torch.Tensor, expert_load: torch.Tensor, owner: torch.Tensor,
+                   num_images: int) -> torch.Tensor:
+    """One step's routing counts summed over each image's rows, in one tensor (one copy to the host).
+
+    experts_per_token [n_layers, R, L], expert_load [n_layers, R, E], owner [R] -> [n_layers, N, L + E] int64.
+    """
+    per_row = torch.cat([experts_per_token, expert_load], dim=2).to(torch.int64)
+    out = per_row.new_zeros(per_row.shape[0], num_images, per_row.shape[2])
+    return out.index_add_(1, owner.to(per_row.device), per_row)
+
+
 def euler_update(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
-    return x + (t_next - t).view(-1, 1, 1, 1).to(x.dtype) * v
+    """One Euler step of dx/dt = v, in fp32 whatever precision the network ran in."""
+    return x.float() + (t_next.float() - t.float()).view(-1, 1, 1, 1) * v.float()
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -108,28 +120,15 @@ class UsageAccumulator:
     step_selected: list[int] = field(default_factory=list)  # selected pairs in each step
     step_slots: list[int] = field(default_factory=list)  # (layer, row, token) slots in each step
 
-    def add(self, experts_per_token: torch.Tensor, expert_load: torch.Tensor) -> None:
-        """One step's rows of this image: experts_per_token [n_layers, r, L], expert_load [n_layers, r, E]."""
-        tokens = experts_per_token.sum(1).to(torch.int64).cpu()
-        load = expert_load.sum(1).to(torch.int64).cpu()
+    def add(self, counts: torch.Tensor, rows: int) -> None:
+        """One step of this image or request: counts [n_layers, L + E] (`usage_by_image`, summed over
+        its images) from `rows` forward rows."""
+        tokens, load = counts[:, :self.num_tokens], counts[:, self.num_tokens:]
         self.token_sum = tokens if self.token_sum is None else self.token_sum + tokens
         self.load_sum = load if self.load_sum is None else self.load_sum + load
-        self.rows += experts_per_token.shape[1]
+        self.rows += rows
         self.step_selected.append(int(tokens.sum()))
-        self.step_slots.append(experts_per_token.numel())
-
-    def merge(self, other: "UsageAccumulator") -> None:
-        """Fold another image's usage in (a request of several images)."""
-        if other.token_sum is None:
-            return
-        if self.token_sum is None:
-            self.token_sum, self.load_sum = other.token_sum.clone(), other.load_sum.clone()
-            self.step_selected, self.step_slots = list(other.step_selected), list(other.step_slots)
-        else:
-            self.token_sum, self.load_sum = self.token_sum + other.token_sum, self.load_sum + other.load_sum
-            self.step_selected = [a + b for a, b in zip(self.step_selected, other.step_selected)]
-            self.step_slots = [a + b for a, b in zip(self.step_slots, other.step_slots)]
-        self.rows += other.rows
+        self.step_slots.append(self.num_layers * rows * self.num_tokens)
 
     def summary(self) -> dict:
         """The `expert_usage` object of the HTTP answer (DESIGN.md section 4)."""
@@ -166,8 +165,11 @@ def new_usage(model: RaceDiT) -> UsageAccumulator:
 @torch.no_grad()
 def generate(model: RaceDiT, labels: Sequence[int], cfg_scale: Union[float, Sequence[float]] = 4.0,
              num_steps: int = 25, seeds: Optional[Sequence[int]] = None, sampler: str = "euler",
-             ) -> tuple[torch.Tensor, list[dict]]:
+             as_float: bool = False) -> tuple[torch.Tensor, list[dict]]:
     """Images uint8 [N, 3, H, W] and per-image expert usage (the `expert_usage` dicts).
+
+    `as_float` returns the final fp32 samples [N, C, H, W] as the sampler ends them instead
+    (what the server's `npy` output format carries).
 
     Each image's noise comes from its own seed, and threshold routing makes every
     row independent, so an image never depends on what else is in the batch.
@@ -178,25 +180,26 @@ def generate(model: RaceDiT, labels: Sequence[int], cfg_scale: Union[float, Sequ
     anchor = next(iter(model.parameters()), None)
     if anchor is None:
         anchor = next(iter(model.buffers()), torch.zeros(()))
-    device, dtype = anchor.device, anchor.dtype
+    device = anchor.device  # latents and timesteps stay fp32 whatever the parameters' dtype
     n = len(labels)
     seeds = list(seeds) if seeds is not None else list(range(n))
     scales = [float(cfg_scale)] * n if isinstance(cfg_scale, (int, float)) else [float(s) for s in cfg_scale]
     if len(seeds) != n or len(scales) != n:
         raise ValueError("labels, seeds and cfg_scale must have the same length")
     cfg = model.config
-    x = torch.stack([initial_noise(s, (cfg.in_channels, cfg.image_size, cfg.image_size)) for s in seeds]).to(device, dtype)
+    x = torch.stack([initial_noise(s, (cfg.in_channels, cfg.image_size, cfg.image_size)) for s in seeds]).to(device)
     y = torch.tensor(list(labels), dtype=torch.long, device=device)
     s = torch.tensor(scales, device=device)
     usage = [new_usage(model) for _ in range(n)]
+    rows = [1 if scale == 1.0 else 2 for scale in scales]
     grid = time_grid(num_steps)
 
     def velocity(x_now: torch.Tensor, t_now: float) -> torch.Tensor:
-        t = torch.full((n,), t_now, device=device, dtype=dtype)
+        t = torch.full((n,), t_now, device=device)
         v, ept, load, owner = guided_velocity(model, x_now, t, y, s)
+        counts = usage_by_image(ept, load, owner, n).cpu()
         for i in range(n):
-            rows = (owner == i).nonzero().squeeze(1)
-            usage[i].add(ept[:, rows], load[:, rows])
+            usage[i].add(counts[:, i], rows[i])
         return v
 
     for t_now, t_next in zip(grid[:-1], grid[1:]):
@@ -207,4 +210,4 @@ def generate(model: RaceDiT, labels: Sequence[int], cfg_scale: Union[float, Sequ
             x_pred = euler_update(x, v, tn, tn1)
             v = 0.5 * (v + velocity(x_pred, t_next))
         x = euler_update(x, v, tn, tn1)
-    return to_uint8(x), [u.summary() for u in usage]
+    return (x.float().cpu() if as_float else to_uint8(x)), [u.summary() for u in usage]

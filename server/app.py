@@ -29,8 +29,22 @@ from .settings import ServeSettings
 from .validation import FieldError, Limits, build_request
 
 log = logging.getLogger("racedit.server")
-MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
 PUBLIC_PATHS = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
+
+
+def encode_npy(sample: np.ndarray) -> bytes:
+    """A float32 sample [C, H, W] as a NumPy .npy file."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(sample, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_result(result: GenerationResult, fmt: str) -> list[bytes]:
+    """Each image of a result in the wire format asked for."""
+    if fmt == "npy":
+        return [encode_npy(sample) for sample in result.samples]
+    return [encode_image(pixels, fmt) for pixels in result.images]
 
 
 def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
@@ -128,7 +142,8 @@ def model_card(engine: Engine, name: str, backend: str) -> ModelCard:
         id=name, classes=list(cfg.class_names or [str(i) for i in range(cfg.num_classes)]),
         image_size=cfg.image_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
         routing=cfg.moe.__dict__ if cfg.moe else None, parameters_total=total, parameters_activated=activated,
-        thresholds=[float(layer.threshold) for layer in engine.model.moe_layers], backend=backend)
+        thresholds=[float(layer.threshold) for layer in engine.model.moe_layers], backend=backend,
+        dtype=str(engine.dtype).removeprefix("torch."), batch_invariant=engine.batch_invariant)
 
 
 def build_engine(settings: ServeSettings) -> Engine:
@@ -137,8 +152,10 @@ def build_engine(settings: ServeSettings) -> Engine:
     from .engine import pick_device
     from .metrics import EngineMetrics
 
-    device, dtype = pick_device(settings.device)
+    device, dtype = pick_device(settings.device, settings.dtype)
     if settings.backend == "onnxruntime":
+        if settings.dtype not in ("auto", "float32"):
+            raise ValueError(f"--dtype {settings.dtype} applies to the torch backend; the ONNX file fixes its own precision")
         from racedit.export.external import load_onnx_model
 
         # onnxruntime picks its own provider (CUDA where present unless --device cpu); tensors cross on the CPU.
@@ -148,7 +165,7 @@ def build_engine(settings: ServeSettings) -> Engine:
         model = load(settings.checkpoint)
     return Engine(model, device, dtype, max_batch_rows=settings.max_batch_rows, max_queue=settings.max_queue,
                   mode=settings.batching, static_wait_ms=settings.static_wait_ms, metrics=EngineMetrics(),
-                  fault_label=settings.fault_label)
+                  batch_invariant=settings.batch_invariant)
 
 
 # --------------------------------------------------------------------- app ----
@@ -242,7 +259,7 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
         result = await run_on_engine(request.app.state.engine, job, request)
         if result is None:
             return Response(status_code=499)  # client closed the connection; nobody reads this
-        encoded = await run_in_threadpool(lambda: [encode_image(img, body.output_format) for img in result.images])
+        encoded = await run_in_threadpool(encode_result, result, body.output_format)
         return GenerateResponse(
             id=request.state.request_id, model=request.app.state.model_name, seed=job.seed,
             images=[{"seed": s, "mime_type": MIME[body.output_format], "data": base64.b64encode(b).decode()}

@@ -21,8 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, field in ServeSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = field.default if not callable(field.default) else None
-        parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
-                            help=f"{field.description} (env RACEDIT_{name.upper()}, default {default})")
+        help_text = f"{field.description} (env RACEDIT_{name.upper()}, default {default})"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
     return parser
 
 

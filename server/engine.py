@@ -10,17 +10,27 @@ images never depend on its batch-mates or on when it joined.
 `static` mode is the baseline: wait up to `static_wait_ms` for requests, run
 them together to completion, and only then admit more.
 
+Exactness: with `batch_invariant` (the default) every GEMM runs on whole row tiles
+and the experts as one tile-padded grouped GEMM (model/exact.py), so a request's
+final float samples are the same bytes alone or in any batch; `start()` checks
+that end to end on this host and reports it as `Engine.batch_invariant`.
+
+Robustness: an exception in any phase of an iteration fails only the requests it
+concerns; if the worker thread dies anyway, every waiting request is answered at
+once and `ready` turns false. Submission and `stop()` share one lock, so nothing
+is accepted after the final sweep.
+
 The engine knows nothing of HTTP: it takes `GenerationRequest`s and resolves
 `concurrent.futures.Future`s with `GenerationResult`s or engine errors.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
 from concurrent.futures import Future
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,8 +38,9 @@ import numpy as np
 import torch
 
 from racedit.model.dit import RaceDiT
+from racedit.model.exact import ROW_TILE
 from racedit.model.sampling import (UsageAccumulator, euler_update, guided_velocity, initial_noise, new_usage,
-                                    time_grid, to_uint8)
+                                    time_grid, to_uint8, usage_by_image)
 
 from .metrics import EngineMetrics
 
@@ -45,7 +56,7 @@ class QueueFull(EngineError):
 
 
 class ShuttingDown(EngineError):
-    """The engine stopped admitting requests (draining or stopped)."""
+    """The engine stopped admitting requests (draining, stopped, or its worker died)."""
 
 
 class DeadlineExceeded(EngineError):
@@ -57,7 +68,7 @@ class Cancelled(EngineError):
 
 
 class StepFailed(EngineError):
-    """A denoising step raised for this request (others in the step were retried alone)."""
+    """Work for this request raised (others in the same step were retried alone)."""
 
 
 @dataclass
@@ -84,6 +95,7 @@ class GenerationRequest:
 class GenerationResult:
     request_id: str
     images: np.ndarray  # uint8 [N, H, W, 3]
+    samples: np.ndarray  # float32 [N, C, H, W]: the final samples as the sampler ends them
     seeds: list[int]
     expert_usage: dict
     queue_ms: float
@@ -91,16 +103,16 @@ class GenerationResult:
     total_ms: float
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     request: GenerationRequest
     future: Future
     submitted: float
     deadline: Optional[float]
-    x: Optional[torch.Tensor] = None  # [n_images, C, H, W] current latents
+    x: Optional[torch.Tensor] = None  # [n_images, C, H, W] current latents, fp32
     step: int = 0
     started: Optional[float] = None
-    usage: list[UsageAccumulator] = field(default_factory=list)
+    usage: Optional[UsageAccumulator] = None
     grid: list[float] = field(default_factory=list)
     cancelled: bool = False
 
@@ -111,44 +123,51 @@ class Engine:
     def __init__(self, model: RaceDiT, device: torch.device, dtype: torch.dtype = torch.float32,
                  max_batch_rows: int = 64, max_queue: int = 256, mode: str = "step",
                  static_wait_ms: float = 20.0, metrics: Optional[EngineMetrics] = None,
-                 fault_label: Optional[int] = None):
+                 batch_invariant: bool = True):
         if mode not in ("step", "static"):
             raise ValueError(f"batching mode must be 'step' or 'static', got {mode!r}")
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.device, self.dtype = device, dtype
+        model = model.to(device).eval()
+        if isinstance(model, RaceDiT):  # external denoisers (onnxruntime) fix their own precision
+            model.set_precision(dtype).set_execution(row_tile=ROW_TILE if batch_invariant else None)
+        self.model, self.device, self.dtype = model, device, dtype
         self.max_batch_rows, self.mode, self.static_wait_ms = max_batch_rows, mode, static_wait_ms
-        self.metrics = metrics or EngineMetrics()
-        self.fault_label = fault_label  # fault injection for resilience tests: steps with this label raise
-        # The bound is checked in submit() against `_waiting`, a count kept under the lock, not by
-        # queue.Queue: a job held for room waits outside the queue, and the worker moving a job
-        # between the queue and `_held` must never open a window in which the count looks lower.
         self.max_queue = max_queue
-        self._queue: "queue.Queue[_Job]" = queue.Queue()
-        self._waiting = 0  # submitted, not yet activated or failed: queued plus held
+        self.metrics = metrics or EngineMetrics()
+        self.batch_invariant = False  # verified by start() on this host
+        self._queue: deque[_Job] = deque()  # waiting, in arrival order; the head waits for room
         self._active: list[_Job] = []
-        self._held: Optional[_Job] = None  # taken from the queue but did not fit: first in line next time
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, _Job] = {}  # every request not yet answered
         self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # a job arrived, or stop
+        self._idle = threading.Condition(self._lock)  # a job was answered
         self._accepting = False
         self._stop = threading.Event()
-        self._idle = threading.Condition(self._lock)
         self._thread: Optional[threading.Thread] = None
         cfg = model.config
         self.image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
 
     # ---------------------------------------------------------- lifecycle ----
     def start(self) -> "Engine":
-        self.warmup()
-        self._accepting = True
+        self.batch_invariant = self.check_batch_invariance()
+        if not self.batch_invariant:
+            log.warning("a row's output depends on its batch-mates on this host (batch_invariant=False)")
+        with self._lock:
+            self._accepting = True
         self._thread = threading.Thread(target=self._run, name="racedit-engine", daemon=True)
         self._thread.start()
         return self
 
     @torch.no_grad()
-    def warmup(self) -> None:
-        """One tiny step so the first request does not pay for lazy initialisation."""
-        x = torch.zeros(1, *self.image_shape, device=self.device, dtype=self.dtype)
-        self.model(x, torch.ones(1, device=self.device, dtype=self.dtype), torch.zeros(1, dtype=torch.long, device=self.device))
+    def check_batch_invariance(self) -> bool:
+        """One row alone and the same row among up to 15 others must give the same bytes (also warms up)."""
+        g = torch.Generator().manual_seed(0)
+        n = max(2, min(16, self.max_batch_rows))
+        x = torch.randn(n, *self.image_shape, generator=g).to(self.device)
+        t = torch.rand(n, generator=g).to(self.device)
+        y = torch.randint(0, self.model.config.num_classes + 1, (n,), generator=g).to(self.device)
+        alone = self.model(x[:1], t[:1], y[:1])
+        mixed = self.model(x.roll(n // 2, 0), t.roll(n // 2, 0), y.roll(n // 2, 0))[n // 2:n // 2 + 1]
+        return torch.equal(alone, mixed)
 
     @property
     def ready(self) -> bool:
@@ -160,7 +179,8 @@ class Engine:
 
     def begin_drain(self) -> None:
         """Stop admission; in-flight and queued requests still finish."""
-        self._accepting = False
+        with self._lock:
+            self._accepting = False
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Block until no request is queued or active."""
@@ -178,99 +198,123 @@ class Engine:
         if drain:
             self.wait_idle(timeout)
         self._stop.set()
-        if self._thread is not None:
+        with self._work:
+            self._work.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        self._answer_all(ShuttingDown("the engine stopped before this request finished"))
+
+    def _answer_all(self, error: EngineError) -> None:
+        """The final sweep: fail every unanswered request. Submission is closed (same lock)."""
         with self._lock:
+            self._accepting = False
             leftover = list(self._jobs.values())
-            self._jobs.clear()
-            self._waiting = 0
+            self._queue.clear()
         for job in leftover:
-            self._fail(job, ShuttingDown("the engine stopped before this request finished"))
+            self._fail(job, error)
+        self._update_gauges()
 
     # ------------------------------------------------------------ submit ----
     def submit(self, request: GenerationRequest) -> Future:
         """Queue a request; the future resolves to a GenerationResult or fails with an EngineError."""
-        if not self._accepting:
-            self.metrics.rejected.labels(reason="draining").inc()
-            raise ShuttingDown("the server is shutting down and admits no new requests")
         if request.rows > self.max_batch_rows:
             raise ValueError(f"request needs {request.rows} rows per step but max_batch_rows is {self.max_batch_rows}")
         now = time.monotonic()
         job = _Job(request, Future(), now, now + request.timeout_s if request.timeout_s else None)
         with self._lock:
-            if self._waiting >= self.max_queue:
-                self.metrics.rejected.labels(reason="queue_full").inc()
-                raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
-            self._waiting += 1
-            self._queue.put_nowait(job)
-            self._jobs[request.request_id] = job
-        self.metrics.queue_depth.set(self.queue_depth())
+            if not self._accepting:
+                self.metrics.rejected.labels(reason="draining").inc()
+                raise ShuttingDown("the server is shutting down and admits no new requests")
+            expired = self._take_expired_queued(now) if len(self._queue) >= self.max_queue else []
+            full = len(self._queue) >= self.max_queue
+            if not full:
+                self._queue.append(job)
+                self._jobs[request.request_id] = job
+                self._work.notify()
+        self._fail_expired(expired)
+        if full:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
+        self._update_gauges()
         return job.future
 
     def cancel(self, request_id: str) -> bool:
-        """Drop a request's rows at the next iteration (the client disconnected)."""
+        """The client went away: a queued request leaves the queue now, a running one at the next step."""
         with self._lock:
             job = self._jobs.get(request_id)
-        if job is None:
-            return False
-        job.cancelled = True
+            if job is None:
+                return False
+            job.cancelled = True
+            queued = job in self._queue
+            if queued:
+                self._queue.remove(job)
+        if queued:
+            self._fail(job, Cancelled("client disconnected"))
+            self._update_gauges()
         return True
 
     def queue_depth(self) -> int:
-        """Requests waiting for rows, the one held for room included."""
-        return self._waiting
+        """Requests waiting for rows, the head that waits for room included."""
+        return len(self._queue)
 
     def active_rows(self) -> int:
         return sum(j.request.rows for j in self._active)
 
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.queue_depth())
+        self.metrics.active_rows.set(self.active_rows())
+
     # ------------------------------------------------------------ worker ----
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._admit()
-            self._expire()
-            if not self._active:
-                continue
-            try:
-                self._step(self._active)
-            except Exception:  # isolate: re-run each job's step alone, fail only those that fail again
-                log.exception("engine step failed; isolating its requests")
-                for job in list(self._active):
-                    try:
-                        self._step([job])
-                    except Exception as exc:
-                        self._finish_failed(job, StepFailed(f"denoising step failed: {type(exc).__name__}: {exc}"))
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._iteration()
+                except Exception as exc:  # a bug outside any one request's work: fail what was running
+                    log.exception("engine iteration failed")
+                    for job in list(self._active):
+                        self._finish_failed(job, StepFailed(f"request {job.request.request_id}: engine error: "
+                                                            f"{type(exc).__name__}: {exc}"))
+        finally:
+            if not self._stop.is_set():
+                log.error("engine worker died; answering every waiting request")
+                self._answer_all(ShuttingDown("the engine's worker stopped; retry on another replica"))
+
+    def _iteration(self) -> None:
+        """Admit, drop the abandoned, run one step for everything active, hand back the finished."""
+        self._admit()
+        self._sweep()
+        if self._active:
+            self._step_isolated()
             self._retire()
 
     def _admit(self) -> None:
-        """Move queued jobs into the active set while their rows fit."""
+        """Move queued jobs into the active set, in arrival order, while their rows fit."""
         static = self.mode == "static"
         if static and self._active:
             return
-        block = not self._active  # idle: wait briefly for work instead of spinning
-        deadline = None  # static mode: when the gathering window closes
-        while True:
+        with self._work:
+            if not self._active and not self._queue:  # idle: wait briefly for work instead of spinning
+                self._work.wait(0.05)
+            if static and self._queue:  # gather: until the window closes or the queue fills a batch
+                closes = time.monotonic() + self.static_wait_ms / 1000
+                while (sum(j.request.rows for j in self._queue) < self.max_batch_rows and not self._stop.is_set()
+                       and (remaining := closes - time.monotonic()) > 0):
+                    self._work.wait(remaining)
+            taken, rows = [], self.active_rows()
+            while self._queue and (rows + self._queue[0].request.rows <= self.max_batch_rows
+                                   or not (self._active or taken)):
+                job = self._queue.popleft()
+                taken.append(job)
+                rows += job.request.rows
+        for job in taken:
             try:
-                if self._held is not None:
-                    job, self._held = self._held, None
-                elif block:
-                    job = self._queue.get(timeout=0.05)
-                elif deadline is not None:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                else:
-                    job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if block:
-                block = False
-                if static:
-                    deadline = time.monotonic() + self.static_wait_ms / 1000
-            if self.active_rows() + job.request.rows > self.max_batch_rows and self._active:
-                self._held = job
-                break
-            with self._lock:
-                self._waiting -= 1
-            self._activate(job)
-        self.metrics.queue_depth.set(self.queue_depth())
+                self._activate(job)
+            except Exception as exc:
+                log.exception("could not start request %s", job.request.request_id)
+                self._finish_failed(job, StepFailed(f"request {job.request.request_id} could not start: "
+                                                    f"{type(exc).__name__}: {exc}"))
+        self._update_gauges()
 
     def _activate(self, job: _Job) -> None:
         if job.cancelled:
@@ -285,77 +329,97 @@ class Engine:
         r = job.request
         job.started = time.monotonic()
         job.grid = time_grid(r.num_steps)
-        job.x = torch.stack([initial_noise(s, self.image_shape) for s in r.seeds]).to(self.device, self.dtype)
-        job.usage = [new_usage(self.model) for _ in range(r.num_images)]
+        job.x = torch.stack([initial_noise(s, self.image_shape) for s in r.seeds]).to(self.device)
+        job.usage = new_usage(self.model)
         self._active.append(job)
         self.metrics.queue_seconds.observe(job.started - job.submitted)
 
-    def _expire(self) -> None:
+    def _take_expired_queued(self, now: float) -> list[_Job]:
+        """Remove queued jobs whose deadline passed (caller holds the lock)."""
+        expired = [j for j in self._queue if j.deadline is not None and now > j.deadline]
+        for job in expired:
+            self._queue.remove(job)
+        return expired
+
+    def _fail_expired(self, expired: list[_Job]) -> None:
+        for job in expired:
+            self._fail(job, DeadlineExceeded(f"waited in the queue past its {job.request.timeout_s} s deadline"))
+
+    def _sweep(self) -> None:
+        """Abandoned (client gone) and overdue requests leave, running or queued."""
         now = time.monotonic()
+        with self._lock:
+            expired = self._take_expired_queued(now)
+        self._fail_expired(expired)
         for job in list(self._active):
             if job.cancelled:
-                self._active.remove(job)
-                self._fail(job, Cancelled("client disconnected"))
-                self.metrics.cancelled.inc()
+                self._finish_failed(job, Cancelled("client disconnected"))
             elif job.deadline is not None and now > job.deadline:
-                self._active.remove(job)
-                self._fail(job, DeadlineExceeded(f"not finished within {job.request.timeout_s} s"))
-        self.metrics.active_rows.set(self.active_rows())
+                self._finish_failed(job, DeadlineExceeded(f"not finished within {job.request.timeout_s} s"))
+        self._update_gauges()
+
+    def _step_isolated(self) -> None:
+        """One step for all active jobs; if it raises, re-run each job alone and fail only those that fail again."""
+        try:
+            self._step(self._active)
+        except Exception:
+            log.exception("engine step failed; isolating its requests")
+            for job in list(self._active):
+                try:
+                    self._step([job])
+                except Exception as exc:
+                    self._finish_failed(job, StepFailed(f"request {job.request.request_id}: denoising step failed: "
+                                                        f"{type(exc).__name__}: {exc}"))
 
     @torch.no_grad()
     def _step(self, jobs: list[_Job]) -> None:
-        """One denoising step for every image of `jobs`, as one batch."""
+        """One denoising step for every image of `jobs`, as one batch; one copy to the host."""
         start = time.perf_counter()
-        xs, ts, t_next, labels, scales, owners = [], [], [], [], [], []
-        for job in jobs:
-            r, n = job.request, job.request.num_images
-            xs.append(job.x)
-            ts += [job.grid[job.step]] * n
-            t_next += [job.grid[job.step + 1]] * n
-            labels += [r.class_label] * n
-            scales += [r.cfg_scale] * n
-            owners.append(n)
-        if self.fault_label is not None and self.fault_label in labels:
-            raise RuntimeError(f"injected fault for class label {self.fault_label}")
-        x = torch.cat(xs)
-        t = torch.tensor(ts, device=self.device, dtype=self.dtype)
-        v, ept, load, owner = guided_velocity(
-            self.model, x, t, torch.tensor(labels, device=self.device),
-            torch.tensor(scales, device=self.device, dtype=torch.float32))
-        x = euler_update(x, v, t, torch.tensor(t_next, device=self.device, dtype=self.dtype))
-        ept, load, owner = ept.cpu(), load.cpu(), owner.cpu()
+        counts = [job.request.num_images for job in jobs]
+        ts = torch.tensor([job.grid[job.step] for job in jobs]).repeat_interleave(torch.tensor(counts))
+        t_next = torch.tensor([job.grid[job.step + 1] for job in jobs]).repeat_interleave(torch.tensor(counts))
+        labels = torch.tensor([job.request.class_label for job in jobs]).repeat_interleave(torch.tensor(counts))
+        scales = torch.tensor([job.request.cfg_scale for job in jobs]).repeat_interleave(torch.tensor(counts))
+        x = torch.cat([job.x for job in jobs])
+        t = ts.to(self.device)
+        v, ept, load, owner = guided_velocity(self.model, x, t, labels.to(self.device), scales.to(self.device))
+        x = euler_update(x, v, t, t_next.to(self.device))
+        usage = usage_by_image(ept, load, owner, x.shape[0]).cpu()  # [n_layers, N, L + E]
         offset = 0
-        for job, n in zip(jobs, owners):
+        for job, n in zip(jobs, counts):
             job.x = x[offset:offset + n]
-            for i in range(n):
-                rows = (owner == offset + i).nonzero().squeeze(1)
-                job.usage[i].add(ept[:, rows], load[:, rows])
+            job.usage.add(usage[:, offset:offset + n].sum(1), job.request.rows)
             job.step += 1
             offset += n
-        rows = int(owner.numel())
         self.metrics.step_seconds.observe(time.perf_counter() - start)
-        self.metrics.rows_per_step.observe(rows)
-        self.metrics.experts_per_token.observe(float(ept.float().mean()) if ept.numel() else 0.0)
+        self.metrics.rows_per_step.observe(int(owner.numel()))
+        slots = int(ept.shape[0] * ept.shape[1] * ept.shape[2])
+        tokens = int(usage[:, :, :ept.shape[2]].sum())
+        self.metrics.experts_per_token.observe(tokens / slots if slots else 0.0)
 
     def _retire(self) -> None:
-        """Finished jobs leave at once; their images are handed back without further work here."""
+        """Finished jobs leave at once; each is answered on its own (a failure answers only it)."""
         for job in [j for j in self._active if j.step >= j.request.num_steps]:
+            try:
+                now = time.monotonic()
+                summary = job.usage.summary()
+                samples = job.x.float().cpu()
+                result = GenerationResult(
+                    request_id=job.request.request_id, images=to_uint8(samples).permute(0, 2, 3, 1).numpy(),
+                    samples=samples.numpy(), seeds=job.request.seeds, expert_usage=summary,
+                    queue_ms=(job.started - job.submitted) * 1000, inference_ms=(now - job.started) * 1000,
+                    total_ms=(now - job.submitted) * 1000)
+                self.metrics.images.inc(job.request.num_images)
+                self.metrics.record_usage(summary)
+            except Exception as exc:
+                log.exception("could not finish request %s", job.request.request_id)
+                self._finish_failed(job, StepFailed(f"request {job.request.request_id} could not be finished: "
+                                                    f"{type(exc).__name__}: {exc}"))
+                continue
             self._active.remove(job)
-            now = time.monotonic()
-            total = new_usage(self.model)
-            for u in job.usage:
-                total.merge(u)
-            summary = total.summary()
-            images = to_uint8(job.x).permute(0, 2, 3, 1).numpy()
-            result = GenerationResult(
-                request_id=job.request.request_id, images=images, seeds=job.request.seeds, expert_usage=summary,
-                queue_ms=(job.started - job.submitted) * 1000, inference_ms=(now - job.started) * 1000,
-                total_ms=(now - job.submitted) * 1000)
-            self.metrics.images.inc(job.request.num_images)
-            self.metrics.record_usage(summary)
             self._forget(job)
             job.future.set_result(result)
-        self.metrics.active_rows.set(self.active_rows())
+        self._update_gauges()
 
     def _finish_failed(self, job: _Job, error: EngineError) -> None:
         if job in self._active:
@@ -364,6 +428,8 @@ class Engine:
 
     def _fail(self, job: _Job, error: EngineError) -> None:
         self.metrics.request_errors.labels(kind=type(error).__name__).inc()
+        if isinstance(error, Cancelled):
+            self.metrics.cancelled.inc()
         self._forget(job)
         if not job.future.done():
             if job.future.running() or job.future.set_running_or_notify_cancel():
@@ -375,8 +441,11 @@ class Engine:
             self._idle.notify_all()
 
 
-def pick_device(name: str) -> tuple[torch.device, torch.dtype]:
-    """`auto`: CUDA in bf16 when present, else CPU in fp32."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """`auto` device: CUDA when present, else CPU. `auto` dtype: bf16 on CUDA, fp32 on the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -384,4 +453,8 @@ def pick_device(name: str) -> tuple[torch.device, torch.dtype]:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
     device = torch.device(name)
-    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype == "auto":
+        return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return device, DTYPES[dtype]

@@ -14,13 +14,15 @@ class GenerateRequest(BaseModel):
     num_steps: int = Field(25, description="Euler steps from noise to image")
     seed: Optional[int] = Field(None, ge=0, lt=2**63, description="seed of the first image (image i uses seed + i)")
     num_images: int = Field(1, description="images to generate")
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: Literal["png", "jpeg", "webp", "npy"] = Field(
+        "png", description="image encoding; npy: the final float32 sample [C, H, W] as the sampler ends it "
+                           "(pixels in [-1, 1] before quantisation), byte-identical whatever shares the batch")
 
 
 class ImageOut(BaseModel):
     seed: int
     mime_type: str
-    data: str = Field(..., description="base64-encoded image")
+    data: str = Field(..., description="base64-encoded image (or NumPy .npy file for output_format npy)")
 
 
 class LayerUsage(BaseModel):
@@ -67,6 +69,8 @@ class ModelCard(BaseModel):
     parameters_activated: int
     thresholds: list[float]
     backend: str
+    dtype: str = Field(..., description="precision of the network's matmuls")
+    batch_invariant: bool = Field(..., description="verified at start-up: a row's output is the same bytes in any batch")
 
 
 class ModelList(BaseModel):

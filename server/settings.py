@@ -17,7 +17,12 @@ class ServeSettings(BaseSettings):
     model_name: Optional[str] = Field(None, description="model id in /v1/models and KServe routes (default: from the checkpoint)")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0 picks a free one)")
-    device: str = Field("auto", description="auto | cpu | cuda (auto: CUDA in bf16 when present, else CPU fp32)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: CUDA when present, else CPU)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="precision of the network's matmuls (auto: bf16 on CUDA, fp32 on CPU); "
+                            "thresholds, timesteps, latents and the sampler stay fp32")
+    batch_invariant: bool = Field(True, description="whole row tiles for every GEMM, so a request's samples "
+                                                    "are the same bytes whatever shares its batch")
     backend: Literal["torch", "onnxruntime"] = Field("torch", description="denoiser backend")
     onnx: Optional[Path] = Field(None, description="ONNX file for --backend onnxruntime")
     batching: Literal["step", "static"] = Field("step", description="step-level continuous batching, or the static baseline")
@@ -33,4 +38,3 @@ class ServeSettings(BaseSettings):
     api_key: Optional[SecretStr] = Field(None, description="bearer key required on every route but health")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503")
     log_level: str = Field("info", description="uvicorn log level")
-    fault_label: Optional[int] = Field(None, description="testing only: steps containing this class label raise")

@@ -37,18 +37,24 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def make_tiny_checkpoint(path: Path) -> Path:
-    """A tiny model with trained thresholds and a non-zero output head, so images vary."""
-    from racedit.model import build, save
+def tiny_model(**overrides):
+    """A tiny model with trained thresholds and a non-zero output head, so outputs vary."""
+    from racedit.model import build
 
     torch.manual_seed(0)
-    model = build("tiny").train()
+    model = build("tiny", **overrides).train()
     for seed in range(3):
         model(*batch(model, 8, seed=seed))
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.05)
     for block in model.blocks:
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.05)
-    return save(model.eval(), path)
+    return model.eval()
+
+
+def make_tiny_checkpoint(path: Path) -> Path:
+    from racedit.model import save
+
+    return save(tiny_model(), path)
 
 
 @pytest.fixture(scope="session")

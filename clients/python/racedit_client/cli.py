@@ -42,7 +42,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("-n", "--num-images", type=int, default=1)
-    g.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
+    g.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "npy"],
+                   help="npy: the final float32 samples, saved as .npy files")
     g.add_argument("-o", "--out", default=".", help="output folder")
     sub.add_parser("models", help="list the served models")
     args = parser.parse_args(argv)
@@ -61,10 +62,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    extension = {"png": "png", "jpeg": "jpg", "webp": "webp"}[args.format]
-    for image, seed in zip(result.images, result.seeds):
+    extension = {"png": "png", "jpeg": "jpg", "webp": "webp", "npy": "npy"}[args.format]
+    for item, seed in zip(result.arrays or result.images, result.seeds):
         path = out / f"{args.class_label}-{seed}.{extension}"
-        image.save(path)
+        if args.format == "npy":
+            import numpy as np
+
+            np.save(path, item, allow_pickle=False)
+        else:
+            item.save(path)
         print(f"saved {path}")
     print(usage_summary(result))
     return 0

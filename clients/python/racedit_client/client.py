@@ -6,7 +6,7 @@ import base64
 import io
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import httpx
@@ -16,12 +16,14 @@ from . import errors
 from .models import ExpertUsage, GenerateRequest, GenerateResponse, Health, ModelList, Timing
 
 RETRY_STATUSES = {429, 503}
+NPY_MIME = "application/x-npy"
 RETRY_EXCEPTIONS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
 @dataclass
 class GenerateResult:
-    """A typed answer of POST /generate, with decoded PIL images."""
+    """A typed answer of POST /generate, with decoded PIL images (or, for output_format npy,
+    NumPy float32 arrays [C, H, W] in `arrays`)."""
 
     id: str
     model: str
@@ -30,6 +32,7 @@ class GenerateResult:
     expert_usage: ExpertUsage
     timing: Timing
     raw: GenerateResponse
+    arrays: list[Any] = field(default_factory=list)
 
 
 class _Core:
@@ -104,13 +107,19 @@ class _Core:
     @staticmethod
     def parse_generate(response: httpx.Response) -> GenerateResult:
         raw = GenerateResponse.model_validate(response.json())
-        images = []
+        images, arrays = [], []
         for item in raw.images:
-            with Image.open(io.BytesIO(base64.b64decode(item.data))) as image:
+            data = base64.b64decode(item.data)
+            if item.mime_type == NPY_MIME:
+                import numpy as np
+
+                arrays.append(np.load(io.BytesIO(data), allow_pickle=False))
+                continue
+            with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 images.append(image.copy())
         return GenerateResult(id=raw.id, model=raw.model, images=images, seeds=[i.seed for i in raw.images],
-                              expert_usage=raw.expert_usage, timing=raw.timing, raw=raw)
+                              expert_usage=raw.expert_usage, timing=raw.timing, raw=raw, arrays=arrays)
 
 
 def _describe(detail: Any) -> str:

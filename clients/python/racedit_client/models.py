@@ -18,7 +18,7 @@ class GenerateRequest(BaseModel):
     num_steps: int = 25
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
     num_images: int = 1
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: Literal["png", "jpeg", "webp", "npy"] = "png"
 
 
 class ImageOut(BaseModel):
@@ -76,6 +76,8 @@ class ModelCard(BaseModel):
     parameters_activated: int
     thresholds: list[float]
     backend: str
+    dtype: str
+    batch_invariant: bool
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,106 @@
+"""Batch-invariant, precision-safe building blocks: every GEMM of the network goes through here.
+
+Why: a request's samples must not depend on the rows that share its batch. Routing by a
+per-token threshold makes *which* experts a token uses independent of its batch-mates,
+but that is not enough for bytes: BLAS libraries pick a GEMM kernel by the row count M
+(measured with MKL on a 2-core AVX2 host: M < 8 takes another kernel than M >= 8, and
+row 0 of a fp32 GEMM then differs in the last bits), and an expert's group size follows
+the batch-mates. So:
+
+  * every GEMM is called with a row count that is a multiple of `ROW_TILE` (rows are
+    zero-padded; padding rows are discarded), so the same kernel computes every row,
+    whatever the batch -- a row's result never depends on how many rows share the call;
+  * experts run as one grouped GEMM over groups each padded to whole tiles, and the
+    per-token sum over its experts is added in expert order, the same for every batch;
+  * parameters may be stored in bf16/fp16, but activations enter and leave every GEMM
+    in fp32: thresholds, timesteps, latents, norms and the sampler stay fp32, and only
+    the matmuls run in the reduced type. On a CPU without native reduced-precision GEMMs
+    (AVX2: torch's fallback bf16 GEMM measured 10-16x slower than fp32) the GEMM is
+    emulated as a native one computes it: operands rounded to the reduced type, products
+    accumulated in fp32, the result rounded to the reduced type.
+
+The engine checks the whole forward end to end at start-up (`Engine.batch_invariant`),
+because no library documents these kernel choices as a contract.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROW_TILE = 32  # rows per GEMM tile; a multiple of every micro-kernel height we know of (4..16)
+
+
+def pad_rows(rows: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
+    """Zero-pad [M, K] to a multiple of `tile` rows (no-op without a tile)."""
+    extra = (-rows.shape[0]) % tile if tile else 0
+    return F.pad(rows, (0, 0, 0, extra)) if extra else rows
+
+
+REDUCED = (torch.bfloat16, torch.float16)
+_CPU_NATIVE_REDUCED = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def emulated(weight: torch.Tensor) -> bool:
+    """Whether GEMMs with this (reduced-precision) weight are emulated in fp32 on this host."""
+    return weight.dtype in REDUCED and weight.device.type == "cpu" and not _CPU_NATIVE_REDUCED
+
+
+def operand(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`t` rounded to the weight's dtype, held in the dtype the GEMM runs in (fp32 when emulated)."""
+    t = t.to(weight.dtype)
+    return t.float() if emulated(weight) else t
+
+
+def rounded(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A GEMM's result as the weight's dtype gives it, handed on in fp32."""
+    return y.to(weight.dtype).float()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tile: Optional[int]) -> torch.Tensor:
+    """y = x W^T + b in the weight's dtype, on whole row tiles; x and y in fp32. x: [..., K] -> [..., N]."""
+    lead = x.shape[:-1]
+    rows = operand(x.reshape(-1, x.shape[-1]), weight)
+    bias = operand(bias, weight) if bias is not None else None
+    out = F.linear(pad_rows(rows, tile), operand(weight, weight), bias)[: rows.shape[0]]
+    return rounded(out, weight).view(*lead, weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) computed by `linear`: batch-invariant, fp32 in and out."""
+
+    row_tile: Optional[int] = ROW_TILE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.row_tile)
+
+
+def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """rows [R, K] @ weights[g] for the rows of group g, groups ending at `ends` [G] -> [R, N].
+
+    One grouped GEMM (`torch._grouped_mm`) where the device has one: on the CPU always, on
+    CUDA for bf16 on Hopper and newer. Elsewhere a loop over the groups, which reads the
+    group ends on the host (one more sync). Rows past the last end are left undefined.
+    """
+    if rows.device.type == "cpu" or (rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0)):
+        return torch._grouped_mm(rows, weights, offs=ends.to(torch.int32))
+    out = rows.new_zeros(rows.shape[0], weights.shape[-1])
+    start = 0
+    for g, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = rows[start:end] @ weights[g]
+        start = end
+    return out
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the parameters in `dtype`; buffers (thresholds, positions) stay fp32.
+
+    `Module.to(dtype)` would also cast the learned thresholds (and round t = 0.96 to
+    0.9609 on the way in); here only weights change, so only the GEMMs run reduced.
+    """
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
