@@ -22,7 +22,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .engine import (DeadlineExceeded, Engine, EngineError, GenerationRequest, GenerationResult,
+from .engine import (DeadlineExceeded, DuplicateRequest, Engine, EngineError, GenerationRequest, GenerationResult,
                      QueueFull, ShuttingDown, StepFailed)
 from .schemas import ErrorBody, GenerateRequest, GenerateResponse, Health, ModelCard, ModelList
 from .settings import ServeSettings
@@ -105,6 +105,8 @@ def engine_error(exc: Exception, retry_after: int) -> tuple[int, str, dict[str, 
         return 504, str(exc), {}
     if isinstance(exc, StepFailed):
         return 500, str(exc), {}
+    if isinstance(exc, DuplicateRequest):
+        return 409, str(exc), {}
     return 500, f"internal error: {type(exc).__name__}", {}
 
 
@@ -252,10 +254,11 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
         return ModelList(data=[model_card(request.app.state.engine, request.app.state.model_name, settings.backend)])
 
     @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)], tags=["generate"],
-              responses={code: {"model": ErrorBody} for code in (401, 413, 422, 429, 500, 503, 504)})
+              responses={code: {"model": ErrorBody} for code in (401, 409, 413, 422, 429, 500, 503, 504)})
     async def generate(body: GenerateRequest, request: Request) -> Any:
         limits: Limits = request.app.state.limits
         job = build_request(limits, body.class_label, body.cfg_scale, body.num_steps, body.seed, body.num_images)
+        job.request_id = request.state.request_id  # errors from the engine name the id the client sees
         result = await run_on_engine(request.app.state.engine, job, request)
         if result is None:
             return Response(status_code=499)  # client closed the connection; nobody reads this

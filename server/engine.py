@@ -67,6 +67,10 @@ class Cancelled(EngineError):
     """The caller went away; the request's rows were dropped."""
 
 
+class DuplicateRequest(EngineError):
+    """A request with this id is already queued or running."""
+
+
 class StepFailed(EngineError):
     """Work for this request raised (others in the same step were retried alone)."""
 
@@ -225,6 +229,8 @@ class Engine:
             if not self._accepting:
                 self.metrics.rejected.labels(reason="draining").inc()
                 raise ShuttingDown("the server is shutting down and admits no new requests")
+            if request.request_id in self._jobs:
+                raise DuplicateRequest(f"a request with id {request.request_id!r} is already in flight")
             expired = self._take_expired_queued(now) if len(self._queue) >= self.max_queue else []
             full = len(self._queue) >= self.max_queue
             if not full:

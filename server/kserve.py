@@ -164,6 +164,8 @@ def kserve_router(require_key: Callable, engine_error: Callable, settings: Serve
                     values[key] = [default] * n
             jobs = [build_request(request.app.state.limits, int(labels[i]), float(values["cfg_scale"][i]),
                                   int(values["num_steps"][i]), values["seed"][i], 1) for i in range(n)]
+            for i, job in enumerate(jobs):
+                job.request_id = f"{request.state.request_id}/{i}"
         except FieldError as exc:
             return _error(400, str(exc))
         except InferError as exc:

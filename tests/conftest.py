@@ -71,13 +71,14 @@ def free_port() -> int:
 class ServerProcess:
     """`racedit serve` in a real process on loopback."""
 
-    def __init__(self, checkpoint: Path, log_path: Path, *flags: str, env: dict | None = None):
+    def __init__(self, checkpoint: Path, log_path: Path, *flags: str, env: dict | None = None,
+                 launcher: tuple[str, ...] = ("-m", "racedit.model.cli", "serve")):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "racedit.model.cli", "serve", "--checkpoint", str(checkpoint),
+            [sys.executable, *launcher, "--checkpoint", str(checkpoint),
              "--port", str(self.port), "--log-level", "warning", *flags],
             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=environment)
         deadline = time.time() + 60
@@ -105,9 +106,14 @@ class ServerProcess:
 def server_factory(tmp_path_factory, tiny_checkpoint):
     started = []
 
-    def start(*flags: str, env: dict | None = None) -> ServerProcess:
+    def start(*flags: str, env: dict | None = None, checkpoint: Path | None = None, faults: dict | None = None) -> ServerProcess:
+        """`faults` ({"FAULT_LABEL": 9, ...}) serves through tests/faulty_serve.py with those injections."""
         log = tmp_path_factory.mktemp("server") / "server.log"
-        server = ServerProcess(tiny_checkpoint, log, *flags, env=env)
+        launcher = ("-m", "racedit.model.cli", "serve")
+        if faults:
+            launcher = (str(Path(__file__).with_name("faulty_serve.py")),)
+            env = {**(env or {}), **{f"RACEDIT_TEST_{k}": str(v) for k, v in faults.items()}}
+        server = ServerProcess(checkpoint or tiny_checkpoint, log, *flags, env=env, launcher=launcher)
         started.append(server)
         return server
 

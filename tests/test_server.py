@@ -25,7 +25,7 @@ def decode(image: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(server_factory):
-    return server_factory("--fault-label", "9", "--max-steps", "4000", "--max-batch-rows", "32")
+    return server_factory("--max-steps", "4000", "--max-batch-rows", "32", faults={"FAULT_LABEL": 9})
 
 
 def post(server, body, **kw):
@@ -136,6 +136,7 @@ def test_injected_step_failure_fails_only_its_request(server):
         bad, good = bad.result(), good.result()
     assert bad.status_code == 500
     assert bad.json()["request_id"] == bad.headers["x-request-id"] and "injected fault" in bad.json()["detail"]
+    assert bad.headers["x-request-id"] in bad.json()["detail"]  # the engine names the request that failed
     assert good.status_code == 200
     assert post(server, {"class_label": 2, "num_steps": 3}).status_code == 200
 

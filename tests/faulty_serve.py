@@ -1,0 +1,31 @@
+"""`racedit serve` with faults injected into the denoiser, for the resilience tests only.
+
+RACEDIT_TEST_FAULT_LABEL=n: a forward whose batch holds class n raises RuntimeError.
+RACEDIT_TEST_FATAL_LABEL=n: a forward whose batch holds class n raises SystemExit in the
+engine's worker thread, which no handler of an iteration catches: the worker dies.
+"""
+import os
+import sys
+
+import torch
+
+from racedit.model.dit import RaceDiT
+from racedit.server.cli import main
+
+fault = int(os.environ.get("RACEDIT_TEST_FAULT_LABEL", "-1"))
+fatal = int(os.environ.get("RACEDIT_TEST_FATAL_LABEL", "-1"))
+forward = RaceDiT.forward
+
+
+def faulty_forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *args, **kwargs):
+    if bool((y == fault).any()):
+        raise RuntimeError(f"injected fault for class label {fault}")
+    if bool((y == fatal).any()):
+        raise SystemExit(f"injected worker death for class label {fatal}")
+    return forward(self, x, t, y, *args, **kwargs)
+
+
+RaceDiT.forward = faulty_forward
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,102 @@
+"""Batch invariance to the bit, over HTTP: a request's npy bytes alone equal its bytes among any mix
+of concurrent requests (classes, scales, step counts, image counts, cfg-1 rows), whatever step it
+joins at, in step and static batching, for several --max-batch-rows, in fp32 and bf16, on the
+tiny preset and on the bundled model."""
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from conftest import metric
+from racedit.model import DEFAULT_CHECKPOINT, generate, load
+
+
+def post(server, body):
+    return httpx.post(server.url + "/generate", json={**body, "output_format": "npy"}, timeout=300)
+
+
+def samples(response) -> list[bytes]:
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert all(im["mime_type"] == "application/x-npy" for im in images)
+    return [base64.b64decode(im["data"]) for im in images]
+
+
+def rows_of(body) -> int:
+    return body.get("num_images", 1) * (1 if body.get("cfg_scale", 4.0) == 1.0 else 2)
+
+
+def steps_above(server, rows: int) -> float:
+    """Engine steps so far that ran more than `rows` rows (from the rows-per-step histogram)."""
+    text = httpx.get(server.url + "/metrics").text
+    return metric(text, "racedit_rows_per_step_count") - metric(text, f'racedit_rows_per_step_bucket{{le="{float(rows)}"}}')
+
+
+def run_among_others(server, target, others, static: bool):
+    """Send `others`, then the target: in step mode once they are running (it joins mid-flight).
+    Returns the target's answer and whether it finished while others were still running."""
+    before = metric(httpx.get(server.url + "/metrics").text, "racedit_rows_per_step_count")
+    with ThreadPoolExecutor(len(others) + 1) as pool:
+        futures = [pool.submit(post, server, body) for body in others]
+        if not static:
+            deadline = time.time() + 30
+            while metric(httpx.get(server.url + "/metrics").text, "racedit_rows_per_step_count") < before + 3:
+                assert time.time() < deadline
+                time.sleep(0.01)
+        together = pool.submit(post, server, target).result()
+        still_running = not all(f.done() for f in futures)
+        answers = [f.result() for f in futures]
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    return together, still_running
+
+
+MIXES = [  # long enough on the tiny model that the target starts and ends among them
+    {"class_label": 0, "cfg_scale": 1.0, "num_steps": 300, "seed": 3, "num_images": 2},
+    {"class_label": 2, "cfg_scale": 7.0, "num_steps": 90, "seed": 40},
+    {"class_label": 5, "cfg_scale": 2.5, "num_steps": 400, "seed": 41, "num_images": 2},
+    {"class_label": 8, "cfg_scale": 0.0, "num_steps": 120, "seed": 42},
+]
+TARGET = {"class_label": "star", "cfg_scale": 4.0, "num_steps": 8, "seed": 1234, "num_images": 2}
+
+
+@pytest.mark.parametrize("flags", [
+    ("--max-batch-rows", "32"),
+    ("--max-batch-rows", "6", "--dtype", "bfloat16"),
+    ("--max-batch-rows", "64", "--batching", "static", "--static-wait-ms", "300"),
+], ids=["step-fp32", "step-bf16-6rows", "static-fp32"])
+def test_tiny_npy_bytes_are_the_same_alone_and_among_others(server_factory, flags):
+    server = server_factory("--dtype", "float32", "--max-steps", "1000", *flags)
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert card["batch_invariant"] is True and card["dtype"] == ("bfloat16" if "bfloat16" in flags else "float32")
+    alone = samples(post(server, TARGET))
+    static = "static" in flags
+    shared_before = steps_above(server, 8)  # every request here has at most 4 rows: > 8 means shared steps
+    together, still_running = run_among_others(server, TARGET, MIXES, static)
+    if static:
+        assert steps_above(server, 8) > shared_before  # one static batch held the target and the others
+    elif "32" in flags:
+        assert still_running  # joined mid-flight and finished first: every one of its steps was shared
+    assert samples(together) == alone
+    sample = np.load(io.BytesIO(alone[0]), allow_pickle=False)
+    assert sample.dtype == np.float32 and sample.shape == (3, 16, 16) and np.abs(sample).max() > 0.05
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bundled_model_npy_bytes_are_the_same_alone_among_others_and_in_the_library(server_factory, dtype):
+    server = server_factory("--dtype", dtype, "--max-batch-rows", "16", checkpoint=DEFAULT_CHECKPOINT)
+    target = {"class_label": "hexagon", "cfg_scale": 4.0, "num_steps": 5, "seed": 77}
+    others = [{"class_label": 1, "cfg_scale": 1.0, "num_steps": 9, "seed": 5, "num_images": 3},
+              {"class_label": 6, "cfg_scale": 3.0, "num_steps": 10, "seed": 6, "num_images": 2}]
+    alone = samples(post(server, target))
+    together, still_running = run_among_others(server, target, others, static=False)
+    assert still_running  # it ran while the longer requests were still running: they shared steps
+    assert samples(together) == alone
+    # The library's generate(), which batches differently, gives the same bytes.
+    model = load(DEFAULT_CHECKPOINT).set_precision(getattr(torch, dtype))
+    expected, _ = generate(model, labels=[5], cfg_scale=4.0, num_steps=5, seeds=[77], as_float=True)
+    assert np.load(io.BytesIO(alone[0]), allow_pickle=False).tobytes() == expected[0].numpy().tobytes()
