@@ -1,11 +1,13 @@
 """`racedit serve` with faults injected into the denoiser, for the resilience tests only.
 
 RACEDIT_TEST_FAULT_LABEL=n: a forward whose batch holds class n raises RuntimeError.
-RACEDIT_TEST_FATAL_LABEL=n: a forward whose batch holds class n raises SystemExit in the
-engine's worker thread, which no handler of an iteration catches: the worker dies.
+RACEDIT_TEST_FATAL_LABEL=n: a forward whose batch holds class n past t = 0.5 (half-way) raises
+SystemExit in the engine's worker thread, which no handler of an iteration catches: the worker dies.
+Only forwards on the engine's worker thread are affected (the start-up check runs as usual).
 """
 import os
 import sys
+import threading
 
 import torch
 
@@ -18,9 +20,11 @@ forward = RaceDiT.forward
 
 
 def faulty_forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *args, **kwargs):
+    if threading.current_thread().name != "racedit-engine":  # start-up checks run as usual
+        return forward(self, x, t, y, *args, **kwargs)
     if bool((y == fault).any()):
         raise RuntimeError(f"injected fault for class label {fault}")
-    if bool((y == fatal).any()):
+    if bool(((y == fatal) & (t < 0.5)).any()):
         raise SystemExit(f"injected worker death for class label {fatal}")
     return forward(self, x, t, y, *args, **kwargs)
 

@@ -1,4 +1,5 @@
 """The engine in-process: row cap, admission order, static mode (no HTTP)."""
+import threading
 import time
 
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from racedit.model import generate, load
-from racedit.server.engine import Engine, GenerationRequest
+from racedit.server.engine import (Cancelled, DeadlineExceeded, Engine, GenerationRequest, QueueFull, ShuttingDown,
+                                   StepFailed)
 
 
 def traced(engine: Engine) -> list[list[str]]:
@@ -68,23 +70,152 @@ def test_new_requests_join_a_running_batch_at_the_next_step(tiny_checkpoint):
     assert len(joined) == 2 and all("long" in steps[i] for i in joined)
 
 
-def test_a_request_held_for_room_counts_against_the_queue(tiny_checkpoint):
-    from racedit.server.engine import QueueFull
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
 
-    engine = Engine(load(tiny_checkpoint), torch.device("cpu"), max_batch_rows=2, max_queue=1).start()
+
+def busy_engine(checkpoint, **kw) -> tuple[Engine, object]:
+    """An engine whose two rows are taken by a long request, so what comes next waits in the queue."""
+    engine = Engine(load(checkpoint), torch.device("cpu"), max_batch_rows=2, **kw).start()
+    running = engine.submit(GenerationRequest(class_label=0, num_steps=100_000, request_id="running"))
+    wait_until(lambda: engine.active_rows() == 2)
+    return engine, running
+
+
+def test_a_request_waiting_for_room_counts_against_the_queue(tiny_checkpoint):
+    engine, running = busy_engine(tiny_checkpoint, max_queue=1)
     try:
-        running = engine.submit(GenerationRequest(class_label=0, num_steps=1000, request_id="running"))
-        deadline = time.monotonic() + 10
-        while engine.active_rows() < 2 and time.monotonic() < deadline:
-            time.sleep(0.005)
         waiting = engine.submit(GenerationRequest(class_label=1, num_steps=2, request_id="waiting"))
-        while engine._held is None and time.monotonic() < deadline:  # the worker took it, found no room
-            time.sleep(0.005)
+        time.sleep(0.05)  # the worker has seen it and found no room
         assert engine.queue_depth() == 1
         with pytest.raises(QueueFull):
             engine.submit(GenerationRequest(class_label=2, num_steps=2))
         engine.cancel("running")
         assert waiting.result(timeout=30).images.shape[0] == 1
-        assert running.exception(timeout=30) is not None
+        assert isinstance(running.exception(timeout=30), Cancelled)
     finally:
         engine.stop()
+
+
+def test_abandoned_and_overdue_queued_requests_free_their_places_at_once(tiny_checkpoint):
+    engine, running = busy_engine(tiny_checkpoint, max_queue=4)
+    try:
+        cancelled_before = engine.metrics.cancelled._value.get()
+        abandoned = [engine.submit(GenerationRequest(class_label=1, num_steps=2, request_id=f"gone{i}")) for i in range(4)]
+        with pytest.raises(QueueFull):
+            engine.submit(GenerationRequest(class_label=1, num_steps=2))
+        for i in range(4):
+            engine.cancel(f"gone{i}")
+        assert engine.queue_depth() == 0  # at once, not when they reach the head of the queue
+        assert all(isinstance(f.exception(timeout=1), Cancelled) for f in abandoned)
+        assert engine.metrics.cancelled._value.get() == cancelled_before + 4
+        overdue = [engine.submit(GenerationRequest(class_label=1, num_steps=2, timeout_s=0.05)) for _ in range(4)]
+        time.sleep(0.1)
+        fifth = engine.submit(GenerationRequest(class_label=1, num_steps=2, request_id="fifth"))  # no 429
+        assert all(isinstance(f.exception(timeout=5), DeadlineExceeded) for f in overdue)
+        engine.cancel("running")
+        assert fifth.result(timeout=30).images.shape[0] == 1
+    finally:
+        engine.stop()
+
+
+def test_an_exception_while_starting_a_request_fails_only_that_request(tiny_checkpoint, monkeypatch):
+    import racedit.server.engine as engine_module
+
+    real = engine_module.initial_noise
+    monkeypatch.setattr(engine_module, "initial_noise",
+                        lambda seed, shape: (_ for _ in ()).throw(MemoryError("no room")) if seed == 13 else real(seed, shape))
+    engine = Engine(load(tiny_checkpoint), torch.device("cpu")).start()
+    try:
+        bad = engine.submit(GenerationRequest(class_label=1, num_steps=3, seed=13, request_id="bad"))
+        good = engine.submit(GenerationRequest(class_label=1, num_steps=3, seed=14, request_id="good"))
+        error = bad.exception(timeout=30)
+        assert isinstance(error, StepFailed) and "bad" in str(error) and "MemoryError" in str(error)
+        assert good.result(timeout=30).images.shape[0] == 1
+        assert engine.ready
+    finally:
+        engine.stop()
+
+
+def test_an_exception_while_finishing_a_request_fails_only_that_request(tiny_checkpoint, monkeypatch):
+    import racedit.server.engine as engine_module
+
+    real = engine_module.to_uint8
+    monkeypatch.setattr(engine_module, "to_uint8",
+                        lambda x: (_ for _ in ()).throw(ValueError("bad pixels")) if x.shape[0] == 3 else real(x))
+    engine = Engine(load(tiny_checkpoint), torch.device("cpu")).start()
+    try:
+        bad = engine.submit(GenerationRequest(class_label=1, num_steps=3, num_images=3, request_id="three"))
+        good = engine.submit(GenerationRequest(class_label=1, num_steps=3, request_id="one"))
+        error = bad.exception(timeout=30)
+        assert isinstance(error, StepFailed) and "three" in str(error)
+        assert good.result(timeout=30).images.shape[0] == 1
+    finally:
+        engine.stop()
+
+
+def test_an_exception_elsewhere_in_an_iteration_fails_the_running_requests_and_the_engine_goes_on(tiny_checkpoint):
+    engine, running = busy_engine(tiny_checkpoint)
+    real, calls = engine._sweep, []
+
+    def sweep_once_broken():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bookkeeping bug")
+        real()
+
+    engine._sweep = sweep_once_broken
+    try:
+        error = running.exception(timeout=30)
+        assert isinstance(error, StepFailed) and "running" in str(error) and "bookkeeping bug" in str(error)
+        assert engine.submit(GenerationRequest(class_label=1, num_steps=2)).result(timeout=30).images.shape[0] == 1
+    finally:
+        engine.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the dying thread's SystemExit
+def test_when_the_worker_dies_every_waiting_request_is_answered_at_once(tiny_checkpoint):
+    engine, running = busy_engine(tiny_checkpoint)
+    queued = [engine.submit(GenerationRequest(class_label=1, num_steps=2)) for _ in range(3)]
+
+    def die():
+        raise SystemExit("worker killed")  # no iteration guard catches it
+
+    engine._iteration = die
+    try:
+        started = time.monotonic()
+        for future in [running, *queued]:
+            assert isinstance(future.exception(timeout=5), ShuttingDown)
+        assert time.monotonic() - started < 5
+        wait_until(lambda: not engine.ready)
+        with pytest.raises(ShuttingDown):
+            engine.submit(GenerationRequest(class_label=1, num_steps=2))
+    finally:
+        engine.stop()
+
+
+def test_nothing_is_accepted_after_the_final_sweep_of_stop(tiny_checkpoint):
+    engine = Engine(load(tiny_checkpoint), torch.device("cpu"), max_batch_rows=2, max_queue=100_000).start()
+    accepted, stopped = [], threading.Event()
+
+    def submitter():
+        while not stopped.is_set():
+            try:
+                accepted.append(engine.submit(GenerationRequest(class_label=1, num_steps=50)))
+            except ShuttingDown:
+                return
+
+    threads = [threading.Thread(target=submitter) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(accepted) > 50)
+    engine.stop(drain=False)
+    stopped.set()
+    for thread in threads:
+        thread.join(10)
+    assert accepted and all(f.done() for f in accepted)  # every accepted request got an answer
+    with pytest.raises(ShuttingDown):
+        engine.submit(GenerationRequest(class_label=1, num_steps=2))

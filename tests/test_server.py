@@ -62,15 +62,19 @@ def test_same_pixels_alone_and_among_concurrent_requests(server):
     target = {"class_label": 4, "cfg_scale": 4.0, "num_steps": 20, "seed": 99}
     alone = post(server, target).json()["images"][0]
     others = [{"class_label": c, "cfg_scale": s, "num_steps": n, "seed": 1000 + c, "num_images": m}
-              for c, s, n, m in [(0, 1.0, 30, 1), (1, 2.5, 10, 2), (2, 7.0, 25, 1), (3, 1.0, 40, 3),
-                                 (5, 4.0, 15, 1), (6, 0.0, 35, 2), (7, 12.0, 20, 1), (8, 3.0, 50, 1)]]
+              for c, s, n, m in [(0, 1.0, 300, 1), (1, 2.5, 100, 2), (2, 7.0, 250, 1), (3, 1.0, 400, 3),
+                                 (5, 4.0, 150, 1), (6, 0.0, 350, 2), (7, 12.0, 200, 1), (8, 3.0, 500, 1)]]
     with ThreadPoolExecutor(9) as pool:
+        steps_before = metric(httpx.get(server.url + "/metrics").text, "racedit_rows_per_step_count")
         futures = [pool.submit(post, server, body) for body in others[:4]]
-        time.sleep(0.02)  # the target joins while others are mid-flight
+        while metric(httpx.get(server.url + "/metrics").text, "racedit_rows_per_step_count") < steps_before + 3:
+            time.sleep(0.005)  # the target joins while the others are mid-flight
         mine = pool.submit(post, server, target)
         futures += [pool.submit(post, server, body) for body in others[4:]]
-        responses = [f.result() for f in futures]
         together = mine.result()
+        overlapped = not all(f.done() for f in futures[:4])
+        responses = [f.result() for f in futures]
+    assert overlapped  # it joined after the first four started and finished before all of them: it shared steps
     assert all(r.status_code == 200 for r in responses)
     assert together.status_code == 200
     assert np.array_equal(decode(together.json()["images"][0]), decode(alone))
@@ -160,6 +164,54 @@ def test_disconnect_frees_rows(server):
         time.sleep(0.02)
     assert metric(text, "racedit_active_rows") == 0
     assert metric(text, "racedit_cancelled_requests_total") == before + 1
+
+
+def raw_post(port: int, body: dict) -> socket.socket:
+    """A request on a raw socket, so the test can go away without reading the answer."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def wait_for_metric(server, name: str, value: float, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while metric(httpx.get(server.url + "/metrics").text, name) != value:
+        assert time.time() < deadline, f"{name} never reached {value}"
+        time.sleep(0.02)
+
+
+def test_abandoned_queued_requests_free_their_queue_places(server_factory):
+    server = server_factory("--max-queue", "4", "--max-batch-rows", "2", "--max-steps", "100000")
+    running = raw_post(server.port, {"class_label": 1, "num_steps": 100000, "seed": 1})
+    wait_for_metric(server, "racedit_active_rows", 2)
+    abandoned = [raw_post(server.port, {"class_label": 2, "num_steps": 2, "seed": i}) for i in range(4)]
+    wait_for_metric(server, "racedit_queue_depth", 4)
+    assert post(server, {"class_label": 3, "num_steps": 2}).status_code == 429
+    for sock in abandoned:
+        sock.close()
+    wait_for_metric(server, "racedit_queue_depth", 0)  # while the long request still runs
+    assert metric(httpx.get(server.url + "/metrics").text, "racedit_cancelled_requests_total") == 4
+    with ThreadPoolExecutor(1) as pool:
+        fifth = pool.submit(post, server, {"class_label": 3, "num_steps": 2})
+        wait_for_metric(server, "racedit_queue_depth", 1)  # accepted, waiting behind the long one
+        running.close()
+        assert fifth.result().status_code == 200
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_dead_worker_answers_everyone_503_and_readyz_turns_503(server_factory):
+    server = server_factory("--max-batch-rows", "2", "--max-steps", "100000", faults={"FATAL_LABEL": 7})
+    with ThreadPoolExecutor(3) as pool:
+        doomed = pool.submit(post, server, {"class_label": 7, "num_steps": 3000})  # kills the worker half-way
+        wait_for_metric(server, "racedit_active_rows", 2)
+        queued = [pool.submit(post, server, {"class_label": c, "num_steps": 5}) for c in (1, 2)]
+        answers = [f.result(timeout=60) for f in (doomed, *queued)]
+    assert [a.status_code for a in answers] == [503, 503, 503], [a.text for a in answers]
+    assert all("worker stopped" in a.json()["detail"] for a in answers)
+    assert httpx.get(server.url + "/readyz").status_code == 503
+    assert post(server, {"class_label": 1, "num_steps": 2}).status_code == 503
 
 
 def test_metrics_exposed(server):
