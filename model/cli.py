@@ -30,6 +30,26 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .calibrate import Calibration, calibrate_thresholds
+    from .checkpoint import load, read_config, save
+
+    model = load(args.checkpoint)
+    calibration = Calibration(num_images=args.num_images, cfg_scale=args.cfg_scale, num_steps=args.num_steps,
+                              iterations=args.iterations)
+    record = calibrate_thresholds(model, calibration)
+    weights_dtype = getattr(torch, read_config(args.checkpoint).get("weights_dtype", "float32"))
+    out = save(model, args.out or args.checkpoint, metadata={**model.metadata, "threshold_calibration": record},
+               weights_dtype=weights_dtype)
+    print(json.dumps(record, indent=2))
+    print(f"thresholds written to {out}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import main as evaluate_main
 
@@ -79,7 +99,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--out", default="eval-out")
     p.add_argument("--classifier", default=None, help="classifier folder (default: the bundled one)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="precision of the network's matmuls (thresholds, timesteps and latents stay fp32)")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("calibrate", help="re-estimate the learned thresholds on the checkpoint's own weights")
+    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("--out", default=None, help="write here instead of updating the checkpoint in place")
+    p.add_argument("--num-images", type=int, default=40, help="calibration samples (classes in turn)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the calibration samples")
+    p.add_argument("--num-steps", type=int, default=25, help="Euler steps: the time grid calibrated over")
+    p.add_argument("--iterations", type=int, default=2, help="passes towards the fixed point")
+    p.set_defaults(func=_calibrate)
     p = sub.add_parser("pack", help="copy a checkpoint for shipping: weights only, parameters in float16")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)

@@ -154,10 +154,10 @@ def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: Pat
 
 
 def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: int, batch_size: int,
-             out: Path, classifier_path: Optional[Path] = None) -> dict:
+             out: Path, classifier_path: Optional[Path] = None, dtype: str = "float32") -> dict:
     from .train import save_grid
 
-    model = load(checkpoint)
+    model = load(checkpoint).set_precision(getattr(torch, dtype))
     classifier = load_classifier(classifier_path)
     n_classes = model.config.num_classes
     labels = [i % n_classes for i in range(num_samples)]
@@ -184,7 +184,7 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
               ylabel="experts / token")
     report = {
         "checkpoint": str(checkpoint),
-        "num_samples": num_samples, "cfg_scale": cfg_scale, "num_steps": num_steps,
+        "num_samples": num_samples, "cfg_scale": cfg_scale, "num_steps": num_steps, "dtype": dtype,
         "class_fidelity": float((preds == target).float().mean()),
         "per_class_fidelity": {SHAPES10_CLASSES[c]: float((preds[target == c] == c).float().mean())
                                for c in range(n_classes) if (target == c).any()},
@@ -202,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
 
     report = evaluate(Path(args.checkpoint or DEFAULT_CHECKPOINT), args.num_samples, args.cfg_scale,
                       args.num_steps, args.batch_size, Path(args.out),
-                      Path(args.classifier) if args.classifier else None)
+                      Path(args.classifier) if args.classifier else None, getattr(args, "dtype", "float32"))
     print(json.dumps({k: v for k, v in report.items() if k != "experts_per_token_by_t"}, indent=2))
     print(f"wrote {args.out}/report.json, samples.png, experts_per_timestep.png")
     return 0

@@ -82,7 +82,7 @@ def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) ->
 
     One grouped GEMM (`torch._grouped_mm`) where the device has one: on the CPU always, on
     CUDA for bf16 on Hopper and newer. Elsewhere a loop over the groups, which reads the
-    group ends on the host (one more sync). Rows past the last end are left undefined.
+    group ends on the host (one more sync).
     """
     if rows.device.type == "cpu" or (rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0)):
         return torch._grouped_mm(rows, weights, offs=ends.to(torch.int32))

@@ -126,7 +126,7 @@ class Experts(nn.Module):
 
     def run_grouped(self, rows: torch.Tensor, ends: torch.Tensor, tile_expert: torch.Tensor) -> torch.Tensor:
         """All experts at once on rows sorted into groups of whole tiles: rows [R, D], group e ends
-        at ends[e], tile j belongs to expert tile_expert[j] -> [R, D] (fp32)."""
+        at ends[e] (the last at R), tile j belongs to expert tile_expert[j] -> [R, D] (fp32)."""
         tiles = tile_expert.shape[0]
         h = grouped_mm(operand(rows, self.w1), operand(self.w1, self.w1), ends)
         h = h.view(tiles, -1, h.shape[1]).add_(operand(self.b1, self.w1)[tile_expert].unsqueeze(1))
@@ -158,6 +158,8 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     slot = (ends - padded - counts.cumsum(0) + counts)[expert] + torch.arange(pairs.numel(), device=x.device)
     tiles = (pairs.numel() + tile - 1) // tile + num_experts  # an upper bound of ends[-1] / tile, known without a sync
     rows = x.new_zeros(tiles * tile, x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
+    # The last group runs on to the end of the buffer (zero rows), so every row is defined -- also for backward.
+    ends = torch.cat([ends[:-1], ends.new_full((1,), tiles * tile)])
     tile_start = torch.arange(0, tiles * tile, tile, device=x.device)
     tile_expert = torch.searchsorted(ends, tile_start, right=True).clamp_(max=num_experts - 1)
     y = experts.run_grouped(rows, ends, tile_expert).index_select(0, slot)  # [P, D]

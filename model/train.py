@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from . import checkpoint, losses
 from .config import ConfigError, ModelConfig, _known_fields, preset_config
 from .data import ImageFolder, Shapes10, ShapesStyle
+from .calibrate import Calibration, calibrate_thresholds
 from .dit import RaceDiT
 from .sampling import LossWeights, generate, training_loss
 
@@ -128,10 +129,12 @@ class TrainConfig:
     data: DataConfig
     optim: OptimConfig
     loss: LossWeights
+    calibration: Calibration = field(default_factory=Calibration)  # thresholds re-estimated on each saved EMA
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
-                "optim": dataclasses.asdict(self.optim), "loss": dataclasses.asdict(self.loss)}
+                "optim": dataclasses.asdict(self.optim), "loss": dataclasses.asdict(self.loss),
+                "calibration": dataclasses.asdict(self.calibration)}
 
 
 def parse_config(document: dict[str, Any]) -> TrainConfig:
@@ -143,7 +146,8 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
     preset = model_doc.pop("preset", None)
     model = preset_config(preset, **model_doc) if preset else ModelConfig.from_dict(model_doc)
     sections = {name: _typed_section(cls, document.get(name) or {}, name)
-                for name, cls in (("data", DataConfig), ("optim", OptimConfig), ("loss", LossWeights))}
+                for name, cls in (("data", DataConfig), ("optim", OptimConfig), ("loss", LossWeights),
+                                  ("calibration", Calibration))}
     data = sections["data"]
     if data.name not in ("shapes10", "imagefolder"):
         raise ConfigError(f"data.name {data.name!r} is not one of shapes10, imagefolder")
@@ -161,7 +165,9 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr must be in 0..optim.lr ({optim.lr}), got {optim.min_lr}")
     optim = dataclasses.replace(optim, restarts=_parse_restarts(optim))
-    return TrainConfig(model=model, data=data, optim=optim, loss=sections["loss"])
+    if sections["calibration"].num_images < 1 or sections["calibration"].iterations < 1:
+        raise ConfigError("calibration.num_images and calibration.iterations must be >= 1")
+    return TrainConfig(model=model, data=data, optim=optim, loss=sections["loss"], calibration=sections["calibration"])
 
 
 def _typed_section(cls: type, values: Any, name: str) -> Any:
@@ -370,7 +376,11 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
         if step % o.checkpoint_every == 0 or step == o.steps:
             record = {**run_record, "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "to_step": step,
                       "wall_seconds": round(time.time() - start, 1), "final_terms": terms}
-            metadata = {"train_config": config.to_dict(), "step": step, "history": history + [record]}
+            # The EMA inherits the live model's thresholds; re-estimate them on the EMA weights it ships
+            # (model/calibrate.py). The next step copies the live thresholds back, so training is unchanged.
+            calibration = calibrate_thresholds(ema, config.calibration)
+            metadata = {"train_config": config.to_dict(), "step": step, "history": history + [record],
+                        "threshold_calibration": calibration}
             ck = checkpoint.save(ema, out / "checkpoint", metadata=metadata)
             _save_state(ck, model, optimizer, step, generator, history + [record])
     if bar is not None:

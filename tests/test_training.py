@@ -171,3 +171,37 @@ def test_train_on_an_image_folder_names_the_classes(tmp_path):
     doc["model"]["num_classes"] = 12
     with pytest.raises(ConfigError, match="model.num_classes is 12 but data.root .* has 10 class folders"):
         train(parse_config(doc), tmp_path / "run2", progress=False)
+
+
+def test_calibrate_sets_thresholds_from_the_models_own_sampling(tiny_checkpoint, tmp_path):
+    from racedit.model import generate
+    from racedit.model.cli import main as cli
+
+    out = tmp_path / "calibrated"
+    assert cli(["calibrate", str(tiny_checkpoint), "--out", str(out), "--num-images", "20", "--num-steps", "10",
+                "--iterations", "3"]) == 0
+    before, after = load(tiny_checkpoint), load(out)
+    record = after.metadata["threshold_calibration"]
+    assert record["thresholds"] == [float(layer.threshold) for layer in after.moe_layers]
+    assert record["thresholds_before"] == [float(layer.threshold) for layer in before.moe_layers]
+    labels = [i % 10 for i in range(20)]
+    seeds = list(range(10_000, 10_020))
+    k = after.config.moe.k
+    _, usage = generate(after, labels, cfg_scale=4.0, num_steps=10, seeds=seeds)
+    calibrated = sum(u["mean_experts_per_token"] for u in usage) / len(usage)
+    _, usage = generate(before, labels, cfg_scale=4.0, num_steps=10, seeds=seeds)
+    uncalibrated = sum(u["mean_experts_per_token"] for u in usage) / len(usage)
+    assert abs(calibrated - k) <= 0.05 * k and abs(calibrated - k) < abs(uncalibrated - k), (calibrated, uncalibrated)
+
+
+def test_training_calibrates_the_saved_ema_thresholds(tmp_path):
+    doc = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    doc["optim"].update(steps=10, checkpoint_every=10, sample_every=1000)
+    doc["calibration"] = {"num_images": 10, "num_steps": 5, "iterations": 1}
+    train(parse_config(doc), tmp_path, progress=False)
+    record = load(tmp_path / "checkpoint").metadata["threshold_calibration"]
+    assert record["num_images"] == 10 and len(record["thresholds"]) == 2
+    assert record["thresholds"] != record["thresholds_before"]  # the live model's values were replaced
+    doc["calibration"] = {"images": 10}
+    with pytest.raises(ConfigError, match="calibration.images"):
+        parse_config(doc)
