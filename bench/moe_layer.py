@@ -1,10 +1,11 @@
-"""MoE layer speed: racedit's sparse dispatch vs a dense MLP of equal activated FLOPs vs a
-per-expert loop in the style of the DiT-MoE reference (argsort, loop, scatter_reduce).
+"""MoE layer speed: racedit's grouped dispatch (batch-invariant and not) against the per-expert
+NonZero loop (the export path), a DiT-MoE-style argsort loop, and a dense MLP of equal activated FLOPs.
 
-    python bench/moe_layer.py [--tokens 4096] [--dim 256] [--spec 2in8] [--device cpu|cuda]
+    python bench/moe_layer.py [--tokens 4096] [--dim 256] [--spec 2in8] [--device cpu|cuda] [--compile]
 
-All three compute the same selected (token, expert) pairs: top B*L*k of an
-expert race, so the MoE does exactly the dense MLP's activated FLOPs.
+All variants compute the same selected (token, expert) pairs: the top B*L*k of an expert race,
+so the experts do exactly the dense MLP's activated FLOPs. With --compile on CUDA, the whole
+denoising step of the bundled-size model is also timed eagerly and under torch.compile.
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, time_call  # noqa: E402
 
 from racedit.model.config import MoEConfig
-from racedit.model.moe import Experts, MoELayer, expert_race, sparse_dispatch
+from racedit.model.exact import ROW_TILE
+from racedit.model.moe import Experts, MoELayer, expert_race, grouped_dispatch, loop_dispatch
 
 
 def reference_loop(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: list[nn.Module]) -> torch.Tensor:
-    """The DiT-MoE way: sort pairs by expert, loop over experts, scatter_reduce into a cache."""
+    """The DiT-MoE way: sort pairs by expert, loop over experts (host offsets), scatter_reduce into a cache."""
     token_index, expert_index = mask.nonzero(as_tuple=True)
     order = expert_index.argsort()
     token_index, expert_index = token_index[order], expert_index[order]
@@ -40,6 +42,19 @@ def reference_loop(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, e
     return out
 
 
+def whole_step(device: torch.device, repeats: int) -> dict[str, float]:
+    """One forward of the shapes10-size model at 64 rows: eager vs torch.compile (CUDA only)."""
+    from racedit.model import build
+
+    model = build("shapes10").to(device).eval()
+    x = torch.randn(64, 3, 32, 32, device=device)
+    t, y = torch.rand(64, device=device), torch.randint(0, 10, (64,), device=device)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        return {"whole step, eager": time_call(lambda: model(x, t, y), repeats, cuda=True),
+                "whole step, torch.compile": time_call(lambda: compiled(x, t, y), repeats, cuda=True)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -47,6 +62,7 @@ def main() -> None:
     parser.add_argument("--spec", default="2in8")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--compile", action="store_true", help="also time the whole step under torch.compile (CUDA)")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -61,34 +77,44 @@ def main() -> None:
     modules = [nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d)).to(device)
                for _ in range(e)]
     x = torch.randn(1, n, d, device=device)
-    scores = layer_linear.router(x, False)[0]
+    with torch.no_grad():
+        scores = layer_linear.router(x, False)[0]
     mask, _ = expert_race(scores, k)
     flat_x, flat_w, flat_m = x[0], scores[0], mask[0]
     assert int(flat_m.sum()) == n * k
-    rows = []
+    dense_name = "dense MLP (equal activated FLOPs)"
     with torch.no_grad():
         timings = {
-            "dense MLP (equal activated FLOPs)": time_call(lambda: dense(flat_x), args.repeats, cuda=cuda),
-            "racedit sparse dispatch": time_call(lambda: sparse_dispatch(flat_x, flat_w, flat_m, experts), args.repeats, cuda=cuda),
-            "racedit MoE layer, linear router": time_call(lambda: layer_linear(x), args.repeats, cuda=cuda),
-            "racedit MoE layer, MLP router": time_call(lambda: layer_mlp(x), args.repeats, cuda=cuda),
-            "DiT-MoE-style loop + scatter_reduce": time_call(lambda: reference_loop(flat_x, flat_w, flat_m, modules), args.repeats, cuda=cuda),
+            dense_name: time_call(lambda: dense(flat_x), args.repeats, cuda=cuda),
+            "grouped dispatch, row tiles (served)": time_call(
+                lambda: grouped_dispatch(flat_x, flat_w, flat_m, experts, ROW_TILE), args.repeats, cuda=cuda),
+            "grouped dispatch, no tiles": time_call(
+                lambda: grouped_dispatch(flat_x, flat_w, flat_m, experts, None), args.repeats, cuda=cuda),
+            "per-expert NonZero loop (export path)": time_call(
+                lambda: loop_dispatch(flat_x, flat_w, flat_m, experts), args.repeats, cuda=cuda),
+            "DiT-MoE-style argsort loop + scatter_reduce": time_call(
+                lambda: reference_loop(flat_x, flat_w, flat_m, modules), args.repeats, cuda=cuda),
+            "MoE layer (linear router, served dispatch)": time_call(lambda: layer_linear(x), args.repeats, cuda=cuda),
+            "MoE layer (MLP router, served dispatch)": time_call(lambda: layer_mlp(x), args.repeats, cuda=cuda),
         }
-    base = timings["dense MLP (equal activated FLOPs)"]
-    for name, seconds in timings.items():
-        rows.append({"variant": name, "ms": seconds * 1000, "vs dense": seconds / base})
+        if args.compile and cuda:
+            timings.update(whole_step(device, args.repeats))
+    base = timings[dense_name]
+    rows = [{"variant": name, "ms": seconds * 1000, "vs dense": seconds / base} for name, seconds in timings.items()]
+    served = timings["grouped dispatch, row tiles (served)"]
     ratios = {
-        "dispatch_over_dense": timings["racedit sparse dispatch"] / base,
-        "layer_linear_router_over_dense": timings["racedit MoE layer, linear router"] / base,
-        "layer_mlp_router_over_dense": timings["racedit MoE layer, MLP router"] / base,
-        "dispatch_over_reference_loop": timings["racedit sparse dispatch"] / timings["DiT-MoE-style loop + scatter_reduce"],
+        "served_dispatch_over_dense": served / base,
+        "served_dispatch_over_per_expert_loop": served / timings["per-expert NonZero loop (export path)"],
+        "served_dispatch_over_argsort_loop": served / timings["DiT-MoE-style argsort loop + scatter_reduce"],
+        "row_tile_cost": served / timings["grouped dispatch, no tiles"],
+        "layer_mlp_router_over_dense": timings["MoE layer (MLP router, served dispatch)"] / base,
     }
     for row in rows:
-        print(f"{row['variant']:40s} {row['ms']:8.3f} ms  {row['vs dense']:.3f}x dense")
+        print(f"{row['variant']:45s} {row['ms']:8.3f} ms  {row['vs dense']:.3f}x dense")
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
     path = save(f"moe_layer-{device.type}", {"tokens": n, "dim": d, "spec": args.spec, "expert_hidden": hidden,
-                                             "ratios": ratios}, rows)
+                                             "row_tile": ROW_TILE, "ratios": ratios}, rows)
     print(f"saved {path}")
 
 

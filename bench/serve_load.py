@@ -7,6 +7,8 @@ arrivals at a fixed rate, how traffic from many independent users looks.
 
     python bench/serve_load.py [--checkpoint PATH] [--steps 25] [--max-batch-rows 64] [--rates 1.5 2.5]
     python bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64   # GPU figures, random weights
+    python bench/serve_load.py --preset XL/2 --moe 4in32 --device cuda --concurrency 1 16 64
+    python bench/serve_load.py --no-batch-invariant ...   # the same without exactness, for its cost
 
 Prints and saves bench/results/serve_load[-<preset>-<device>].{json,md}. On CUDA it also
 reports the share of the GPU's bf16 dense peak that the served forwards reached
@@ -41,11 +43,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, batching: str, max_batch_rows: int, device: str) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: str, batching: str, max_batch_rows: int, device: str, dtype: str = "auto",
+                 batch_invariant: bool = True) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "racedit.model.cli", "serve", "--checkpoint", checkpoint,
                              "--port", str(port), "--batching", batching, "--max-batch-rows", str(max_batch_rows),
-                             "--max-queue", "1024", "--log-level", "warning", "--device", device],
+                             "--max-queue", "1024", "--log-level", "warning", "--device", device, "--dtype", dtype,
+                             "--batch-invariant" if batch_invariant else "--no-batch-invariant"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -134,12 +138,14 @@ async def open_loop(url: str, rate: float, requests: int, steps: list[int], seed
     return summarize(latencies, requests, wall)
 
 
-def direct_engine(checkpoint: str, max_batch_rows: int, steps: list[int], requests: int, device: str) -> float:
+def direct_engine(checkpoint: str, max_batch_rows: int, steps: list[int], requests: int, device: str,
+                  dtype: str = "auto", batch_invariant: bool = True) -> float:
     """Images/s of the engine alone at saturation (every request queued at once)."""
     from racedit.server.engine import Engine, GenerationRequest, pick_device
 
-    torch_device, dtype = pick_device(device)
-    engine = Engine(load(checkpoint), torch_device, dtype, max_batch_rows=max_batch_rows, max_queue=requests + 1).start()
+    torch_device, torch_dtype = pick_device(device, dtype)
+    engine = Engine(load(checkpoint), torch_device, torch_dtype, max_batch_rows=max_batch_rows, max_queue=requests + 1,
+                    batch_invariant=batch_invariant).start()
     start = time.monotonic()
     futures = [engine.submit(GenerationRequest(**request_body(i, steps))) for i in range(requests)]
     for f in futures:
@@ -154,6 +160,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument("--preset", default=None, help="serve a randomly initialised preset instead (e.g. B/2)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA)")
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                        help="whole row tiles for every GEMM (exact bytes whatever the batch)")
+    parser.add_argument("--moe", default=None, help="MoE spec for --preset (e.g. 4in32 for XL/2)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 40],
                         help="step counts, cycled over requests (a mix, as real traffic has); one value for a uniform load")
@@ -168,13 +178,15 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     if args.preset:
-        args.checkpoint = random_checkpoint(args.preset)
+        args.checkpoint = random_checkpoint(args.preset, args.moe)
     saturation_requests = max(args.requests, 2 * max(args.concurrency))
-    direct = direct_engine(args.checkpoint, args.max_batch_rows, args.steps, saturation_requests, args.device)
+    direct = direct_engine(args.checkpoint, args.max_batch_rows, args.steps, saturation_requests, args.device,
+                           args.dtype, args.batch_invariant)
     print(f"direct engine: {direct:.2f} images/s ({saturation_requests} requests at once)")
     rows = []
     for batching in ("step", "static"):
-        proc, url = start_server(args.checkpoint, batching, args.max_batch_rows, args.device)
+        proc, url = start_server(args.checkpoint, batching, args.max_batch_rows, args.device, args.dtype,
+                                 args.batch_invariant)
         try:
             def record(arrivals: str, concurrency: Optional[int], result: dict) -> None:
                 rows.append({"batching": batching, "arrivals": arrivals, "concurrency": concurrency, **result})
@@ -206,13 +218,15 @@ def main() -> None:
         flops = flops_per_image(args.checkpoint, args.steps)
         summary["bf16_peak_share_at_saturation"] = step_top["images_per_s"] * flops / (args.peak_tflops * 1e12)
     print(summary)
-    name = "serve_load" + (f"-{args.preset.replace('/', '_')}-{args.device}" if args.preset else "") \
-        + ("-mixed" if len(args.steps) > 1 else "-uniform")
-    save(name, {"checkpoint": args.checkpoint, "preset": args.preset, "device": args.device, "steps": args.steps,
+    name = "serve_load" + (f"-{args.preset.replace('/', '_')}{'-' + args.moe if args.moe else ''}-{args.device}"
+                           if args.preset else "") \
+        + ("-mixed" if len(args.steps) > 1 else "-uniform") + ("" if args.batch_invariant else "-not-invariant")
+    save(name, {"checkpoint": args.checkpoint, "preset": args.preset, "moe": args.moe, "device": args.device,
+                "dtype": args.dtype, "batch_invariant": args.batch_invariant, "steps": args.steps,
                 "max_batch_rows": args.max_batch_rows, "summary": summary}, rows)
 
 
-def random_checkpoint(preset: str) -> str:
+def random_checkpoint(preset: str, moe: Optional[str] = None) -> str:
     """A randomly initialised preset (thresholds set by a few training forwards) for speed figures."""
     import tempfile
 
@@ -220,7 +234,7 @@ def random_checkpoint(preset: str) -> str:
 
     from racedit.model import build, save as save_checkpoint
 
-    model = build(preset).train()
+    model = build(preset, **({"moe": {"spec": moe}} if moe else {})).train()
     cfg = model.config
     with torch.no_grad():
         for _ in range(2):

@@ -1,0 +1,63 @@
+"""ms per denoising step: the served Race-DiT forward (threshold routing, grouped experts, row tiles)
+against a dense DiT of equal activated FLOPs (same preset, dense MLP), eager and under torch.compile.
+
+    python bench/engine_step.py --preset B/2 --device cuda --rows 64 128 256
+    python bench/engine_step.py --preset XL/2 --moe 4in32 --device cuda --rows 64 256 --dtype bfloat16
+    python bench/engine_step.py --preset shapes10 --device cpu --rows 16 64 --no-compile
+
+Random weights: the thresholds are set by a few training forwards so routing activates about k
+experts per token. Prints and saves bench/results/engine_step-<preset>-<device>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save, time_call  # noqa: E402
+
+from racedit.model import build
+from racedit.server.engine import pick_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="shapes10")
+    parser.add_argument("--moe", default=None, help="MoE spec override, e.g. 4in32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--rows", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    device, dtype = pick_device(args.device, args.dtype)
+    cuda = device.type == "cuda"
+    moe = build(args.preset, **({"moe": {"spec": args.moe}} if args.moe else {})).to(device).train()
+    cfg = moe.config
+    with torch.no_grad():  # thresholds from the race on random inputs
+        for _ in range(2):
+            moe(torch.randn(8, cfg.in_channels, cfg.image_size, cfg.image_size, device=device),
+                torch.rand(8, device=device), torch.randint(0, cfg.num_classes, (8,), device=device))
+    moe.eval().set_precision(dtype)
+    dense = build(args.preset, moe=None).to(device).eval().set_precision(dtype)
+    variants = {"Race-DiT served forward": moe, "dense DiT (equal activated FLOPs)": dense}
+    if args.compile:
+        variants["dense DiT, torch.compile"] = torch.compile(dense)
+    rows = []
+    for batch in args.rows:
+        x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+        t, y = torch.rand(batch, device=device), torch.randint(0, cfg.num_classes, (batch,), device=device)
+        with torch.no_grad():
+            for name, net in variants.items():
+                ms = time_call(lambda: net(x, t, y), args.repeats, cuda=cuda) * 1000
+                rows.append({"rows": batch, "variant": name, "ms_per_step": ms})
+                print(f"rows {batch:4d}  {name:36s} {ms:9.2f} ms")
+    save(f"engine_step-{args.preset.replace('/', '_')}{'-' + args.moe if args.moe else ''}-{device.type}",
+         {"preset": args.preset, "moe": args.moe, "dtype": str(dtype).removeprefix("torch.")}, rows)
+
+
+if __name__ == "__main__":
+    main()
