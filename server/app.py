@@ -245,8 +245,9 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
     async def readyz(request: Request) -> Any:
         eng: Optional[Engine] = getattr(request.app.state, "engine", None)
         if eng is None or not eng.ready:
-            return error(request, 503, "not ready" if eng is None or eng.accepting else "draining",
-                         {"Retry-After": str(settings.retry_after_s)})
+            state = ("not ready" if eng is None else "engine worker stopped" if eng.worker_died
+                     else "not ready" if eng.accepting else "draining")
+            return error(request, 503, state, {"Retry-After": str(settings.retry_after_s)})
         return Health(status="ready")
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)], tags=["models"])

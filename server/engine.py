@@ -145,6 +145,7 @@ class Engine:
         self._work = threading.Condition(self._lock)  # a job arrived, or stop
         self._idle = threading.Condition(self._lock)  # a job was answered
         self._accepting = False
+        self.worker_died = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         cfg = model.config
@@ -283,6 +284,7 @@ class Engine:
                                                             f"{type(exc).__name__}: {exc}"))
         finally:
             if not self._stop.is_set():
+                self.worker_died = True
                 log.error("engine worker died; answering every waiting request")
                 self._answer_all(ShuttingDown("the engine's worker stopped; retry on another replica"))
 

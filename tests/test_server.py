@@ -210,7 +210,8 @@ def test_a_dead_worker_answers_everyone_503_and_readyz_turns_503(server_factory)
         answers = [f.result(timeout=60) for f in (doomed, *queued)]
     assert [a.status_code for a in answers] == [503, 503, 503], [a.text for a in answers]
     assert all("worker stopped" in a.json()["detail"] for a in answers)
-    assert httpx.get(server.url + "/readyz").status_code == 503
+    ready = httpx.get(server.url + "/readyz")
+    assert ready.status_code == 503 and ready.json()["detail"] == "engine worker stopped"
     assert post(server, {"class_label": 1, "num_steps": 2}).status_code == 503
 
 
