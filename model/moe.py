@@ -13,7 +13,7 @@ Only selected pairs are computed (sparse dispatch), never all experts densely:
 
     grouped_dispatch  serving and training: the selected pairs sorted by expert, each
                       expert's group padded to whole row tiles, all experts as ONE grouped
-                      GEMM; one host sync (the pair count), batch-invariant (model/exact.py)
+                      GEMM; one host sync (tokens per expert), batch-invariant (model/exact.py)
     loop_dispatch     exports: per expert NonZero -> gather -> expert -> scatter-add,
                       data-dependent sizes with no host sync, so ONNX and torch.export
                       keep true sparse compute
@@ -126,7 +126,7 @@ class Experts(nn.Module):
 
     def run_grouped(self, rows: torch.Tensor, ends: torch.Tensor, tile_expert: torch.Tensor) -> torch.Tensor:
         """All experts at once on rows sorted into groups of whole tiles: rows [R, D], group e ends
-        at ends[e] (the last at R), tile j belongs to expert tile_expert[j] -> [R, D] (fp32)."""
+        at ends[e], tile j belongs to expert tile_expert[j] -> [R, D] (fp32)."""
         tiles = tile_expert.shape[0]
         h = grouped_mm(operand(rows, self.w1), operand(self.w1, self.w1), ends)
         h = h.view(tiles, -1, h.shape[1]).add_(operand(self.b1, self.w1)[tile_expert].unsqueeze(1))
@@ -145,23 +145,23 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     row is computed by the same kernel whatever the group's size. Each token then sums
     its gated expert outputs in expert order. A token with no expert receives zero.
     """
-    num_experts = mask.shape[1]
-    pairs = mask.reshape(-1).nonzero().squeeze(1)  # [P] flat (token, expert) index; the layer's one host sync
+    num_experts, tile = mask.shape[1], row_tile or 1
+    counts = mask.sum(0).tolist()  # tokens per expert, on the host: the layer's one sync
+    padded = [-(-c // tile) * tile for c in counts]  # each group in whole tiles
+    if not any(counts):
+        return torch.zeros_like(x, dtype=torch.float32)
+    pairs = torch.nonzero_static(mask.reshape(-1), size=sum(counts)).squeeze(1)  # flat (token, expert), no sync
     expert = pairs % num_experts
     order = torch.argsort(expert, stable=True)
     pairs, expert = pairs[order], expert[order]
     token = pairs // num_experts
-    tile = row_tile or 1
-    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).index_add_(0, expert, torch.ones_like(expert))  # [E]
-    padded = (counts + tile - 1) // tile * tile
-    ends = padded.cumsum(0)
-    slot = (ends - padded - counts.cumsum(0) + counts)[expert] + torch.arange(pairs.numel(), device=x.device)
-    tiles = (pairs.numel() + tile - 1) // tile + num_experts  # an upper bound of ends[-1] / tile, known without a sync
-    rows = x.new_zeros(tiles * tile, x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
-    # The last group runs on to the end of the buffer (zero rows), so every row is defined -- also for backward.
-    ends = torch.cat([ends[:-1], ends.new_full((1,), tiles * tile)])
-    tile_start = torch.arange(0, tiles * tile, tile, device=x.device)
-    tile_expert = torch.searchsorted(ends, tile_start, right=True).clamp_(max=num_experts - 1)
+    ends = torch.tensor(padded, device=x.device).cumsum(0)
+    shift = ends - torch.tensor(padded, device=x.device) - torch.tensor(counts, device=x.device).cumsum(0) \
+        + torch.tensor(counts, device=x.device)  # padded group start minus packed group start, per expert
+    slot = shift[expert] + torch.arange(pairs.numel(), device=x.device)  # each pair's row in the padded buffer
+    rows = x.new_zeros(sum(padded), x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
+    tile_expert = torch.arange(num_experts, device=x.device).repeat_interleave(
+        torch.tensor([p // tile for p in padded], device=x.device), output_size=sum(padded) // tile)
     y = experts.run_grouped(rows, ends, tile_expert).index_select(0, slot)  # [P, D]
     gate_values = weights.reshape(-1).index_select(0, pairs).unsqueeze(1).float()
     return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, y.mul_(gate_values))
