@@ -156,8 +156,6 @@ def build_engine(settings: ServeSettings) -> Engine:
 
     device, dtype = pick_device(settings.device, settings.dtype)
     if settings.backend == "onnxruntime":
-        if settings.dtype not in ("auto", "float32"):
-            raise ValueError(f"--dtype {settings.dtype} applies to the torch backend; the ONNX file fixes its own precision")
         from racedit.export.external import load_onnx_model
 
         # onnxruntime picks its own provider (CUDA where present unless --device cpu); tensors cross on the CPU.

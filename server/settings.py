@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from racedit.model import DEFAULT_CHECKPOINT
@@ -38,3 +38,9 @@ class ServeSettings(BaseSettings):
     api_key: Optional[SecretStr] = Field(None, description="bearer key required on every route but health")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503")
     log_level: str = Field("info", description="uvicorn log level")
+
+    @model_validator(mode="after")
+    def _dtype_applies_to_torch(self) -> "ServeSettings":
+        if self.backend == "onnxruntime" and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"dtype {self.dtype} applies to the torch backend; an ONNX file fixes its own precision")
+        return self
