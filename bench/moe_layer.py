@@ -1,5 +1,6 @@
-"""MoE layer speed: racedit's grouped dispatch (batch-invariant and not) against the per-expert
-NonZero loop (the export path), a DiT-MoE-style argsort loop, and a dense MLP of equal activated FLOPs.
+"""MoE layer speed: racedit's served dispatch (sorted groups on a CPU, one grouped GEMM on CUDA; with
+and without row tiles) against the per-expert NonZero loop (the export path), a DiT-MoE-style argsort
+loop, and a dense MLP of equal activated FLOPs.
 
     python bench/moe_layer.py [--tokens 4096] [--dim 256] [--spec 2in8] [--device cpu|cuda] [--compile]
 
@@ -21,7 +22,8 @@ from common import save, time_call  # noqa: E402
 
 from racedit.model.config import MoEConfig
 from racedit.model.exact import ROW_TILE
-from racedit.model.moe import Experts, MoELayer, expert_race, grouped_dispatch, loop_dispatch
+from racedit.model.moe import (Experts, MoELayer, expert_race, grouped_dispatch, loop_dispatch, served_dispatch,
+                               sorted_dispatch)
 
 
 def reference_loop(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: list[nn.Module]) -> torch.Tensor:
@@ -86,10 +88,12 @@ def main() -> None:
     with torch.no_grad():
         timings = {
             dense_name: time_call(lambda: dense(flat_x), args.repeats, cuda=cuda),
-            "grouped dispatch, row tiles (served)": time_call(
+            "sorted dispatch, row tiles (served on CPU)": time_call(
+                lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts, ROW_TILE), args.repeats, cuda=cuda),
+            "sorted dispatch, no tiles": time_call(
+                lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts, None), args.repeats, cuda=cuda),
+            "grouped dispatch, row tiles (served on CUDA)": time_call(
                 lambda: grouped_dispatch(flat_x, flat_w, flat_m, experts, ROW_TILE), args.repeats, cuda=cuda),
-            "grouped dispatch, no tiles": time_call(
-                lambda: grouped_dispatch(flat_x, flat_w, flat_m, experts, None), args.repeats, cuda=cuda),
             "per-expert NonZero loop (export path)": time_call(
                 lambda: loop_dispatch(flat_x, flat_w, flat_m, experts), args.repeats, cuda=cuda),
             "DiT-MoE-style argsort loop + scatter_reduce": time_call(
@@ -101,12 +105,13 @@ def main() -> None:
             timings.update(whole_step(device, args.repeats))
     base = timings[dense_name]
     rows = [{"variant": name, "ms": seconds * 1000, "vs dense": seconds / base} for name, seconds in timings.items()]
-    served = timings["grouped dispatch, row tiles (served)"]
+    served = timings["grouped dispatch, row tiles (served on CUDA)" if served_dispatch(device) == "grouped"
+                     else "sorted dispatch, row tiles (served on CPU)"]
     ratios = {
         "served_dispatch_over_dense": served / base,
         "served_dispatch_over_per_expert_loop": served / timings["per-expert NonZero loop (export path)"],
         "served_dispatch_over_argsort_loop": served / timings["DiT-MoE-style argsort loop + scatter_reduce"],
-        "row_tile_cost": served / timings["grouped dispatch, no tiles"],
+        "row_tile_cost_sorted": timings["sorted dispatch, row tiles (served on CPU)"] / timings["sorted dispatch, no tiles"],
         "layer_mlp_router_over_dense": timings["MoE layer (MLP router, served dispatch)"] / base,
     }
     for row in rows:

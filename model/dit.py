@@ -174,11 +174,12 @@ class RaceDiT(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
-    def set_execution(self, row_tile: Optional[int] = ROW_TILE, dispatch: str = "grouped") -> "RaceDiT":
-        """How GEMMs run. Serving: whole row tiles and one grouped GEMM per MoE layer (batch-invariant,
-        model/exact.py). Exports: `row_tile=None, dispatch="loop"` keep the traced graph shape-generic."""
-        if dispatch not in DISPATCH:
-            raise ValueError(f"dispatch must be one of {', '.join(DISPATCH)}, got {dispatch!r}")
+    def set_execution(self, row_tile: Optional[int] = ROW_TILE, dispatch: str = "auto") -> "RaceDiT":
+        """How GEMMs run. Serving: whole row tiles, experts by sorted groups (`auto`: one grouped GEMM
+        on CUDA, group after group on a CPU; batch-invariant, model/exact.py). Exports:
+        `row_tile=None, dispatch="loop"` keep the traced graph shape-generic."""
+        if dispatch != "auto" and dispatch not in DISPATCH:
+            raise ValueError(f"dispatch must be auto or one of {', '.join(DISPATCH)}, got {dispatch!r}")
         for module in self.modules():
             if isinstance(module, (Linear, MoELayer)):
                 module.row_tile = row_tile

@@ -77,22 +77,17 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, self.row_tile)
 
 
-def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """rows [R, K] @ weights[g] for the rows of group g, groups ending at `ends` [G] -> [R, N].
+def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """rows [R, K] @ weights[g] for the rows of group g, the groups `sizes` rows long in order (R = their sum) -> [R, N].
 
-    One grouped GEMM (`torch._grouped_mm`) where the device has one: on the CPU always, on
-    CUDA for bf16 on Hopper and newer. Elsewhere a loop over the groups, which reads the
-    group ends on the host (one more sync).
+    One grouped GEMM (`torch._grouped_mm`) on CUDA for bf16 on Hopper and newer; elsewhere
+    the groups one after another (their sizes are already on the host: no sync).
     """
-    if rows.device.type == "cpu" or (rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0)):
-        return torch._grouped_mm(rows, weights, offs=ends.to(torch.int32))
-    out = rows.new_zeros(rows.shape[0], weights.shape[-1])
-    start = 0
-    for g, end in enumerate(ends.tolist()):
-        if end > start:
-            out[start:end] = rows[start:end] @ weights[g]
-        start = end
-    return out
+    if rows.is_cuda and rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0):
+        ends = torch.tensor(sizes, device=rows.device).cumsum(0).to(torch.int32)
+        return torch._grouped_mm(rows, weights, offs=ends)
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    return torch.cat([rows[start:start + size] @ weights[g] for g, (start, size) in enumerate(zip(starts, sizes)) if size])
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
