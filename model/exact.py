@@ -10,7 +10,7 @@ the batch-mates. So:
   * every GEMM is called with a row count that is a multiple of `ROW_TILE` (rows are
     zero-padded; padding rows are discarded), so the same kernel computes every row,
     whatever the batch -- a row's result never depends on how many rows share the call;
-  * experts run as one grouped GEMM over groups each padded to whole tiles, and the
+  * experts run over groups sorted by expert, each padded to whole tiles, and the
     per-token sum over its experts is added in expert order, the same for every batch;
   * parameters may be stored in bf16/fp16, but activations enter and leave every GEMM
     in fp32: thresholds, timesteps, latents, norms and the sampler stay fp32, and only
@@ -24,6 +24,7 @@ because no library documents these kernel choices as a contract.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -86,16 +87,5 @@ def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int]) -> t
     if rows.is_cuda and rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0):
         ends = torch.tensor(sizes, device=rows.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(rows, weights, offs=ends)
-    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    starts = [0, *itertools.accumulate(sizes)][:-1]
     return torch.cat([rows[start:start + size] @ weights[g] for g, (start, size) in enumerate(zip(starts, sizes)) if size])
-
-
-def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Store the parameters in `dtype`; buffers (thresholds, positions) stay fp32.
-
-    `Module.to(dtype)` would also cast the learned thresholds (and round t = 0.96 to
-    0.9609 on the way in); here only weights change, so only the GEMMs run reduced.
-    """
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model

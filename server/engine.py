@@ -11,7 +11,7 @@ images never depend on its batch-mates or on when it joined.
 them together to completion, and only then admit more.
 
 Exactness: with `batch_invariant` (the default) every GEMM runs on whole row tiles
-and the experts as one tile-padded grouped GEMM (model/exact.py), so a request's
+and each expert's group is padded to whole tiles (model/exact.py, model/moe.py), so a request's
 final float samples are the same bytes alone or in any batch; `start()` checks
 that end to end on this host and reports it as `Engine.batch_invariant`.
 
@@ -329,7 +329,7 @@ class Engine:
             self._fail(job, Cancelled("client disconnected"))
             return
         if job.deadline is not None and time.monotonic() > job.deadline:
-            self._fail(job, DeadlineExceeded(f"waited in the queue past its {job.request.timeout_s} s deadline"))
+            self._fail_expired([job])
             return
         if not job.future.set_running_or_notify_cancel():
             self._forget(job)
@@ -384,14 +384,18 @@ class Engine:
         """One denoising step for every image of `jobs`, as one batch; one copy to the host."""
         start = time.perf_counter()
         counts = [job.request.num_images for job in jobs]
-        ts = torch.tensor([job.grid[job.step] for job in jobs]).repeat_interleave(torch.tensor(counts))
-        t_next = torch.tensor([job.grid[job.step + 1] for job in jobs]).repeat_interleave(torch.tensor(counts))
-        labels = torch.tensor([job.request.class_label for job in jobs]).repeat_interleave(torch.tensor(counts))
-        scales = torch.tensor([job.request.cfg_scale for job in jobs]).repeat_interleave(torch.tensor(counts))
+        images = torch.tensor(counts)
+
+        def per_image(values: list) -> torch.Tensor:  # one value per job -> one per image, on the device
+            return torch.tensor(values).repeat_interleave(images).to(self.device)
+
+        t = per_image([job.grid[job.step] for job in jobs])
+        t_next = per_image([job.grid[job.step + 1] for job in jobs])
+        labels = per_image([job.request.class_label for job in jobs])
+        scales = per_image([job.request.cfg_scale for job in jobs])
         x = torch.cat([job.x for job in jobs])
-        t = ts.to(self.device)
-        v, ept, load, owner = guided_velocity(self.model, x, t, labels.to(self.device), scales.to(self.device))
-        x = euler_update(x, v, t, t_next.to(self.device))
+        v, ept, load, owner = guided_velocity(self.model, x, t, labels, scales)
+        x = euler_update(x, v, t, t_next)
         usage = usage_by_image(ept, load, owner, x.shape[0]).cpu()  # [n_layers, N, L + E]
         offset = 0
         for job, n in zip(jobs, counts):
