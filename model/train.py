@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class DataConfig:
     length: int = 50_000
     seed: int = 0
     style: dict = field(default_factory=dict)  # ShapesStyle fields
+    class_weights: dict = field(default_factory=dict)  # class name -> sampling weight (others 1.0)
 
 
 @dataclass
@@ -156,6 +157,8 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
     if data.name == "imagefolder" and model.in_channels != 3:
         raise ConfigError("training on an ImageFolder works in pixel space: model.in_channels must be 3")
     _known_fields(ShapesStyle, data.style, "data.style")
+    if model.class_names is not None:  # an ImageFolder's classes are known once it is read
+        class_weight_vector(data, model.class_names)
     optim = sections["optim"]
     for key in ("steps", "batch_size"):
         if getattr(optim, key) < 1:
@@ -259,6 +262,29 @@ def _dataset(config: TrainConfig, folder: Optional[ImageFolder]) -> tuple[torch.
     return ((torch.stack(xs) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), torch.tensor(ys)
 
 
+def class_weight_vector(data: DataConfig, class_names: list[str]) -> torch.Tensor:
+    """[num_classes] sampling weights from `data.class_weights` (1.0 for classes it leaves out)."""
+    for name, weight in data.class_weights.items():
+        if name not in class_names:
+            raise ConfigError(f"data.class_weights: {name!r} is not a class of the model ({', '.join(class_names)})")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"data.class_weights.{name} must be a number > 0, got {weight!r}")
+    return torch.tensor([float(data.class_weights.get(name, 1.0)) for name in class_names])
+
+
+def batch_sampler(config: TrainConfig, labels: torch.Tensor,
+                  device: torch.device) -> Callable[[torch.Generator], torch.Tensor]:
+    """Draws a batch of dataset indices: uniform, or weighted by class when `data.class_weights`
+    asks for more of some classes (the hard ones) per batch."""
+    size = config.optim.batch_size
+    if not config.data.class_weights:
+        return lambda generator: torch.randint(0, labels.shape[0], (size,), generator=generator,
+                                               device=device).cpu()
+    by_class = class_weight_vector(config.data, config.model.class_names)
+    weights = by_class[labels].to(device)
+    return lambda generator: torch.multinomial(weights, size, replacement=True, generator=generator).cpu()
+
+
 def save_grid(images: torch.Tensor, path: Path, columns: int = 10, scale: int = 3) -> None:
     """uint8 [N, 3, H, W] -> one PNG grid."""
     n, _, h, w = images.shape
@@ -322,6 +348,7 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
                   "world_size": world, "device": str(device), "resumed_from": str(resume) if resume else None,
                   "initialised_from": str(init) if init else None}
     images, labels = _dataset(config, folder)
+    draw_batch = batch_sampler(config, labels, device)
     wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     csv_path = out / "metrics.csv"
     writer = None
@@ -333,7 +360,7 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     start_step = step
     o = config.optim
     while step < o.steps:
-        index = torch.randint(0, images.shape[0], (o.batch_size,), generator=generator, device=device).cpu()
+        index = draw_batch(generator)
         x0 = (images[index].to(device).float() / 127.5 - 1.0)
         y = labels[index].to(device)
         lr = learning_rate(o, step)

@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from racedit.model import load
 from racedit.model.config import ConfigError
-from racedit.model.train import OptimConfig, Restart, learning_rate, load_config, parse_config, train
+from racedit.model.train import (OptimConfig, Restart, batch_sampler, learning_rate, load_config, parse_config,
+                                 train)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,6 +119,9 @@ def test_warm_restarts_repeat_hold_and_cool_down():
      r"optim.steps \(40\) must leave room for the last piece"),
     (lambda d: (d["data"].update(name="imagefolder", root="x"), d["model"].update(in_channels=4)),
      "ImageFolder works in pixel space: model.in_channels must be 3"),
+    (lambda d: d["data"].update(class_weights={"octagon": 2.0}), "data.class_weights: 'octagon' is not a class"),
+    (lambda d: d["data"].update(class_weights={"hexagon": 0}), "data.class_weights.hexagon must be a number > 0"),
+    (lambda d: d["data"].update(class_weights={"hexagon": True}), "data.class_weights.hexagon must be a number > 0"),
 ])
 def test_bad_config_fails_before_training(mutate, message):
     doc = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
@@ -132,6 +137,20 @@ def test_cli_reports_bad_config_clearly(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "model.image_size 16 is not divisible by model.patch_size 5" in result.stderr
+
+
+def test_class_weights_draw_more_of_the_named_classes():
+    doc = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    doc["data"]["class_weights"] = {"hexagon": 3.0}
+    config = parse_config(doc)
+    labels = torch.arange(10_000) % 10
+    draw = batch_sampler(config, labels, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    share = torch.bincount(labels[torch.cat([draw(generator) for _ in range(200)])], minlength=10).float()
+    share /= share.sum()
+    hexagon = config.model.class_names.index("hexagon")
+    assert share[hexagon] == pytest.approx(3 / 12, abs=0.02)  # 3 of 12 weight units
+    assert all(share[c] == pytest.approx(1 / 12, abs=0.015) for c in range(10) if c != hexagon)
 
 
 def test_shipped_configs_parse():
