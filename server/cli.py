@@ -75,9 +75,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if settings.backend == "onnxruntime" and settings.onnx is None:
         print("racedit serve: error: --backend onnxruntime needs --onnx PATH", file=sys.stderr)
         return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.ray:
+        try:
+            from .ray_serve import run
+        except ImportError as exc:
+            print(f"racedit serve: error: --ray needs Ray Serve (pip install 'racedit[ray]'): {exc}", file=sys.stderr)
+            return 2
+        return run(settings)
     from .app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)

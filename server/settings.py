@@ -38,9 +38,22 @@ class ServeSettings(BaseSettings):
     api_key: Optional[SecretStr] = Field(None, description="bearer key required on every route but health")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503")
     log_level: str = Field("info", description="uvicorn log level")
+    ray: bool = Field(False, description="serve on Ray Serve (racedit[ray]): one engine per replica behind Ray's "
+                                         "HTTP proxy on --host/--port; joins RAY_ADDRESS or starts a local Ray")
+    replicas: int = Field(1, ge=1, description="Ray Serve replicas, each with its own engine and these settings")
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica (its torch threads)")
+    replica_metrics_port: Optional[int] = Field(
+        None, ge=1, le=65535, description="with --ray: each replica also serves its engine's racedit_* series on "
+                                          "this port + its rank on its node, for Prometheus to scrape")
 
     @model_validator(mode="after")
     def _dtype_applies_to_torch(self) -> "ServeSettings":
         if self.backend == "onnxruntime" and self.dtype not in ("auto", "float32"):
             raise ValueError(f"dtype {self.dtype} applies to the torch backend; an ONNX file fixes its own precision")
+        return self
+
+    @model_validator(mode="after")
+    def _replicas_need_ray(self) -> "ServeSettings":
+        if self.replicas > 1 and not self.ray:
+            raise ValueError(f"replicas {self.replicas} needs --ray (one process serves one engine)")
         return self

@@ -33,6 +33,7 @@ class GenerateResult:
     timing: Timing
     raw: GenerateResponse
     arrays: list[Any] = field(default_factory=list)
+    replica: Optional[str] = None  # the Ray Serve replica that answered (x-racedit-replica), if any
 
 
 class _Core:
@@ -119,7 +120,8 @@ class _Core:
                 image.load()
                 images.append(image.copy())
         return GenerateResult(id=raw.id, model=raw.model, images=images, seeds=[i.seed for i in raw.images],
-                              expert_usage=raw.expert_usage, timing=raw.timing, raw=raw, arrays=arrays)
+                              expert_usage=raw.expert_usage, timing=raw.timing, raw=raw, arrays=arrays,
+                              replica=response.headers.get("x-racedit-replica"))
 
 
 def _describe(detail: Any) -> str:
