@@ -18,7 +18,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (16..20)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="aot: compile for this device")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="aot: compile for this device; triton: the denoiser's instance kind (KIND_CPU or "
+                             "KIND_GPU) (default: %(default)s)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         from .onnx_export import check_opset
@@ -37,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             from .triton_repo import build_triton_repo
 
-            path = build_triton_repo(model, args.checkpoint, out, opset=args.opset)
+            path = build_triton_repo(model, args.checkpoint, out, opset=args.opset, device=args.device)
     except (ExportError, CheckpointError) as exc:
         print(f"racedit export: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ Needs `racedit` installed in the Python backend's environment (see README).
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,10 @@ class TritonPythonModel:
                     raise ValueError(f"class_label must be in 0..{self.num_classes - 1}")
                 scales = self._input(request, "cfg_scale", 4.0, n, np.float32)
                 steps = self._input(request, "num_steps", 25, n, np.int32)
-                seeds = self._input(request, "seed", 0, n, np.int64)
+                # As the HTTP routes: a seed left out is drawn at random, and every seed is echoed.
+                seeds = self._input(request, "seed", -1, n, np.int64)
+                drawn = seeds < 0
+                seeds[drawn] = [secrets.randbelow(2**31) for _ in range(int(drawn.sum()))]
                 if (steps < 1).any():
                     raise ValueError("num_steps must be >= 1")
                 images = np.zeros((n, self.denoiser.config.image_size, self.denoiser.config.image_size, 3), np.uint8)
@@ -83,7 +87,8 @@ class TritonPythonModel:
                     images[rows] = out.permute(0, 2, 3, 1).numpy()
                     experts[rows] = [u["mean_experts_per_token"] for u in usage]
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("image", images), pb_utils.Tensor("mean_experts_per_token", experts)]))
+                    pb_utils.Tensor("image", images), pb_utils.Tensor("mean_experts_per_token", experts),
+                    pb_utils.Tensor("seed", seeds)]))
             except Exception as exc:  # answer every request, never drop it
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))
         return responses

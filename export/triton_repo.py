@@ -24,7 +24,12 @@ DENOISER = "racedit_denoiser"
 PIPELINE = "racedit"
 
 
-def denoiser_config(model: RaceDiT, max_batch_size: int = 256, instances: int = 1) -> str:
+INSTANCE_KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU"}
+
+
+def denoiser_config(model: RaceDiT, device: str = "cuda", max_batch_size: int = 256, instances: int = 1) -> str:
+    """The denoiser's config.pbtxt. One instance kind (from `device`), so Triton's batcher never
+    sends a step of a GPU deployment to a CPU instance, and a CPU-only Triton loads it."""
     cfg = model.config
     layers = len(model.moe_layers)
     experts = cfg.moe.num_experts if cfg.moe else 0
@@ -45,8 +50,7 @@ dynamic_batching {{
   max_queue_delay_microseconds: 2000
 }}
 instance_group [
-  {{ count: {instances} kind: KIND_GPU }},
-  {{ count: {instances} kind: KIND_CPU }}
+  {{ count: {instances} kind: {INSTANCE_KINDS[device]} }}
 ]
 """
 
@@ -64,7 +68,8 @@ input [
 ]
 output [
   {{ name: "image" data_type: TYPE_UINT8 dims: [ -1, {size}, {size}, 3 ] }},
-  {{ name: "mean_experts_per_token" data_type: TYPE_FP32 dims: [ -1 ] }}
+  {{ name: "mean_experts_per_token" data_type: TYPE_FP32 dims: [ -1 ] }},
+  {{ name: "seed" data_type: TYPE_INT64 dims: [ -1 ] }}
 ]
 instance_group [
   {{ count: {instances} kind: KIND_CPU }}
@@ -95,10 +100,13 @@ def parse_config(text: str):
 
 
 def build_triton_repo(model: RaceDiT, checkpoint: Union[str, os.PathLike], out: Union[str, os.PathLike],
-                      opset: int = 17) -> Path:
+                      opset: int = 17, device: str = "cuda") -> Path:
+    """Write the repository; `device` (cpu | cuda) is the denoiser's instance kind."""
+    if device not in INSTANCE_KINDS:
+        raise ValueError(f"device must be one of {', '.join(INSTANCE_KINDS)}, got {device!r}")
     out = Path(out)
     export_onnx(model, out / DENOISER / "1" / "model.onnx", opset=opset, batch_first=True)
-    (out / DENOISER / "config.pbtxt").write_text(denoiser_config(model))
+    (out / DENOISER / "config.pbtxt").write_text(denoiser_config(model, device))
     version = out / PIPELINE / "1"
     version.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(__file__).with_name("triton_model.py"), version / "model.py")

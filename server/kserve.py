@@ -1,8 +1,8 @@
 """KServe v2 / Open Inference Protocol routes, so the stock `tritonclient.http` works unchanged.
 
 Inputs: class_label INT64 [N], cfg_scale FP32 [N], num_steps INT32 [N], seed INT64 [N]
-(all but class_label optional). Outputs: image UINT8 [N, H, W, 3] and
-mean_experts_per_token FP32 [N]. Tensors travel as JSON lists or through
+(all but class_label optional; a seed left out is drawn at random). Outputs: image
+UINT8 [N, H, W, 3], mean_experts_per_token FP32 [N] and seed INT64 [N] (the seeds used). Tensors travel as JSON lists or through
 Triton's binary tensor extension (`Inference-Header-Content-Length`).
 """
 from __future__ import annotations
@@ -130,7 +130,8 @@ def kserve_router(require_key: Callable, engine_error: Callable, settings: Serve
         return {"name": name, "versions": ["1"], "platform": "racedit",
                 "inputs": [{"name": n, "datatype": d, "shape": [-1]} for n, d in INPUTS],
                 "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, size, size, 3]},
-                            {"name": "mean_experts_per_token", "datatype": "FP32", "shape": [-1]}]}
+                            {"name": "mean_experts_per_token", "datatype": "FP32", "shape": [-1]},
+                            {"name": "seed", "datatype": "INT64", "shape": [-1]}]}
 
     @router.get("/v2/models/{name}/ready", dependencies=[Depends(require_key)])
     @router.get("/v2/models/{name}/versions/{version}/ready", dependencies=[Depends(require_key)])
@@ -182,8 +183,10 @@ def kserve_router(require_key: Callable, engine_error: Callable, settings: Serve
             return Response(status_code=499)
         images = np.concatenate([r.images for r in results])
         ept = np.array([r.expert_usage["mean_experts_per_token"] for r in results], dtype=np.float32)
+        seeds = np.array([job.seed for job in jobs], dtype=np.int64)
         try:
-            return encode_outputs(document, {"image": ("UINT8", images), "mean_experts_per_token": ("FP32", ept)},
+            return encode_outputs(document, {"image": ("UINT8", images), "mean_experts_per_token": ("FP32", ept),
+                                             "seed": ("INT64", seeds)},
                                   name, request.state.request_id)
         except InferError as exc:
             return _error(400, str(exc))

@@ -80,14 +80,19 @@ def test_aot_inductor_parity(checkpoint, tmp_path):
 
 def test_triton_repository(checkpoint, tmp_path):
     model = load(checkpoint)
-    repo = build_triton_repo(model, checkpoint, tmp_path / "repo")
+    repo = build_triton_repo(model, checkpoint, tmp_path / "repo", device="cpu")
     denoiser = parse_config((repo / "racedit_denoiser" / "config.pbtxt").read_text())
     assert denoiser.backend == "onnxruntime" and denoiser.max_batch_size > 0
-    assert denoiser.dynamic_batching.max_queue_delay_microseconds > 0 and len(denoiser.instance_group) >= 1
+    assert denoiser.dynamic_batching.max_queue_delay_microseconds > 0
+    kinds = {type(group).Kind.Name(group.kind) for group in denoiser.instance_group}
+    assert kinds == {"KIND_CPU"}  # one kind: a CPU-only Triton loads it, a GPU one never runs steps on the CPU
+    gpu = parse_config((build_triton_repo(model, checkpoint, tmp_path / "gpu", device="cuda")
+                        / "racedit_denoiser" / "config.pbtxt").read_text())
+    assert {type(group).Kind.Name(group.kind) for group in gpu.instance_group} == {"KIND_GPU"}
     pipeline = parse_config((repo / "racedit" / "config.pbtxt").read_text())
     assert pipeline.backend == "python"
     assert [i.name for i in pipeline.input] == ["class_label", "cfg_scale", "num_steps", "seed"]
-    assert [o.name for o in pipeline.output] == ["image", "mean_experts_per_token"]
+    assert [o.name for o in pipeline.output] == ["image", "mean_experts_per_token", "seed"]
     with pytest.raises(Exception):
         parse_config('name: "x"\nbackend: "python"\nnot_a_field: 3\n')
 
@@ -106,8 +111,17 @@ def test_triton_repository(checkpoint, tmp_path):
         fake_triton.Tensor("num_steps", np.array([5, 3, 5], np.int32)),
         fake_triton.Tensor("seed", np.array([7, 8, 9], np.int64))])
     bad = fake_triton.InferenceRequest(inputs=[fake_triton.Tensor("class_label", np.array([99], np.int64))])
-    good, refused = triton_model.execute([request, bad])
+    unseeded = fake_triton.InferenceRequest(inputs=[fake_triton.Tensor("class_label", np.array([2, 2], np.int64)),
+                                                    fake_triton.Tensor("num_steps", np.array([2, 2], np.int32))])
+    good, refused, drawn = triton_model.execute([request, bad, unseeded])
     assert not good.has_error() and refused.has_error() and "class_label" in refused.error().message()
+    assert fake_triton.get_output_tensor_by_name(good, "seed").as_numpy().tolist() == [7, 8, 9]
+    random_seeds = fake_triton.get_output_tensor_by_name(drawn, "seed").as_numpy()
+    assert random_seeds[0] != random_seeds[1] and (random_seeds >= 0).all()  # random, as the HTTP routes
+    again, _ = generate(model, labels=[2], cfg_scale=4.0, num_steps=2, seeds=[int(random_seeds[1])])
+    diff = fake_triton.get_output_tensor_by_name(drawn, "image").as_numpy()[1].astype(int) \
+        - again[0].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(diff).max() <= 2  # the echoed seed reproduces the image
     images = fake_triton.get_output_tensor_by_name(good, "image").as_numpy()
     assert images.shape == (3, model.config.image_size, model.config.image_size, 3)
     expected, _ = generate(model, labels=[6, 3], cfg_scale=[4.0, 2.0], num_steps=5, seeds=[7, 9])

@@ -252,6 +252,13 @@ def test_tritonclient_http_infer(server):
     via_generate = post(server, {"class_label": 6, "cfg_scale": 3.0, "num_steps": 6, "seed": 11}).json()
     assert np.array_equal(images[0], decode(via_generate["images"][0]))
     assert result.as_numpy("mean_experts_per_token").shape == (2,)
+    assert [o["name"] for o in meta["outputs"]] == ["image", "mean_experts_per_token", "seed"]
+    unseeded = triton.InferInput("class_label", [2], "INT64")
+    unseeded.set_data_from_numpy(np.array([1, 1], dtype=np.int64))
+    steps = triton.InferInput("num_steps", [2], "INT32")
+    steps.set_data_from_numpy(np.array([3, 3], dtype=np.int32))
+    seeds = client.infer("racedit-tiny", [unseeded, steps]).as_numpy("seed")
+    assert seeds.dtype == np.int64 and seeds[0] != seeds[1]  # drawn at random and echoed, as /generate does
     # JSON (non-binary) tensors work too, and bad input is a 400 with a message.
     item = triton.InferInput("class_label", [1], "INT64")
     item.set_data_from_numpy(np.array([2], dtype=np.int64), binary_data=False)
