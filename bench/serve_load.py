@@ -9,8 +9,11 @@ arrivals at a fixed rate, how traffic from many independent users looks.
     python bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64   # GPU figures, random weights
     python bench/serve_load.py --preset XL/2 --moe 4in32 --device cuda --concurrency 1 16 64
     python bench/serve_load.py --no-batch-invariant ...   # the same without exactness, for its cost
+    python bench/serve_load.py --preset tiny --ray-replicas 1 2 --concurrency 32   # Ray Serve scale-out
 
-Prints and saves bench/results/serve_load[-<preset>-<device>].{json,md}. On CUDA it also
+With `--ray-replicas`, step batching is measured on the plain server and on `racedit serve
+--ray` with each replica count (the host's cores split evenly between replicas), instead of
+step against static batching. Prints and saves bench/results/serve_load[-ray][-<preset>-<device>].{json,md}. On CUDA it also
 reports the share of the GPU's bf16 dense peak that the served forwards reached
 (`--peak-tflops`, default 989 for an H100 SXM). All traffic stays on loopback,
 bounded in count and time.
@@ -44,15 +47,24 @@ def free_port() -> int:
 
 
 def start_server(checkpoint: str, batching: str, max_batch_rows: int, device: str, dtype: str = "auto",
-                 batch_invariant: bool = True) -> tuple[subprocess.Popen, str]:
+                 batch_invariant: bool = True, ray_replicas: Optional[int] = None) -> tuple[subprocess.Popen, str]:
+    """`racedit serve` (or, with `ray_replicas`, `racedit serve --ray` on a local Ray) on loopback."""
+    import tempfile
+
     port = free_port()
+    extra, env = [], dict(os.environ)
+    if ray_replicas:
+        cpus = (os.cpu_count() or 1) / ray_replicas
+        extra = ["--ray", "--replicas", str(ray_replicas), "--replica-cpus", f"{cpus:g}"]
+        env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="rd", dir="/tmp"), RAY_AUTH_MODE="disabled",
+                   RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen([sys.executable, "-m", "racedit.model.cli", "serve", "--checkpoint", checkpoint,
                              "--port", str(port), "--batching", batching, "--max-batch-rows", str(max_batch_rows),
                              "--max-queue", "1024", "--log-level", "warning", "--device", device, "--dtype", dtype,
-                             "--batch-invariant" if batch_invariant else "--no-batch-invariant"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--batch-invariant" if batch_invariant else "--no-batch-invariant", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 240
     while time.time() < deadline:
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
@@ -175,10 +187,14 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=[],
                         help="open-loop Poisson arrival rates (requests/s) to run after the closed-loop sweep")
     parser.add_argument("--time-limit", type=float, default=90.0, help="seconds per closed-loop cell")
+    parser.add_argument("--ray-replicas", type=int, nargs="*", default=[],
+                        help="measure Ray Serve with these replica counts against the plain server (step batching)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     if args.preset:
         args.checkpoint = random_checkpoint(args.preset, args.moe)
+    if args.ray_replicas:
+        return ray_scale_out(args)
     saturation_requests = max(args.requests, 2 * max(args.concurrency))
     direct = direct_engine(args.checkpoint, args.max_batch_rows, args.steps, saturation_requests, args.device,
                            args.dtype, args.batch_invariant)
@@ -194,9 +210,7 @@ def main() -> None:
                       f"p95 {result['p95_ms']:.0f} ms ({result['measured']} measured of {result['images']})")
 
             for c in args.concurrency:
-                per_client = args.warmup_per_client + max(2, -(-args.requests // c))
-                record(closed_label(c), c, asyncio.run(
-                    closed_loop(url, c, per_client, args.warmup_per_client, args.steps, args.time_limit)))
+                record(closed_label(c), c, run_closed(args, url, c))
             for rate in args.rates:
                 record(open_label(rate), None, asyncio.run(open_loop(url, rate, args.requests, args.steps)))
         finally:
@@ -224,6 +238,41 @@ def main() -> None:
     save(name, {"checkpoint": args.checkpoint, "preset": args.preset, "moe": args.moe, "device": args.device,
                 "dtype": args.dtype, "batch_invariant": args.batch_invariant, "steps": args.steps,
                 "max_batch_rows": args.max_batch_rows, "summary": summary}, rows)
+
+
+def run_closed(args: argparse.Namespace, url: str, concurrency: int) -> dict:
+    per_client = args.warmup_per_client + max(2, -(-args.requests // concurrency))
+    return asyncio.run(closed_loop(url, concurrency, per_client, args.warmup_per_client, args.steps, args.time_limit))
+
+
+def ray_scale_out(args: argparse.Namespace) -> None:
+    """Step batching on the plain server and on Ray Serve with each of `args.ray_replicas`."""
+    rows = []
+    for replicas in [None, *args.ray_replicas]:
+        server = f"ray x{replicas}" if replicas else "plain"
+        proc, url = start_server(args.checkpoint, "step", args.max_batch_rows, args.device, args.dtype,
+                                 args.batch_invariant, ray_replicas=replicas)
+        try:
+            for c in args.concurrency:
+                result = run_closed(args, url, c)
+                rows.append({"server": server, "replicas": replicas or 1, "concurrency": c, **result})
+                print(f"{server:8s} c={c}: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
+                      f"p95 {result['p95_ms']:.0f} ms ({result['measured']} measured of {result['images']})")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    top = max(args.concurrency)
+    rate = {r["server"]: r["images_per_s"] for r in rows if r["concurrency"] == top}
+    summary = {"cores": os.cpu_count(), "concurrency": top, "images_per_s": rate}
+    if "ray x1" in rate:
+        summary["ray_x1_over_plain"] = rate["ray x1"] / rate["plain"]
+        for replicas in (r for r in args.ray_replicas if r != 1):
+            summary[f"ray_x{replicas}_over_ray_x1"] = rate[f"ray x{replicas}"] / rate["ray x1"]
+    print(summary)
+    name = "serve_load-ray" + (f"-{args.preset.replace('/', '_')}-{args.device}" if args.preset else "")
+    save(name, {"checkpoint": args.checkpoint, "preset": args.preset, "device": args.device, "dtype": args.dtype,
+                "steps": args.steps, "max_batch_rows": args.max_batch_rows, "ray_replicas": args.ray_replicas,
+                "summary": summary}, rows)
 
 
 def random_checkpoint(preset: str, moe: Optional[str] = None) -> str:

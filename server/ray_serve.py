@@ -32,10 +32,12 @@ REPLICA_HEADER = "x-racedit-replica"
 
 def _replica_app(settings: ServeSettings) -> Any:
     """Runs inside each replica: its engine, its metrics port, the app with the replica header."""
+    import torch
     from prometheus_client import start_http_server
 
     from .app import build_engine, create_app
 
+    torch.set_num_threads(max(1, int(settings.replica_cpus)))  # the CPUs Ray reserved for this replica
     context = serve.get_replica_context()
     replica = context.replica_id.unique_id
     engine = build_engine(settings)
