@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import free_port, metric
 
 pytest.importorskip("ray.serve", reason="Ray Serve is the racedit[ray] extra (scripts/setup.sh --dev installs it)")
 
@@ -56,34 +56,41 @@ def alive(processes: dict[int, str]) -> list[int]:
 
 
 class RayServer:
-    """`racedit serve --ray` in its own process, with its own short Ray temp dir."""
+    """`racedit serve --ray` (or another Ray command) in its own process, with its own short Ray temp dir."""
 
-    def __init__(self, checkpoint: Path, log: Path, *flags: str):
-        self.port = free_port()
+    def __init__(self, checkpoint: Path, log: Path, *flags: str, command: list[str] | None = None,
+                 port: int | None = None, ready_line: str | None = "racedit ready on Ray Serve"):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.tmp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # Ray's socket paths must stay short
         env = {**os.environ, "RAY_TMPDIR": self.tmp, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
                "RAY_USAGE_STATS_ENABLED": "0"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "racedit.model.cli", "serve", "--ray", "--checkpoint", str(checkpoint),
-             "--port", str(self.port), "--log-level", "warning", "--replica-cpus", "0.5", *flags],
-            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+        command = command or [sys.executable, "-m", "racedit.model.cli", "serve", "--ray", "--checkpoint",
+                              str(checkpoint), "--port", str(self.port), "--log-level", "warning",
+                              "--replica-cpus", "0.5", *flags]
+        self.proc = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 150
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"racedit serve --ray exited: {log.read_text()[-3000:]}")
-            if "racedit ready on Ray Serve" in log.read_text():
+                raise RuntimeError(f"{command[:4]} exited: {log.read_text()[-3000:]}")
+            if ready_line is not None and ready_line in log.read_text():
                 break
+            if ready_line is None:  # no line to wait for: ask the proxy
+                try:
+                    if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
             time.sleep(0.5)
         else:
             self.stop()
             raise RuntimeError(f"racedit serve --ray not ready: {log.read_text()[-3000:]}")
         self.processes = descendants(self.proc.pid)
 
-    def stop(self) -> int:
+    def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
@@ -101,7 +108,8 @@ def test_two_replicas_answer_like_one_server(tiny_checkpoint, server_factory, tm
     with Client(plain.url) as client:
         expected = [client.generate(**r, output_format="npy").arrays for r in REQUESTS]
 
-    ray = RayServer(tiny_checkpoint, tmp_path / "ray.log", "--replicas", "2")
+    metrics_port = free_port()
+    ray = RayServer(tiny_checkpoint, tmp_path / "ray.log", "--replicas", "2", "--replica-metrics-port", str(metrics_port))
     try:
         assert len(ray.processes) >= 4, "a local Ray runs under the launcher (GCS, raylet, proxy, replicas)"
 
@@ -122,6 +130,12 @@ def test_two_replicas_answer_like_one_server(tiny_checkpoint, server_factory, tm
             bad = httpx.post(ray.url + "/generate", json={"class_label": 99})
             assert bad.status_code == 422 and bad.headers["x-racedit-replica"]
             assert bad.headers["x-request-id"] == bad.json()["request_id"]  # one id, not two
+        # Each replica's engine series on its own port (metrics port + rank on the node): together they
+        # count every image generated through Ray.
+        scraped = [httpx.get(f"http://127.0.0.1:{metrics_port + rank}/metrics").text for rank in (0, 1)]
+        generated = [metric(text, "racedit_images_generated_total") for text in scraped]
+        assert all(count > 0 for count in generated)
+        assert sum(generated) == sum(len(r.arrays) for r in results)
     finally:
         code = ray.stop()
     assert code == 0, ray.log.read_text()[-2000:]
@@ -155,6 +169,31 @@ def test_full_queues_answer_429_with_retry_after_and_sigterm_drains(tiny_checkpo
     finally:
         code = ray.stop()
     assert code == 0, ray.log.read_text()[-2000:]
+    time.sleep(1)
+    assert alive(ray.processes) == []
+
+
+def test_serve_run_on_the_shipped_cpu_config(tiny_checkpoint, tmp_path):
+    """`serve run deploy/ray/racedit-cpu.yaml`, changed only where this machine differs (port, model, size)."""
+    config = yaml.safe_load((ROOT / "deploy" / "ray" / "racedit-cpu.yaml").read_text())
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    (application,) = config["applications"]
+    application["args"]["checkpoint"] = str(tiny_checkpoint)
+    (deployment,) = application["deployments"]
+    deployment.update(num_replicas=1, ray_actor_options={"num_cpus": 0.5, "num_gpus": 0})
+    path = tmp_path / "racedit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = Path(sys.executable).with_name("serve")
+    ray = RayServer(tiny_checkpoint, tmp_path / "serve-run.log", command=[str(serve_cli), "run", str(path)],
+                    port=port, ready_line=None)
+    try:
+        with Client(ray.url) as client:
+            result = client.generate(class_label="star", num_steps=4, seed=5, output_format="npy")
+            assert result.replica and result.arrays[0].shape == (3, 16, 16)
+            assert client.models().data[0].id == "racedit-tiny"
+    finally:
+        ray.stop(signal.SIGINT)  # serve run shuts the application down on Ctrl-C
     time.sleep(1)
     assert alive(ray.processes) == []
 
