@@ -29,6 +29,26 @@ def time_call(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3, cuda: b
     return statistics.median(samples)
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3,
+                     cuda: bool = False) -> dict[str, float]:
+    """Median seconds of each `fn()`, timed round-robin (one call of each per round), so that
+    a change in the machine's load during the run hits every variant alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def machine() -> dict[str, Any]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads()}

@@ -1,4 +1,4 @@
-"""MoE layer speed: racedit's served dispatch (sorted groups on a CPU, one grouped GEMM on CUDA; with
+"""MoE layer speed (variants timed round-robin, so load changes hit all alike): racedit's served dispatch (sorted groups on a CPU, one grouped GEMM on CUDA; with
 and without row tiles) against the per-expert NonZero loop (the export path), a DiT-MoE-style argsort
 loop, and a dense MLP of equal activated FLOPs.
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, time_call  # noqa: E402
+from common import save, time_call, time_interleaved  # noqa: E402
 
 from racedit.model.config import MoEConfig
 from racedit.model.exact import ROW_TILE
@@ -86,21 +86,18 @@ def main() -> None:
     assert int(flat_m.sum()) == n * k
     dense_name = "dense MLP (equal activated FLOPs)"
     with torch.no_grad():
-        timings = {
-            dense_name: time_call(lambda: dense(flat_x), args.repeats, cuda=cuda),
-            "sorted dispatch, row tiles (served on CPU)": time_call(
-                lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts, ROW_TILE), args.repeats, cuda=cuda),
-            "sorted dispatch, no tiles": time_call(
-                lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts, None), args.repeats, cuda=cuda),
-            "grouped dispatch, row tiles (served on CUDA)": time_call(
-                lambda: grouped_dispatch(flat_x, flat_w, flat_m, experts, ROW_TILE), args.repeats, cuda=cuda),
-            "per-expert NonZero loop (export path)": time_call(
-                lambda: loop_dispatch(flat_x, flat_w, flat_m, experts), args.repeats, cuda=cuda),
-            "DiT-MoE-style argsort loop + scatter_reduce": time_call(
-                lambda: reference_loop(flat_x, flat_w, flat_m, modules), args.repeats, cuda=cuda),
-            "MoE layer (linear router, served dispatch)": time_call(lambda: layer_linear(x), args.repeats, cuda=cuda),
-            "MoE layer (MLP router, served dispatch)": time_call(lambda: layer_mlp(x), args.repeats, cuda=cuda),
-        }
+        timings = time_interleaved({
+            dense_name: lambda: dense(flat_x),
+            "sorted dispatch, row tiles (served on CPU)": lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts,
+                                                                                  ROW_TILE),
+            "sorted dispatch, no tiles": lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts, None),
+            "grouped dispatch, row tiles (served on CUDA)": lambda: grouped_dispatch(flat_x, flat_w, flat_m, experts,
+                                                                                     ROW_TILE),
+            "per-expert NonZero loop (export path)": lambda: loop_dispatch(flat_x, flat_w, flat_m, experts),
+            "DiT-MoE-style argsort loop + scatter_reduce": lambda: reference_loop(flat_x, flat_w, flat_m, modules),
+            "MoE layer (linear router, served dispatch)": lambda: layer_linear(x),
+            "MoE layer (MLP router, served dispatch)": lambda: layer_mlp(x),
+        }, args.repeats, cuda=cuda)
         if args.compile and cuda:
             timings.update(whole_step(device, args.repeats))
     base = timings[dense_name]

@@ -40,6 +40,18 @@ def pad_rows(rows: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
     return F.pad(rows, (0, 0, 0, extra)) if extra else rows
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
+    """x[index] ([M, K]) zero-padded to a multiple of `tile` rows. Without autograd the rows are
+    gathered straight into the padded buffer, saving the copy that padding afterwards makes."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return pad_rows(x.index_select(0, index), tile)
+    count = index.shape[0]
+    rows = x.new_empty(count + ((-count) % tile if tile else 0), x.shape[1])
+    rows[count:].zero_()
+    torch.index_select(x, 0, index, out=rows[:count])
+    return rows
+
+
 REDUCED = (torch.bfloat16, torch.float16)
 _CPU_NATIVE_REDUCED = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .exact import ROW_TILE, Linear, grouped_mm, operand, pad_rows, rounded
+from .exact import ROW_TILE, Linear, gather_rows, grouped_mm, operand, pad_rows, rounded
 
 
 # ---------------------------------------------------------------- gating ----
@@ -186,7 +186,7 @@ def sorted_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, 
     for e, count in enumerate(counts):
         if count:
             index = token[start:start + count]
-            y = experts.run(e, pad_rows(x.index_select(0, index), row_tile))[:count]
+            y = experts.run(e, gather_rows(x, index, row_tile))[:count]
             out.index_add_(0, index, y.mul_(gate_values[start:start + count]))
         start += count
     return out
