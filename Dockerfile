@@ -16,6 +16,7 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY server ./server
 COPY export ./export
+COPY cli ./cli
 COPY clients ./clients
 # Non-editable install: the bundled checkpoint ships inside the package (racedit.model/weights).
 # EXTRAS=export,ray builds the image KubeRay runs (deploy/kuberay/rayservice.yaml).

@@ -58,7 +58,7 @@ def start_server(checkpoint: str, batching: str, max_batch_rows: int, device: st
         extra = ["--ray", "--replicas", str(ray_replicas), "--replica-cpus", f"{cpus:g}"]
         env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="rd", dir="/tmp"), RAY_AUTH_MODE="disabled",
                    RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.Popen([sys.executable, "-m", "racedit.model.cli", "serve", "--checkpoint", checkpoint,
+    proc = subprocess.Popen([sys.executable, "-m", "racedit.cli", "serve", "--checkpoint", checkpoint,
                              "--port", str(port), "--batching", batching, "--max-batch-rows", str(max_batch_rows),
                              "--max-queue", "1024", "--log-level", "warning", "--device", device, "--dtype", dtype,
                              "--batch-invariant" if batch_invariant else "--no-batch-invariant", *extra],

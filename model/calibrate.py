@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .config import FORBID_UNKNOWN, Float, Int
 from .dit import RaceDiT
 
 
@@ -24,11 +25,13 @@ from .dit import RaceDiT
 class Calibration:
     """How thresholds were estimated; stored in checkpoint metadata under `threshold_calibration`."""
 
-    num_images: int = 40
-    cfg_scale: float = 4.0
-    num_steps: int = 25
-    iterations: int = 2
-    seed: int = 10_000  # seeds of the calibration samples: apart from evaluation's 0..N-1
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    num_images: Int = 40
+    cfg_scale: Float = 4.0
+    num_steps: Int = 25
+    iterations: Int = 2
+    seed: Int = 10_000  # seeds of the calibration samples: apart from evaluation's 0..N-1
 
 
 @torch.no_grad()

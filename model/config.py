@@ -1,15 +1,27 @@
 """Typed configuration of a Race-DiT network and its presets.
 
 A config is plain data: it round-trips through JSON (checkpoints) and YAML
-(training configs), and `validate()` rejects impossible shapes before any
-tensor is allocated, naming the offending key.
+(training configs). `parse_section` types it with pydantic (unknown keys, missing
+keys and wrong types are refused, naming the key) and `validate()` rejects
+impossible shapes before any tensor is allocated.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
+
+from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
+
+# Field types of every config dataclass: strict, so YAML's "32" or `true` is not taken for 32.
+# A float field takes an integer (lr: 1 is 1.0); nothing else is converted.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+FORBID_UNKNOWN = ConfigDict(extra="forbid")
 
 ROUTINGS = ("token_choice", "expert_choice", "expert_race")
 GATINGS = ("identity", "sigmoid", "softmax")
@@ -26,6 +38,46 @@ class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or impossible."""
 
 
+Section = TypeVar("Section")
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
+             "bool_type": "true or false", "dict_type": "a mapping", "dataclass_type": "a mapping",
+             "list_type": "a list", "int_from_float": "an integer"}
+
+
+def parse_section(cls: type[Section], data: Any, prefix: str = "") -> Section:
+    """`data` typed into the config dataclass `cls` by pydantic; the first problem becomes a
+    ConfigError naming its key in the file's terms (`optim.restarts[0].lr must be a number, got 'x'`)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {data!r}")
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [p for p in error["loc"] if not str(p).startswith("function-")]
+        key = (prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)).lstrip(".")
+        kind = error["type"]
+        if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+            allowed = _field_names(cls, loc[:-1])
+            raise ConfigError(f"unknown key {key}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")) from None
+        if kind in ("missing", "missing_argument"):
+            raise ConfigError(f"{key} is missing") from None
+        expected = _EXPECTED.get(kind, error["msg"].lower())
+        raise ConfigError(f"{key} must be {expected}, got {error['input']!r}") from None
+
+
+def _field_names(cls: Any, path: list) -> list[str]:
+    """Field names of the dataclass found at `path` below `cls` (through Optional and list)."""
+    for step in path:
+        if isinstance(step, int):
+            continue
+        if not dataclasses.is_dataclass(cls):
+            return []
+        cls = typing.get_type_hints(cls, include_extras=True).get(step)
+        while typing.get_origin(cls) in (typing.Union, list, Annotated):
+            cls = next((a for a in typing.get_args(cls) if a is not type(None)), None)
+    return sorted(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
+
+
 @dataclass
 class MoEConfig:
     """Mixture-of-Experts layer that replaces each block's MLP.
@@ -36,14 +88,16 @@ class MoEConfig:
     activated parameter count equal to the dense MLP.
     """
 
-    spec: str = "2in8"
-    hidden_split: Optional[int] = None
-    routing: str = "expert_race"
-    gating: str = "identity"
-    router: str = "mlp"
-    shared_expert: bool = False
-    threshold_momentum: float = 0.99
-    inference: str = "threshold"
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    spec: Str = "2in8"
+    hidden_split: Optional[Int] = None
+    routing: Str = "expert_race"
+    gating: Str = "identity"
+    router: Str = "mlp"
+    shared_expert: Bool = False
+    threshold_momentum: Float = 0.99
+    inference: Str = "threshold"
 
     @property
     def num_experts(self) -> int:
@@ -75,17 +129,19 @@ class MoEConfig:
 class ModelConfig:
     """Architecture of a (Race-)DiT. `moe=None` gives a dense DiT baseline."""
 
-    image_size: int = 32
-    in_channels: int = 3
-    patch_size: int = 4
-    hidden_size: int = 192
-    depth: int = 6
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    num_classes: int = 10
-    class_dropout_prob: float = 0.1
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    image_size: Int = 32
+    in_channels: Int = 3
+    patch_size: Int = 4
+    hidden_size: Int = 192
+    depth: Int = 6
+    num_heads: Int = 6
+    mlp_ratio: Float = 4.0
+    num_classes: Int = 10
+    class_dropout_prob: Float = 0.1
     moe: Optional[MoEConfig] = field(default_factory=MoEConfig)
-    class_names: Optional[list[str]] = None
+    class_names: Optional[list[Str]] = None
 
     @property
     def out_channels(self) -> int:
@@ -102,7 +158,7 @@ class ModelConfig:
     def validate(self) -> None:
         for name in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
         if self.image_size % self.patch_size:
             raise ConfigError(
@@ -128,16 +184,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        data = dict(data)
-        moe = data.pop("moe", {}) if "moe" in data else MoEConfig()
-        config = cls(**_known_fields(cls, data, "model"))
-        if moe is None:
-            config.moe = None
-        elif isinstance(moe, MoEConfig):
-            config.moe = moe
-        else:
-            config.moe = MoEConfig(**_known_fields(MoEConfig, moe, "model.moe"))
-        _check_types(config)
+        config = parse_section(cls, data, "model")
         config.validate()
         return config
 
@@ -152,32 +199,6 @@ def _parse_spec(spec: str) -> tuple[int, int]:
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} {value!r} is not one of {', '.join(allowed)}")
-
-
-def _known_fields(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}.{unknown[0]} (allowed: {', '.join(sorted(names))})")
-    return data
-
-
-def _check_types(config: ModelConfig) -> None:
-    """Reject wrongly typed values that dataclasses accept silently (YAML "32" vs 32)."""
-    for obj, prefix in ((config, "model"), (config.moe, "model.moe")):
-        if obj is None:
-            continue
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(
-                str(f.type).replace("Optional[", "").rstrip("]")
-            )
-            if expected is None or value is None:
-                continue
-            if isinstance(value, bool) and expected is not bool:
-                raise ConfigError(f"{prefix}.{f.name} must be {f.type}, got {value!r}")
-            if not isinstance(value, expected):
-                raise ConfigError(f"{prefix}.{f.name} must be {f.type}, got {value!r}")
 
 
 # Presets. Paper sizes follow Race-DiT Table 4 on 256x256 ImageNet latents (32x32x4).

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from .config import SHAPES10_CLASSES
+from .config import FORBID_UNKNOWN, SHAPES10_CLASSES, Float
 
 SUPERSAMPLE = 4
 SPLIT_OFFSETS = {"train": 0, "val": 1}
@@ -30,10 +30,12 @@ SPLIT_OFFSETS = {"train": 0, "val": 1}
 class ShapesStyle:
     """Nuisance variance of shapes10: how far shapes move, how large they are, how much they turn."""
 
-    jitter: float = 0.1  # centre offset, as a fraction of the frame, uniform in +-jitter
-    min_size: float = 0.55  # shape diameter as a fraction of the frame
-    max_size: float = 0.8
-    rotation: float = 20.0  # degrees either way; kept below 45 so squares stay distinct from diamonds
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    jitter: Float = 0.1  # centre offset, as a fraction of the frame, uniform in +-jitter
+    min_size: Float = 0.55  # shape diameter as a fraction of the frame
+    max_size: Float = 0.8
+    rotation: Float = 20.0  # degrees either way; kept below 45 so squares stay distinct from diamonds
 
 
 def _polygon(n: int, radius: float, angle: float, inner: Optional[float] = None) -> list[tuple[float, float]]:

@@ -15,15 +15,18 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import losses
+from .config import FORBID_UNKNOWN, Float
 from .dit import ForwardStats, RaceDiT
 
 
 # ------------------------------------------------------------- objective ----
 @dataclass
 class LossWeights:
-    plr: float = 1.0  # per-layer regularisation
-    similarity: float = 0.01  # router similarity
-    balance: float = 0.0  # Switch-style balance (token-choice baselines)
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    plr: Float = 1.0  # per-layer regularisation
+    similarity: Float = 0.01  # router similarity
+    balance: Float = 0.0  # Switch-style balance (token-choice baselines)
 
 
 def logit_normal(n: int, generator: Optional[torch.Generator] = None, device: Union[str, torch.device] = "cpu") -> torch.Tensor:

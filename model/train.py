@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint, losses
-from .config import ConfigError, ModelConfig, _known_fields, preset_config
+from .config import FORBID_UNKNOWN, ConfigError, Float, Int, ModelConfig, Str, parse_section, preset_config
 from .data import ImageFolder, Shapes10, ShapesStyle
 from .calibrate import Calibration, calibrate_thresholds
 from .dit import RaceDiT
@@ -39,41 +39,47 @@ TIMESTEP_BUCKETS = 4
 
 @dataclass
 class DataConfig:
-    name: str = "shapes10"  # shapes10 | imagefolder
-    root: Optional[str] = None  # imagefolder only
-    length: int = 50_000
-    seed: int = 0
-    style: dict = field(default_factory=dict)  # ShapesStyle fields
-    class_weights: dict = field(default_factory=dict)  # class name -> sampling weight (others 1.0)
+    __pydantic_config__ = FORBID_UNKNOWN
 
-
-@dataclass
-class OptimConfig:
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 4e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    decay_steps: int = 0  # cosine decay over the last decay_steps steps; 0 keeps lr constant
-    min_lr: float = 0.0  # where the cosine decay ends
-    restarts: list = field(default_factory=list)  # of Restart, in order; YAML gives mappings
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    sample_every: int = 1000
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    name: Str = "shapes10"  # shapes10 | imagefolder
+    root: Optional[Str] = None  # imagefolder only
+    length: Int = 50_000
+    seed: Int = 0
+    style: ShapesStyle = field(default_factory=ShapesStyle)  # nuisance variance of shapes10
+    class_weights: dict[Str, Float] = field(default_factory=dict)  # class name -> sampling weight (others 1.0)
 
 
 @dataclass(frozen=True)
 class Restart:
     """A warm restart (SGDR): from step `at` a new piece holds `lr`, then cools down to
     `min_lr` over its own last `decay_steps`; the piece before it ends at `at`."""
-    at: int = 0
-    lr: float = 0.0
-    decay_steps: int = 0
-    min_lr: float = 0.0
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    at: Int
+    lr: Float
+    decay_steps: Int
+    min_lr: Float
+
+
+@dataclass
+class OptimConfig:
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    steps: Int = 1000
+    batch_size: Int = 64
+    lr: Float = 4e-4
+    weight_decay: Float = 0.0
+    warmup_steps: Int = 100
+    decay_steps: Int = 0  # cosine decay over the last decay_steps steps; 0 keeps lr constant
+    min_lr: Float = 0.0  # where the cosine decay ends
+    restarts: list[Restart] = field(default_factory=list)  # in order
+    grad_clip: Float = 1.0
+    ema_decay: Float = 0.999
+    seed: Int = 0
+    log_every: Int = 50
+    checkpoint_every: Int = 1000
+    sample_every: Int = 1000
+    threads: Int = 0  # torch intra-op threads; 0 keeps torch's default
 
 
 def learning_rate(o: OptimConfig, step: int) -> float:
@@ -100,36 +106,31 @@ def learning_rate(o: OptimConfig, step: int) -> float:
     return lr
 
 
-def _parse_restarts(o: OptimConfig) -> list[Restart]:
-    """Each restart is a full, typed {at, lr, decay_steps, min_lr}, in order, and holds its cool-down."""
-    restarts = []
+def _check_restarts(o: OptimConfig) -> None:
+    """Each restart (typed by parse_section) comes in order and leaves room for the cool-down before it."""
     start, cooldown = 0, o.decay_steps  # the piece before the restart being checked
-    for i, values in enumerate(o.restarts):
+    for i, r in enumerate(o.restarts):
         name = f"optim.restarts[{i}]"
-        missing = [f.name for f in dataclasses.fields(Restart) if isinstance(values, dict) and f.name not in values]
-        if missing:
-            raise ConfigError(f"{name}.{missing[0]} is missing")
-        r = _typed_section(Restart, values, name)
         earliest = start + max(1, cooldown)
         if r.at < earliest:
             raise ConfigError(f"{name}.at must be >= {earliest} (the previous piece's start plus its "
                               f"cool-down), got {r.at}")
         if r.decay_steps < 0 or not 0 <= r.min_lr <= r.lr:
-            raise ConfigError(f"{name} needs decay_steps >= 0 and min_lr in 0..lr, got {values}")
+            raise ConfigError(f"{name} needs decay_steps >= 0 and min_lr in 0..lr, got {dataclasses.asdict(r)}")
         start, cooldown = r.at, r.decay_steps
-        restarts.append(r)
     if start + max(1, cooldown) > o.steps:
         raise ConfigError(f"optim.steps ({o.steps}) must leave room for the last piece, which starts at "
                           f"{start} and cools down over {cooldown} steps")
-    return restarts
 
 
 @dataclass
 class TrainConfig:
+    __pydantic_config__ = FORBID_UNKNOWN
+
     model: ModelConfig
-    data: DataConfig
-    optim: OptimConfig
-    loss: LossWeights
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
     calibration: Calibration = field(default_factory=Calibration)  # thresholds re-estimated on each saved EMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,25 +142,25 @@ class TrainConfig:
 def parse_config(document: dict[str, Any]) -> TrainConfig:
     """Validate a training config before anything is built; errors name the key."""
     if not isinstance(document, dict):
-        raise ConfigError("a training config is a mapping with keys model, data, optim, loss")
-    _known_fields(TrainConfig, document, "config")
-    model_doc = dict(document.get("model") or {})
+        raise ConfigError("a training config is a mapping with keys model, data, optim, loss, calibration")
+    model_doc = document.get("model") or {}
+    if not isinstance(model_doc, dict):
+        raise ConfigError(f"model must be a mapping, got {model_doc!r}")
+    model_doc = dict(model_doc)
     preset = model_doc.pop("preset", None)
     model = preset_config(preset, **model_doc) if preset else ModelConfig.from_dict(model_doc)
-    sections = {name: _typed_section(cls, document.get(name) or {}, name)
-                for name, cls in (("data", DataConfig), ("optim", OptimConfig), ("loss", LossWeights),
-                                  ("calibration", Calibration))}
-    data = sections["data"]
+    config = parse_section(TrainConfig, {**{k: ({} if v is None else v) for k, v in document.items()},
+                                         "model": model})
+    data = config.data
     if data.name not in ("shapes10", "imagefolder"):
         raise ConfigError(f"data.name {data.name!r} is not one of shapes10, imagefolder")
     if data.name == "imagefolder" and not data.root:
         raise ConfigError("data.root is required for data.name imagefolder")
     if data.name == "imagefolder" and model.in_channels != 3:
         raise ConfigError("training on an ImageFolder works in pixel space: model.in_channels must be 3")
-    _known_fields(ShapesStyle, data.style, "data.style")
     if model.class_names is not None:  # an ImageFolder's classes are known once it is read
         class_weight_vector(data, model.class_names)
-    optim = sections["optim"]
+    optim = config.optim
     for key in ("steps", "batch_size"):
         if getattr(optim, key) < 1:
             raise ConfigError(f"optim.{key} must be >= 1")
@@ -167,30 +168,10 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"optim.decay_steps must be in 0..optim.steps ({optim.steps}), got {optim.decay_steps}")
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr must be in 0..optim.lr ({optim.lr}), got {optim.min_lr}")
-    optim = dataclasses.replace(optim, restarts=_parse_restarts(optim))
-    if sections["calibration"].num_images < 1 or sections["calibration"].iterations < 1:
+    _check_restarts(optim)
+    if config.calibration.num_images < 1 or config.calibration.iterations < 1:
         raise ConfigError("calibration.num_images and calibration.iterations must be >= 1")
-    return TrainConfig(model=model, data=data, optim=optim, loss=sections["loss"], calibration=sections["calibration"])
-
-
-def _typed_section(cls: type, values: Any, name: str) -> Any:
-    """`cls(**values)` once the keys are known and every value has its default's type."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{name} must be a mapping")
-    _known_fields(cls, values, name)
-    for f in dataclasses.fields(cls):
-        if f.name in values:
-            _check_value(f"{name}.{f.name}", values[f.name], getattr(cls(), f.name) if f.default_factory is dataclasses.MISSING else f.default_factory())
-    return cls(**values)
-
-
-def _check_value(name: str, value: Any, default: Any) -> None:
-    if default is None or isinstance(default, dict) and isinstance(value, dict):
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) \
-        else isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-    if not ok:
-        raise ConfigError(f"{name} must be {type(default).__name__}, got {value!r}")
+    return config
 
 
 def load_config(path: str) -> TrainConfig:
@@ -256,7 +237,7 @@ def _dataset(config: TrainConfig, folder: Optional[ImageFolder]) -> tuple[torch.
     """The whole training set in memory as uint8 images [N, 3, H, W] and labels [N]."""
     if folder is None:
         ds = Shapes10("train", image_size=config.model.image_size, seed=config.data.seed,
-                      length=config.data.length, style=ShapesStyle(**config.data.style))
+                      length=config.data.length, style=config.data.style)
         return ds.materialize()
     xs, ys = zip(*(folder[i] for i in range(len(folder))))
     return ((torch.stack(xs) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), torch.tensor(ys)
@@ -267,7 +248,7 @@ def class_weight_vector(data: DataConfig, class_names: list[str]) -> torch.Tenso
     for name, weight in data.class_weights.items():
         if name not in class_names:
             raise ConfigError(f"data.class_weights: {name!r} is not a class of the model ({', '.join(class_names)})")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        if not weight > 0:
             raise ConfigError(f"data.class_weights.{name} must be a number > 0, got {weight!r}")
     return torch.tensor([float(data.class_weights.get(name, 1.0)) for name in class_names])
 

@@ -72,7 +72,7 @@ class ServerProcess:
     """`racedit serve` in a real process on loopback."""
 
     def __init__(self, checkpoint: Path, log_path: Path, *flags: str, env: dict | None = None,
-                 launcher: tuple[str, ...] = ("-m", "racedit.model.cli", "serve")):
+                 launcher: tuple[str, ...] = ("-m", "racedit.cli", "serve")):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -109,7 +109,7 @@ def server_factory(tmp_path_factory, tiny_checkpoint):
     def start(*flags: str, env: dict | None = None, checkpoint: Path | None = None, faults: dict | None = None) -> ServerProcess:
         """`faults` ({"FAULT_LABEL": 9, ...}) serves through tests/faulty_serve.py with those injections."""
         log = tmp_path_factory.mktemp("server") / "server.log"
-        launcher = ("-m", "racedit.model.cli", "serve")
+        launcher = ("-m", "racedit.cli", "serve")
         if faults:
             launcher = (str(Path(__file__).with_name("faulty_serve.py")),)
             env = {**(env or {}), **{f"RACEDIT_TEST_{k}": str(v) for k, v in faults.items()}}

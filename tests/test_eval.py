@@ -50,7 +50,7 @@ def test_shipped_model_draws_the_asked_shapes():
 
 
 def test_eval_cli_runs_on_a_small_sample(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "racedit.model.cli", "eval", "--num-samples", "20",
+    result = subprocess.run([sys.executable, "-m", "racedit.cli", "eval", "--num-samples", "20",
                              "--num-steps", "4", "--batch-size", "20", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -149,7 +149,7 @@ def test_onnxruntime_serving_backend(server_factory, checkpoint, onnx_file):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "racedit.model.cli", "export", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "racedit.cli", "export", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_errors(tmp_path, tiny_checkpoint):

@@ -1,4 +1,6 @@
 """The Race-DiT network: routing counts, gradients, threshold, batch independence, presets."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -271,3 +273,18 @@ def test_config_object_and_attributes():
     model = build(cfg)
     assert (model.config.image_size, model.config.in_channels, model.config.patch_size, model.config.num_classes) == (16, 3, 4, 10)
     assert model.config.moe.spec == "2in4"
+
+
+def test_the_model_package_depends_on_no_other_racedit_package():
+    """racedit.model is the network: serving, exports and the CLI build on it, never the reverse."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "model"
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                assert not name.startswith(("racedit.server", "racedit.export", "racedit.cli")), \
+                    f"model/{path.name} imports {name}"

@@ -66,7 +66,7 @@ class RayServer:
         self.tmp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # Ray's socket paths must stay short
         env = {**os.environ, "RAY_TMPDIR": self.tmp, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
                "RAY_USAGE_STATS_ENABLED": "0"}
-        command = command or [sys.executable, "-m", "racedit.model.cli", "serve", "--ray", "--checkpoint",
+        command = command or [sys.executable, "-m", "racedit.cli", "serve", "--ray", "--checkpoint",
                               str(checkpoint), "--port", str(self.port), "--log-level", "warning",
                               "--replica-cpus", "0.5", *flags]
         self.proc = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)

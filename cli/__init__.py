@@ -1,4 +1,9 @@
-"""The `racedit` command: train, eval, serve, export. Each subcommand imports its code lazily."""
+"""The `racedit` command: train, eval, calibrate, pack, serve, export.
+
+It lives outside the three packages it dispatches to (racedit.model, racedit.server,
+racedit.export), so none of them depends on another through it. Each subcommand imports
+its code lazily: `racedit serve --help` does not load torch's training code.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +13,7 @@ from typing import Optional, Sequence
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import load_config, train
+    from racedit.model.train import load_config, train
 
     config = load_config(args.config)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
@@ -21,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load, save
+    from racedit.model.checkpoint import load, save
 
     model = load(args.checkpoint)
     path = save(model, args.out, metadata=model.metadata, weights_dtype=getattr(torch, args.dtype))
@@ -35,8 +40,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .calibrate import Calibration, calibrate_thresholds
-    from .checkpoint import load, read_config, save
+    from racedit.model.calibrate import Calibration, calibrate_thresholds
+    from racedit.model.checkpoint import load, read_config, save
 
     model = load(args.checkpoint)
     calibration = Calibration(num_images=args.num_images, cfg_scale=args.cfg_scale, num_steps=args.num_steps,
@@ -51,13 +56,13 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import main as evaluate_main
+    from racedit.model.evaluate import main as evaluate_main
 
     return evaluate_main(args)
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
-    from .evaluate import train_classifier_main
+    from racedit.model.evaluate import train_classifier_main
 
     return train_classifier_main(args)
 
@@ -120,15 +125,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=600)
     p.set_defaults(func=_train_classifier)
     args = parser.parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
+    from racedit.model.checkpoint import CheckpointError
+    from racedit.model.config import ConfigError
 
     try:
         return args.func(args)
     except (ConfigError, CheckpointError) as exc:
         print(f"racedit {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,6 @@
+"""`python -m racedit.cli ...`: the `racedit` command."""
+import sys
+
+from racedit.cli import main
+
+sys.exit(main())
