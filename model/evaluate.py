@@ -17,7 +17,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -117,45 +116,69 @@ def train_classifier(out: Path, steps: int = 600, batch: int = 64, seed: int = 0
     return accuracy
 
 
-def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: Path, title: str,
-              xlabel: str, ylabel: str, size: tuple[int, int] = (640, 420)) -> None:
-    """A plain line chart drawn with PIL (no plotting dependency)."""
-    w, h = size
-    left, right, top, bottom = 70, 20, 40, 55
-    image = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(image)
-    all_y = [v for ys in series.values() for v in ys]
-    y_lo, y_hi = min(all_y + [0.0]), max(all_y) * 1.1 or 1.0
-    x_lo, x_hi = min(xs), max(xs)
+def plot_experts_per_timestep(grid_t: Sequence[float], per_step: Sequence[float], k: int, path: Path,
+                               title: str) -> None:
+    """Mean experts per token at each sampling step, t running from 1 (noise) to 0 as sampling does."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    def point(x: float, y: float) -> tuple[float, float]:
-        px = left + (x - x_lo) / ((x_hi - x_lo) or 1) * (w - left - right)
-        py = h - bottom - (y - y_lo) / ((y_hi - y_lo) or 1) * (h - top - bottom)
-        return px, py
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(grid_t, per_step, marker="o", markersize=3, label="mean experts per token")
+    ax.axhline(k, color="grey", linestyle="--", linewidth=1, label=f"k = {k} (nominal)")
+    ax.set_xlim(1.0, 0.0)  # sampling goes from noise to image
+    ax.set_xticks([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+    ax.set_xlabel("t (1 = noise, 0 = image)")
+    ax.set_ylabel("experts per token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for i in range(6):
-        yv = y_lo + (y_hi - y_lo) * i / 5
-        _, py = point(x_lo, yv)
-        d.line([left - 4, py, left, py], fill="black")
-        d.text((8, py - 6), f"{yv:.2f}", fill="black")
-        xv = x_lo + (x_hi - x_lo) * i / 5
-        px, _ = point(xv, y_lo)
-        d.line([px, h - bottom, px, h - bottom + 4], fill="black")
-        d.text((px - 10, h - bottom + 8), f"{xv:.2f}", fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    for (name, ys), colour in zip(series.items(), colours):
-        d.line([point(x, y) for x, y in zip(xs, ys)], fill=colour, width=2)
-        d.text((w - right - 150, top + 8 + 14 * list(series).index(name)), name, fill=colour)
-    d.text((w / 2 - 120, 12), title, fill="black")
-    d.text((w / 2 - 60, h - 22), xlabel, fill="black")
-    d.text((8, top - 28), ylabel, fill="black")
-    image.save(path)
+
+def plot_sample_grid(images: torch.Tensor, class_names: Sequence[str], path: Path, columns: int = 10) -> None:
+    """uint8 [N, 3, H, W], image i of class i % columns: one column per class, labelled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = -(-images.shape[0] // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 0.9, rows * 0.9 + 0.3), dpi=120, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < images.shape[0]:
+            ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        if i < columns:
+            ax.set_title(class_names[i % len(class_names)], fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (rows * 0.9 + 0.3), wspace=0.05,
+                        hspace=0.05)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def routing_probe(model, images_uint8: torch.Tensor, labels: torch.Tensor, grid_t: Sequence[float],
+                  seed: int = 0) -> float:
+    """Combination usage (DESIGN.md, paper Fig. 13) of real images noised to each t of the time
+    grid: per layer and t over the batch's tokens, then averaged."""
+    from .losses import combination_usage
+
+    generator = torch.Generator().manual_seed(seed)
+    x0 = to_input(images_uint8)
+    values = []
+    for t in grid_t:
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = (1 - t) * x0 + t * noise
+        _, stats = model(x_t, torch.full((x0.shape[0],), float(t)), labels, return_stats=True)
+        values += [combination_usage(r.mask) for r in stats.routing]
+    return float(np.mean(values))
 
 
 def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: int, batch_size: int,
              out: Path, classifier_path: Optional[Path] = None, dtype: str = "float32") -> dict:
-    from .train import save_grid
+    from .losses import max_violation
 
     model = load(checkpoint).set_precision(getattr(torch, dtype))
     classifier = load_classifier(classifier_path)
@@ -173,15 +196,17 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
     seconds = time.time() - start
     preds, feats = classify(classifier, images)
     target = torch.tensor(labels)
-    val_images, _ = Shapes10("val").materialize()
+    val_images, val_labels = Shapes10("val").materialize()
     _, real_feats = classify(classifier, val_images)
     per_step = np.mean([u["per_step"] for u in usages], axis=0).tolist()
     grid_t = time_grid(num_steps)[:-1]
+    loads = np.sum([[layer["expert_load"] for layer in u["per_layer"]] for u in usages], axis=0)  # [layers, E]
+    k = model.config.moe.k if model.config.moe else 0
     out.mkdir(parents=True, exist_ok=True)
-    save_grid(images[: min(100, num_samples)], out / "samples.png")
-    line_plot(grid_t, {"mean experts per token": per_step}, out / "experts_per_timestep.png",
-              title=f"Experts per token vs timestep (cfg {cfg_scale})", xlabel="t (1 = noise)",
-              ylabel="experts / token")
+    names = model.config.class_names or [str(c) for c in range(n_classes)]
+    plot_sample_grid(images[: min(100, num_samples)], names[:n_classes], out / "samples.png", columns=n_classes)
+    plot_experts_per_timestep(grid_t, per_step, k, out / "experts_per_timestep.png",
+                              title=f"Experts per token over sampling (cfg {cfg_scale:g}, {num_steps} steps)")
     report = {
         "checkpoint": str(checkpoint),
         "num_samples": num_samples, "cfg_scale": cfg_scale, "num_steps": num_steps, "dtype": dtype,
@@ -190,6 +215,13 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
                                for c in range(n_classes) if (target == c).any()},
         "frechet_distance": frechet_distance(feats, real_feats),
         "mean_experts_per_token": float(np.mean([u["mean_experts_per_token"] for u in usages])),
+        # share of (layer, token, step) slots whose token used 0..E experts, over all samples
+        "experts_per_token_histogram": np.mean([u["experts_per_token_histogram"] for u in usages], axis=0).round(6).tolist(),
+        # per layer over every token and step of the samples, then averaged over layers
+        "maxvio": float(np.mean([max_violation(torch.from_numpy(layer)) for layer in loads])) if k else 0.0,
+        # real val images (one per class, in turn) noised to each t of the grid
+        "combination_usage": routing_probe(model, val_images[:n_classes * 5], val_labels[:n_classes * 5],
+                                           grid_t) if k else 0.0,
         "experts_per_token_by_t": {f"{t:.2f}": round(v, 4) for t, v in zip(grid_t, per_step)},
         "generation_seconds": round(seconds, 2),
     }

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import losses
 from .config import FORBID_UNKNOWN, Float
@@ -91,9 +92,12 @@ def usage_by_image(experts_per_token: torch.Tensor, expert_load: torch.Tensor, o
                    num_images: int) -> torch.Tensor:
     """One step's routing counts summed over each image's rows, in one tensor (one copy to the host).
 
-    experts_per_token [n_layers, R, L], expert_load [n_layers, R, E], owner [R] -> [n_layers, N, L + E] int64.
+    experts_per_token [n_layers, R, L], expert_load [n_layers, R, E], owner [R] -> [n_layers, N, L + E + E + 1]
+    int64: per token the experts it used, per expert its tokens, and how many tokens used 0..E experts.
     """
-    per_row = torch.cat([experts_per_token, expert_load], dim=2).to(torch.int64)
+    num_experts = expert_load.shape[2]
+    histogram = F.one_hot(experts_per_token.to(torch.int64).clamp(max=num_experts), num_experts + 1).sum(2)
+    per_row = torch.cat([experts_per_token.to(torch.int64), expert_load.to(torch.int64), histogram], dim=2)
     out = per_row.new_zeros(per_row.shape[0], num_images, per_row.shape[2])
     return out.index_add_(1, owner.to(per_row.device), per_row)
 
@@ -119,6 +123,7 @@ class UsageAccumulator:
     k: int
     token_sum: Optional[torch.Tensor] = None  # [n_layers, L] selected experts summed over rows
     load_sum: Optional[torch.Tensor] = None  # [n_layers, E]
+    histogram_sum: Optional[torch.Tensor] = None  # [n_layers, E + 1] tokens that used 0..E experts
     rows: int = 0
     step_selected: list[int] = field(default_factory=list)  # selected pairs in each step
     step_slots: list[int] = field(default_factory=list)  # (layer, row, token) slots in each step
@@ -126,9 +131,11 @@ class UsageAccumulator:
     def add(self, counts: torch.Tensor, rows: int) -> None:
         """One step of this image or request: counts [n_layers, L + E] (`usage_by_image`, summed over
         its images) from `rows` forward rows."""
-        tokens, load = counts[:, :self.num_tokens], counts[:, self.num_tokens:]
+        load_end = self.num_tokens + self.num_experts
+        tokens, load, histogram = counts[:, :self.num_tokens], counts[:, self.num_tokens:load_end], counts[:, load_end:]
         self.token_sum = tokens if self.token_sum is None else self.token_sum + tokens
         self.load_sum = load if self.load_sum is None else self.load_sum + load
+        self.histogram_sum = histogram if self.histogram_sum is None else self.histogram_sum + histogram
         self.rows += rows
         self.step_selected.append(int(tokens.sum()))
         self.step_slots.append(self.num_layers * rows * self.num_tokens)
@@ -140,7 +147,7 @@ class UsageAccumulator:
             return {"num_moe_layers": self.num_layers, "num_experts": self.num_experts, "nominal_k": self.k,
                     "mean_experts_per_token": 0.0, "activated_pairs": 0, "nominal_pairs": 0,
                     "per_layer": [{"mean_experts_per_token": z, "expert_load": [0] * self.num_experts} for z in zeros],
-                    "per_step": [], "token_map": []}
+                    "per_step": [], "token_map": [], "experts_per_token_histogram": [0.0] * (self.num_experts + 1)}
         per_token = self.token_sum.float() / self.rows  # [n_layers, L]
         grid = int(round(self.num_tokens**0.5))
         activated = int(self.token_sum.sum())
@@ -155,6 +162,7 @@ class UsageAccumulator:
                            "expert_load": [int(v) for v in self.load_sum[i]]} for i in range(self.num_layers)],
             "per_step": [round(a / b, 4) if b else 0.0 for a, b in zip(self.step_selected, self.step_slots)],
             "token_map": per_token.mean(0).view(grid, grid).tolist(),
+            "experts_per_token_histogram": (self.histogram_sum.sum(0).double() / self.histogram_sum.sum()).tolist(),
         }
 
 

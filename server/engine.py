@@ -396,7 +396,7 @@ class Engine:
         x = torch.cat([job.x for job in jobs])
         v, ept, load, owner = guided_velocity(self.model, x, t, labels, scales)
         x = euler_update(x, v, t, t_next)
-        usage = usage_by_image(ept, load, owner, x.shape[0]).cpu()  # [n_layers, N, L + E]
+        usage = usage_by_image(ept, load, owner, x.shape[0]).cpu()  # [n_layers, N, L + E + E + 1]
         offset = 0
         for job, n in zip(jobs, counts):
             job.x = x[offset:offset + n]

@@ -40,6 +40,8 @@ class ExpertUsage(BaseModel):
     per_layer: list[LayerUsage]
     per_step: list[float] = Field(..., description="mean experts per token at each step, from t=1 to t=0")
     token_map: list[list[float]] = Field(..., description="(H/p) x (W/p) mean experts per token")
+    experts_per_token_histogram: list[float] = Field(
+        ..., description="share of (layer, token, step) slots whose token used 0, 1, ..., E experts")
 
 
 class Timing(BaseModel):

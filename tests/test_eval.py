@@ -57,6 +57,11 @@ def test_eval_cli_runs_on_a_small_sample(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0.0 <= report["class_fidelity"] <= 1.0 and report["frechet_distance"] >= 0
     assert len(report["experts_per_token_by_t"]) == 4 and len(report["per_class_fidelity"]) == 10
+    histogram = report["experts_per_token_histogram"]  # 0..E experts, shares of (layer, token, step) slots
+    assert len(histogram) == 9 and abs(sum(histogram) - 1) < 1e-4
+    mean = sum(j * share for j, share in enumerate(histogram))
+    assert abs(mean - report["mean_experts_per_token"]) < 1e-3  # the histogram is of the same counts
+    assert report["maxvio"] >= 0 and 0 < report["combination_usage"] <= 1
     for name in ("samples.png", "experts_per_timestep.png"):
         with Image.open(tmp_path / name) as image:
             assert image.size[0] > 100

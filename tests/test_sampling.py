@@ -43,6 +43,11 @@ def test_generate_shapes_types_and_usage():
     # Under guidance an image has two rows per step.
     assert u["nominal_pairs"] == 5 * 2 * 16 * 2 * 2
     assert u["activated_pairs"] == sum(sum(layer["expert_load"]) for layer in u["per_layer"])
+    # Histogram over 0..E experts: shares of the (layer, row, token, step) slots, whose mean is the mean.
+    histogram = u["experts_per_token_histogram"]
+    assert len(histogram) == 5 and sum(histogram) == pytest.approx(1.0)
+    assert sum(j * share for j, share in enumerate(histogram)) == pytest.approx(u["mean_experts_per_token"])
+    assert histogram != usage[1]["experts_per_token_histogram"]  # each image its own
 
 
 def test_cfg_one_skips_the_unconditional_pass():

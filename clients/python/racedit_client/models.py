@@ -42,6 +42,7 @@ class ExpertUsage(BaseModel):
     per_layer: list[LayerUsage]
     per_step: list[float]
     token_map: list[list[float]]
+    experts_per_token_histogram: list[float]
 
     @property
     def compute_ratio(self) -> float:
