@@ -21,7 +21,7 @@ COPY clients ./clients
 # Non-editable install: the bundled checkpoint ships inside the package (racedit.model/weights).
 # EXTRAS=export,ray builds the image KubeRay runs (deploy/kuberay/rayservice.yaml).
 ARG EXTRAS=export
-RUN pip install ".[${EXTRAS}]" ./clients/python && python -c "import racedit.model as m; assert m.DEFAULT_CHECKPOINT.is_dir()"
+RUN pip install ./clients/python ".[${EXTRAS}]" && python -c "import racedit.model as m; assert m.DEFAULT_CHECKPOINT.is_dir()"
 
 FROM ${CUDA_BASE} AS runtime
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \

@@ -26,6 +26,7 @@ if [ -n "$extras" ] && { ! command -v docker-compose >/dev/null 2>&1 || ! comman
     echo "note: the deployment tests need docker-compose and promtool (Debian: apt-get install docker-compose prometheus)" >&2
   fi
 fi
-$py -m pip install -q -e ".${extras}"
+# The SDK first: the service imports its wire models from it (racedit_client.models).
 $py -m pip install -q -e clients/python
+$py -m pip install -q -e ".${extras}"
 echo "racedit installed in .venv"

@@ -1,6 +1,4 @@
 """The HTTP layer (FastAPI). It validates, submits to the engine, and encodes results; nothing more."""
-from __future__ import annotations
-
 import asyncio
 import base64
 import hmac
@@ -22,11 +20,12 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .engine import (DeadlineExceeded, DuplicateRequest, Engine, EngineError, GenerationRequest, GenerationResult,
-                     QueueFull, ShuttingDown, StepFailed)
-from .schemas import ErrorBody, GenerateRequest, GenerateResponse, Health, ModelCard, ModelList
+from .calls import engine_error, run_on_engine
+from .engine import Engine, EngineError, GenerationResult
+from .kserve import kserve_router
+from .schemas import ErrorBody, GenerateResponse, Health, ModelCard, ModelList
 from .settings import ServeSettings
-from .validation import FieldError, Limits, build_request
+from .validation import Limits, build_request, request_model
 
 log = logging.getLogger("racedit.server")
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
@@ -94,54 +93,13 @@ async def _send_json(send: Send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-# ------------------------------------------------------------ engine calls ----
-def engine_error(exc: Exception, retry_after: int) -> tuple[int, str, dict[str, str]]:
-    """(status, message, headers) for an engine error; one mapping for every route."""
-    if isinstance(exc, QueueFull):
-        return 429, str(exc), {"Retry-After": str(retry_after)}
-    if isinstance(exc, ShuttingDown):
-        return 503, str(exc), {"Retry-After": str(retry_after)}
-    if isinstance(exc, DeadlineExceeded):
-        return 504, str(exc), {}
-    if isinstance(exc, StepFailed):
-        return 500, str(exc), {}
-    if isinstance(exc, DuplicateRequest):
-        return 409, str(exc), {}
-    return 500, f"internal error: {type(exc).__name__}", {}
-
-
-async def run_on_engine(engine: Engine, job: GenerationRequest, request: Request) -> Optional[GenerationResult]:
-    """Submit and wait; if the client disconnects first, cancel so its rows leave at the next step.
-
-    Returns None when the client is gone (nobody to answer).
-    """
-    future = asyncio.wrap_future(engine.submit(job))
-
-    async def client_gone() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(client_gone())
-    try:
-        done, _ = await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if future in done:
-        return future.result()
-    engine.cancel(job.request_id)
-    future.add_done_callback(lambda f: f.exception())  # consumed: the engine answers Cancelled
-    return None
-
-
 def model_card(engine: Engine, name: str, backend: str) -> ModelCard:
     from racedit.model import parameter_counts
 
     cfg = engine.model.config
     total, activated = parameter_counts(cfg)
     return ModelCard(
-        id=name, classes=list(cfg.class_names or [str(i) for i in range(cfg.num_classes)]),
+        id=name, classes=class_names_of(cfg),
         image_size=cfg.image_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
         routing=cfg.moe.__dict__ if cfg.moe else None, parameters_total=total, parameters_activated=activated,
         thresholds=[float(layer.threshold) for layer in engine.model.moe_layers], backend=backend,
@@ -172,6 +130,8 @@ def build_engine(settings: ServeSettings) -> Engine:
 def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine] = None) -> FastAPI:
     settings = settings or ServeSettings()
     state: dict[str, Any] = {"engine": engine}
+    limits = Limits.from_settings(settings, _class_names(settings, engine))
+    GenerateRequest = request_model(limits)  # noqa: N806 -- the wire model, with this server's ranges
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -182,7 +142,7 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
             await run_in_threadpool(eng.start)
         app.state.engine = eng
         app.state.model_name = settings.model_name or _default_name(settings)
-        app.state.limits = Limits.from_settings(settings, model_card(eng, "", settings.backend).classes)
+        app.state.limits = limits
         log.info("racedit ready: model %s on %s", app.state.model_name, eng.device)
         yield
         await run_in_threadpool(eng.stop, True, settings.drain_timeout_s)
@@ -226,10 +186,6 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
         return error(request, exc.status_code, exc.detail, exc.headers)
 
-    @app.exception_handler(FieldError)
-    async def on_field(request: Request, exc: FieldError) -> JSONResponse:
-        return error(request, 422, [{"loc": ["body", f], "msg": m, "type": "value_error"} for f, m in exc.problems])
-
     @app.exception_handler(EngineError)
     async def on_engine(request: Request, exc: EngineError) -> JSONResponse:
         status, message, headers = engine_error(exc, settings.retry_after_s)
@@ -255,8 +211,7 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
     @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)], tags=["generate"],
               responses={code: {"model": ErrorBody} for code in (401, 409, 413, 422, 429, 500, 503, 504)})
     async def generate(body: GenerateRequest, request: Request) -> Any:
-        limits: Limits = request.app.state.limits
-        job = build_request(limits, body.class_label, body.cfg_scale, body.num_steps, body.seed, body.num_images)
+        job = build_request(limits, body)
         job.request_id = request.state.request_id  # errors from the engine name the id the client sees
         result = await run_on_engine(request.app.state.engine, job, request)
         if result is None:
@@ -274,10 +229,21 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
         body = generate_latest(http_registry) + generate_latest(request.app.state.engine.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    from .kserve import kserve_router
-
-    app.include_router(kserve_router(require_key, engine_error, settings))
+    app.include_router(kserve_router(require_key, settings, GenerateRequest))
     return app
+
+
+def class_names_of(config: Any) -> list[str]:
+    return list(config.class_names or [str(i) for i in range(config.num_classes)])
+
+
+def _class_names(settings: ServeSettings, engine: Optional[Engine]) -> list[str]:
+    """The served model's class names, known before it loads (the request schema names its ranges)."""
+    from racedit.model import read_config
+    from racedit.model.config import ModelConfig
+
+    return class_names_of(engine.model.config if engine is not None
+                          else ModelConfig.from_dict(read_config(settings.checkpoint)["model"]))
 
 
 def _default_name(settings: ServeSettings) -> str:

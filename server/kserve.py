@@ -15,9 +15,13 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from pydantic import ValidationError
+from racedit_client.models import GenerateRequest
+
+from .calls import engine_error, run_on_engine
 from .engine import Engine, EngineError
 from .settings import ServeSettings
-from .validation import FieldError, build_request
+from .validation import build_request, describe
 
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
           "INT64": np.int64, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -98,7 +102,8 @@ def encode_outputs(document: dict, outputs: dict[str, tuple[str, np.ndarray]], m
                     headers={"Inference-Header-Content-Length": str(len(head))})
 
 
-def kserve_router(require_key: Callable, engine_error: Callable, settings: ServeSettings) -> APIRouter:
+def kserve_router(require_key: Callable, settings: ServeSettings, request_model: type[GenerateRequest]) -> APIRouter:
+    """The v2 routes; each row of an infer request is validated by `request_model` as /generate's body is."""
     router = APIRouter(tags=["kserve-v2"])
 
     def check_model(request: Request, name: str) -> Optional[JSONResponse]:
@@ -143,8 +148,6 @@ def kserve_router(require_key: Callable, engine_error: Callable, settings: Serve
     @router.post("/v2/models/{name}/infer", dependencies=[Depends(require_key)])
     @router.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)])
     async def infer(name: str, request: Request, version: Optional[str] = None) -> Response:
-        from .app import run_on_engine
-
         if (missing := check_model(request, name)) is not None:
             return missing
         try:
@@ -163,12 +166,17 @@ def kserve_router(require_key: Callable, engine_error: Callable, settings: Serve
                     values[key] = [v.item() for v in column]
                 else:
                     values[key] = [default] * n
-            jobs = [build_request(request.app.state.limits, int(labels[i]), float(values["cfg_scale"][i]),
-                                  int(values["num_steps"][i]), values["seed"][i], 1) for i in range(n)]
+            jobs = []
+            for i in range(n):
+                try:
+                    body = request_model.model_validate(
+                        {"class_label": int(labels[i]), "cfg_scale": float(values["cfg_scale"][i]),
+                         "num_steps": int(values["num_steps"][i]), "seed": values["seed"][i], "num_images": 1})
+                except ValidationError as exc:
+                    raise InferError(f"row {i}: {describe(exc)}") from None
+                jobs.append(build_request(request.app.state.limits, body))
             for i, job in enumerate(jobs):
                 job.request_id = f"{request.state.request_id}/{i}"
-        except FieldError as exc:
-            return _error(400, str(exc))
         except InferError as exc:
             return _error(400, str(exc))
         engine: Engine = request.app.state.engine

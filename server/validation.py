@@ -1,23 +1,18 @@
-"""Turn wire values into engine requests, naming the field and the allowed range on every error."""
+"""Wire values to engine requests. The request model carries this server's limits, so the OpenAPI
+schema shows them and pydantic names every bad field at once; KServe rows go through the same model."""
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Union
+
+from pydantic import Field, StrictInt, ValidationError, create_model, field_validator, model_validator
+from racedit_client.models import GenerateRequest, StrictFloat
 
 from .engine import GenerationRequest
 from .settings import ServeSettings
 
 MAX_SEED = 2**63 - 1
-
-
-class FieldError(ValueError):
-    """Invalid fields: a 422 (HTTP) or a 400 (KServe) naming each field and its allowed range."""
-
-    def __init__(self, field: str, message: str, more: Optional[list[tuple[str, str]]] = None):
-        self.problems = [(field, message)] + list(more or [])
-        super().__init__("; ".join(f"{f}: {m}" for f, m in self.problems))
 
 
 @dataclass
@@ -36,46 +31,59 @@ class Limits:
 
 
 def resolve_class(value: Union[int, str], class_names: list[str]) -> int:
+    """A class index (a JSON integer) or name (any case) -> the index; ValueError names the range or the names.
+    A string is always a name: "5" is class 5 only where a class is called "5"."""
     n = len(class_names)
-    if isinstance(value, bool):
-        raise FieldError("class_label", f"must be a class index 0..{n - 1} or a class name")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value < n:
-            raise FieldError("class_label", f"index {value} is out of range 0..{n - 1}")
+            raise ValueError(f"class index {value} is out of range 0..{n - 1}")
         return value
     key = str(value).strip().lower()
-    if key.isdigit():
-        return resolve_class(int(key), class_names)
     lowered = [c.lower() for c in class_names]
     if key not in lowered:
-        raise FieldError("class_label", f"unknown class {value!r}; known: {', '.join(class_names)}")
+        raise ValueError(f"unknown class {value!r}; known: {', '.join(class_names)}")
     return lowered.index(key)
 
 
-def build_request(limits: Limits, class_label: Union[int, str], cfg_scale: float, num_steps: int,
-                  seed: Optional[int], num_images: int) -> GenerationRequest:
-    """Check every field, raising one FieldError that lists all that are wrong."""
-    problems: list[tuple[str, str]] = []
-    label = 0
-    try:
-        label = resolve_class(class_label, limits.class_names)
-    except FieldError as exc:
-        problems += exc.problems
-    if not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
-        problems.append(("cfg_scale", f"must be a finite number in 0..{limits.max_cfg_scale:g}"))
-    elif not 0.0 <= cfg_scale <= limits.max_cfg_scale:
-        problems.append(("cfg_scale", f"{cfg_scale:g} is outside 0..{limits.max_cfg_scale:g}"))
-    if not 1 <= num_steps <= limits.max_steps:
-        problems.append(("num_steps", f"{num_steps} is outside 1..{limits.max_steps}"))
-    rows_per_image = 1 if cfg_scale == 1.0 else 2
-    max_images = min(limits.max_images, limits.max_batch_rows // rows_per_image)
-    if not 1 <= num_images <= max_images:
-        problems.append(("num_images", f"{num_images} is outside 1..{max_images}"))
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    if not 0 <= seed <= MAX_SEED - num_images:
-        problems.append(("seed", f"must be in 0..{MAX_SEED - num_images}"))
-    if problems:
-        raise FieldError(*problems[0], more=problems[1:])
-    return GenerationRequest(class_label=label, cfg_scale=float(cfg_scale), num_steps=int(num_steps),
-                             seed=int(seed), num_images=int(num_images), timeout_s=limits.timeout_s)
+def request_model(limits: Limits) -> type[GenerateRequest]:
+    """`GenerateRequest` with this server's ranges (served in /openapi.json) and its class names."""
+    field = GenerateRequest.model_fields
+
+    def known_class(value: Union[int, str]) -> Union[int, str]:
+        resolve_class(value, limits.class_names)
+        return value
+
+    def fits(request: GenerateRequest) -> GenerateRequest:
+        rows_per_image = 1 if request.cfg_scale == 1.0 else 2
+        most = min(limits.max_images, limits.max_batch_rows // rows_per_image)
+        if request.num_images > most:
+            raise ValueError(f"num_images {request.num_images} needs {request.num_images * rows_per_image} rows; "
+                             f"this server's batch holds {limits.max_batch_rows}, so at most {most} "
+                             f"{'unguided' if rows_per_image == 1 else 'guided'} images")
+        if request.seed is not None and request.seed > MAX_SEED - request.num_images:
+            raise ValueError(f"seed + num_images must stay below 2**63 (seed at most {MAX_SEED - request.num_images})")
+        return request
+
+    return create_model(
+        "GenerateRequest", __base__=GenerateRequest, __module__=__name__,
+        cfg_scale=(StrictFloat, Field(4.0, ge=0, le=limits.max_cfg_scale, allow_inf_nan=False,
+                                      description=field["cfg_scale"].description)),
+        num_steps=(StrictInt, Field(25, ge=1, le=limits.max_steps, description=field["num_steps"].description)),
+        num_images=(StrictInt, Field(1, ge=1, le=limits.max_images, description=field["num_images"].description)),
+        __validators__={"known_class": field_validator("class_label")(known_class),
+                        "fits": model_validator(mode="after")(fits)},
+    )
+
+
+def build_request(limits: Limits, body: GenerateRequest) -> GenerationRequest:
+    """An engine request from a validated body; a seed left out is drawn at random."""
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    return GenerationRequest(class_label=resolve_class(body.class_label, limits.class_names),
+                             cfg_scale=float(body.cfg_scale), num_steps=body.num_steps, seed=seed,
+                             num_images=body.num_images, timeout_s=limits.timeout_s)
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming every bad field, for answers that are not 422 lists (KServe's 400)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors())
+

@@ -97,6 +97,14 @@ def test_same_pixels_alone_and_among_concurrent_requests(server):
     ({"class_label": 1, "num_steps": "many"}, "num_steps"),
     ({"cfg_scale": 2.0}, "class_label"),
     ({"class_label": 1, "colour": "red"}, "colour"),
+    # Booleans are not numbers, and neither floats nor strings are integers.
+    ({"class_label": True}, "class_label"),
+    ({"class_label": 6.0}, "class_label"),
+    ({"class_label": "5"}, "class_label"),
+    ({"class_label": 1, "seed": False}, "seed"),
+    ({"class_label": 1, "num_steps": 5.0}, "num_steps"),
+    ({"class_label": 1, "num_images": True}, "num_images"),
+    ({"class_label": 1, "cfg_scale": True}, "cfg_scale"),
 ])
 def test_bad_inputs_get_422_naming_the_field(server, body, field):
     r = post(server, body)
@@ -117,6 +125,9 @@ def test_every_bad_field_is_listed(server):
     assert r.status_code == 422
     fields = {d["loc"][-1] for d in r.json()["detail"]}
     assert fields == {"class_label", "num_steps", "cfg_scale"}
+    # A type error in one field does not hide the range errors of the others.
+    r = post(server, {"class_label": 1, "seed": "x", "num_steps": 0, "num_images": 99})
+    assert {d["loc"][-1] for d in r.json()["detail"]} == {"seed", "num_steps", "num_images"}
 
 
 def test_body_too_large(server):

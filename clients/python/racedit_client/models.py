@@ -1,35 +1,44 @@
-"""Wire models of the racedit service, mirrored from `racedit.server.schemas`.
+"""The wire format of the racedit service, defined once: here, torch-free.
 
-The SDK does not import the server (it has no torch); a test compares these
-models with the server's OpenAPI schema so the two cannot drift.
+The server (`racedit.server.schemas`) serves these very models, adding only the
+request limits that are its runtime settings; a test compares the served OpenAPI
+schema with these models, limits included.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, StrictStr
+
+# Booleans are not numbers and strings are not integers: `"seed": false` or `"num_steps": "5"`
+# is a 422. A float field takes an integer (cfg_scale 4 is 4.0).
+StrictFloat = Annotated[float, Strict()]
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    class_label: Union[int, str]
-    cfg_scale: float = 4.0
-    num_steps: int = 25
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    num_images: int = 1
-    output_format: Literal["png", "jpeg", "webp", "npy"] = "png"
+    class_label: Union[StrictInt, StrictStr] = Field(..., description="class index or class name")
+    cfg_scale: StrictFloat = Field(4.0, allow_inf_nan=False,
+                                   description="classifier-free guidance scale; 1 skips the unconditional pass")
+    num_steps: StrictInt = Field(25, description="Euler steps from noise to image")
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="seed of the first image (image i uses "
+                                                                        "seed + i); drawn at random when left out")
+    num_images: StrictInt = Field(1, description="images to generate")
+    output_format: Literal["png", "jpeg", "webp", "npy"] = Field(
+        "png", description="image encoding; npy: the final float32 sample [C, H, W] as the sampler ends it "
+                           "(pixels in [-1, 1] before quantisation), byte-identical whatever shares the batch")
 
 
 class ImageOut(BaseModel):
     seed: int
     mime_type: str
-    data: str
+    data: str = Field(..., description="base64-encoded image (or NumPy .npy file for output_format npy)")
 
 
 class LayerUsage(BaseModel):
     mean_experts_per_token: float
-    expert_load: list[int]
+    expert_load: list[int] = Field(..., description="tokens routed to each expert, over all steps and rows")
 
 
 class ExpertUsage(BaseModel):
@@ -37,12 +46,13 @@ class ExpertUsage(BaseModel):
     num_experts: int
     nominal_k: int
     mean_experts_per_token: float
-    activated_pairs: int
-    nominal_pairs: int
+    activated_pairs: int = Field(..., description="(token, expert) pairs computed for this request")
+    nominal_pairs: int = Field(..., description="pairs fixed top-k routing would have computed")
     per_layer: list[LayerUsage]
-    per_step: list[float]
-    token_map: list[list[float]]
-    experts_per_token_histogram: list[float]
+    per_step: list[float] = Field(..., description="mean experts per token at each step, from t=1 to t=0")
+    token_map: list[list[float]] = Field(..., description="(H/p) x (W/p) mean experts per token")
+    experts_per_token_histogram: list[float] = Field(
+        ..., description="share of (layer, token, step) slots whose token used 0, 1, ..., E experts")
 
     @property
     def compute_ratio(self) -> float:
@@ -77,8 +87,8 @@ class ModelCard(BaseModel):
     parameters_activated: int
     thresholds: list[float]
     backend: str
-    dtype: str
-    batch_invariant: bool
+    dtype: str = Field(..., description="precision of the network's matmuls")
+    batch_invariant: bool = Field(..., description="verified at start-up: a row's output is the same bytes in any batch")
 
 
 class ModelList(BaseModel):
