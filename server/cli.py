@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 import threading
-from typing import Optional, Sequence
+import typing
+from typing import Literal, Optional, Sequence
 
 import uvicorn
 from pydantic import ValidationError
@@ -22,8 +25,11 @@ def _parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         default = field.default if not callable(field.default) else None
         help_text = f"{field.description} (env RACEDIT_{name.upper()}, default {default})"
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else None
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        elif choices:
+            parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
     return parser
@@ -33,6 +39,20 @@ def settings_from_args(argv: Sequence[str]) -> ServeSettings:
     args = _parser().parse_args(list(argv))
     given = {k: v for k, v in vars(args).items() if v is not None}
     return ServeSettings(**given)
+
+
+def port_in_use(host: str, port: int) -> Optional[str]:
+    """Why `host:port` cannot be bound now (None when it can; port 0 always can)."""
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+    return None
 
 
 class DrainingServer(uvicorn.Server):
@@ -74,6 +94,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if settings.backend == "onnxruntime" and settings.onnx is None:
         print("racedit serve: error: --backend onnxruntime needs --onnx PATH", file=sys.stderr)
+        return 2
+    if (busy := port_in_use(settings.host, settings.port)) is not None:  # before minutes of model loading
+        print(f"racedit serve: error: cannot listen on {settings.host}:{settings.port}: {busy}; "
+              f"choose another with --port (or RACEDIT_PORT), or stop what holds it", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.ray:

@@ -136,3 +136,18 @@ def test_triton_example(server, tmp_path):
     with Image.open(out) as im:
         assert im.size == (16, 16)
     assert "mean experts per token" in result.stdout
+
+
+def test_cli_piped_into_a_reader_that_leaves_says_nothing(server):
+    """`racedit-client models | head -0`: no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "racedit_client.cli", "--url", server.url, "models"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    _, stderr = proc.communicate(timeout=60)
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()[-1000:]
+
+
+def test_cli_help_shows_defaults():
+    result = subprocess.run([sys.executable, "-m", "racedit_client.cli", "generate", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert "(default: 25)" in result.stdout and "(default: 4.0)" in result.stdout

@@ -344,3 +344,27 @@ def test_static_mode_serves_the_same_pixels_and_sigterm_drains(server_factory, s
     thread.join(60)
     assert results["long"].status_code == 200
     assert static.proc.wait(timeout=30) == 0
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_model():
+    """The bind is checked first, with a hint, not after minutes of loading."""
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "racedit.cli", "serve", "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr and "--port" in result.stderr
+
+
+def test_serve_help_lists_the_choices():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "racedit.cli", "serve", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert "{auto,float32,bfloat16,float16}" in result.stdout and "{step,static}" in result.stdout

@@ -30,18 +30,28 @@ def usage_summary(result: GenerateResult) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="racedit-client", description="Client of a racedit server")
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # piped into `head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="racedit-client", description="Client of a racedit server",
+                                     formatter_class=defaults)
     parser.add_argument("--url", default=os.environ.get("RACEDIT_URL", "http://127.0.0.1:8000"),
                         help="server address (env RACEDIT_URL)")
     parser.add_argument("--api-key", default=os.environ.get("RACEDIT_API_KEY"), help="bearer key (env RACEDIT_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate images and save them")
+    g = sub.add_parser("generate", help="generate images and save them", formatter_class=defaults)
     g.add_argument("--class", dest="class_label", required=True, help="class name or index")
     g.add_argument("--cfg", type=float, default=4.0, help="guidance scale")
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("-n", "--num-images", type=int, default=1)
+    g.add_argument("--steps", type=int, default=25, help="Euler steps")
+    g.add_argument("--seed", type=int, default=None, help="seed of the first image (None: the server draws one)")
+    g.add_argument("-n", "--num-images", type=int, default=1, help="images to generate")
     g.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "npy"],
                    help="npy: the final float32 samples, saved as .npy files")
     g.add_argument("-o", "--out", default=".", help="output folder")
