@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .calls import engine_error, run_on_engine
 from .engine import Engine, EngineError, GenerationResult
 from .kserve import kserve_router
-from .schemas import ErrorBody, GenerateResponse, Health, ModelCard, ModelList
+from .schemas import ErrorBody, GenerateResponse, Health, ModelCard, ModelList, ResolvedRequest
 from .settings import ServeSettings
 from .validation import Limits, build_request, request_model
 
@@ -219,6 +219,9 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
         encoded = await run_in_threadpool(encode_result, result, body.output_format)
         return GenerateResponse(
             id=request.state.request_id, model=request.app.state.model_name, seed=job.seed,
+            request=ResolvedRequest(class_label=job.class_label, class_name=limits.class_names[job.class_label],
+                                    cfg_scale=job.cfg_scale, num_steps=job.num_steps, num_images=job.num_images,
+                                    seed=job.seed, output_format=body.output_format),
             images=[{"seed": s, "mime_type": MIME[body.output_format], "data": base64.b64encode(b).decode()}
                     for s, b in zip(result.seeds, encoded)],
             expert_usage=result.expert_usage,

@@ -2,7 +2,7 @@
 server serves those very models and adds only the limits that are its runtime settings
 (`validation.request_model`)."""
 from racedit_client.models import (WIRE_MODELS, ErrorBody, ExpertUsage, GenerateRequest, GenerateResponse, Health,
-                                   ImageOut, LayerUsage, ModelCard, ModelList, Timing)
+                                   ImageOut, LayerUsage, ModelCard, ModelList, ResolvedRequest, Timing)
 
 __all__ = ["WIRE_MODELS", "ErrorBody", "ExpertUsage", "GenerateRequest", "GenerateResponse", "Health", "ImageOut",
-           "LayerUsage", "ModelCard", "ModelList", "Timing"]
+           "LayerUsage", "ModelCard", "ModelList", "ResolvedRequest", "Timing"]

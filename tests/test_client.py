@@ -29,6 +29,11 @@ def test_sync_generate_models_health(server):
         assert [im.size for im in result.images] == [(16, 16), (16, 16)] and result.seeds == [7, 8]
         assert result.expert_usage.num_experts == 4 and len(result.expert_usage.per_step) == 5
         assert 0 < result.expert_usage.compute_ratio and result.timing.total_ms > 0
+        assert result.request.model_dump() == {"class_label": 6, "class_name": "star", "cfg_scale": 3.0,
+                                               "num_steps": 5, "num_images": 2, "seed": 7, "output_format": "png"}
+        drawn = client.generate(1, num_steps=2)  # defaults and the random seed are echoed
+        assert drawn.request.class_name == "square" and drawn.request.cfg_scale == 4.0
+        assert drawn.request.seed == drawn.seeds[0]
         assert client.models().data[0].id == "racedit-tiny"
         assert client.health().status == "ok" and client.ready()
 

@@ -13,7 +13,7 @@ import httpx
 from PIL import Image
 
 from . import errors
-from .models import ExpertUsage, GenerateRequest, GenerateResponse, Health, ModelList, Timing
+from .models import ExpertUsage, GenerateRequest, GenerateResponse, Health, ModelList, ResolvedRequest, Timing
 
 RETRY_STATUSES = {429, 503}
 NPY_MIME = "application/x-npy"
@@ -33,6 +33,7 @@ class GenerateResult:
     timing: Timing
     raw: GenerateResponse
     arrays: list[Any] = field(default_factory=list)
+    request: Optional[ResolvedRequest] = None  # what was generated: class resolved, defaults and seed filled in
     replica: Optional[str] = None  # the Ray Serve replica that answered (x-racedit-replica), if any
 
 
@@ -121,6 +122,7 @@ class _Core:
                 images.append(image.copy())
         return GenerateResult(id=raw.id, model=raw.model, images=images, seeds=[i.seed for i in raw.images],
                               expert_usage=raw.expert_usage, timing=raw.timing, raw=raw, arrays=arrays,
+                              request=raw.request,
                               replica=response.headers.get("x-racedit-replica"))
 
 

@@ -66,10 +66,23 @@ class Timing(BaseModel):
     total_ms: float
 
 
+class ResolvedRequest(BaseModel):
+    """What the server generated: the request with its class resolved and its defaults and seed filled in."""
+
+    class_label: int
+    class_name: str
+    cfg_scale: float
+    num_steps: int
+    num_images: int
+    seed: int
+    output_format: str
+
+
 class GenerateResponse(BaseModel):
     id: str
     model: str
     seed: int
+    request: ResolvedRequest
     images: list[ImageOut]
     expert_usage: ExpertUsage
     timing: Timing
@@ -105,5 +118,5 @@ class Health(BaseModel):
     status: str
 
 
-WIRE_MODELS = [GenerateRequest, ImageOut, LayerUsage, ExpertUsage, Timing, GenerateResponse, ModelCard, ModelList,
-               ErrorBody, Health]
+WIRE_MODELS = [GenerateRequest, ImageOut, LayerUsage, ExpertUsage, Timing, ResolvedRequest, GenerateResponse, ModelCard,
+               ModelList, ErrorBody, Health]
