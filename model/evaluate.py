@@ -161,7 +161,7 @@ def plot_sample_grid(images: torch.Tensor, class_names: Sequence[str], path: Pat
 @torch.no_grad()
 def routing_probe(model, images_uint8: torch.Tensor, labels: torch.Tensor, grid_t: Sequence[float],
                   seed: int = 0) -> float:
-    """Combination usage (DESIGN.md, paper Fig. 13) of real images noised to each t of the time
+    """Combination usage (docs/design.md, paper Fig. 13) of real images noised to each t of the time
     grid: per layer and t over the batch's tokens, then averaged."""
     from .losses import combination_usage
 

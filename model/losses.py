@@ -1,4 +1,4 @@
-"""Auxiliary MoE losses and routing metrics (DESIGN.md section 2)."""
+"""Auxiliary MoE losses and routing metrics (docs/design.md, "Training and evaluation")."""
 from __future__ import annotations
 
 import torch

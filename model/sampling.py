@@ -141,7 +141,7 @@ class UsageAccumulator:
         self.step_slots.append(self.num_layers * rows * self.num_tokens)
 
     def summary(self) -> dict:
-        """The `expert_usage` object of the HTTP answer (DESIGN.md section 4)."""
+        """The `expert_usage` object of the HTTP answer (docs/design.md, "Serving")."""
         if self.token_sum is None or self.rows == 0:
             zeros = [0.0] * self.num_layers
             return {"num_moe_layers": self.num_layers, "num_experts": self.num_experts, "nominal_k": self.k,
