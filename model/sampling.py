@@ -140,6 +140,11 @@ class UsageAccumulator:
         self.step_selected.append(int(tokens.sum()))
         self.step_slots.append(self.num_layers * rows * self.num_tokens)
 
+    def mean_so_far(self) -> float:
+        """Mean experts per token over the steps added so far."""
+        slots = sum(self.step_slots)
+        return sum(self.step_selected) / slots if slots else 0.0
+
     def summary(self) -> dict:
         """The `expert_usage` object of the HTTP answer (docs/design.md, "Serving")."""
         if self.token_sum is None or self.rows == 0:

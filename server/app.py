@@ -6,13 +6,14 @@ import io
 import logging
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from PIL import Image
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -21,9 +22,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .calls import engine_error, run_on_engine
-from .engine import Engine, EngineError, GenerationResult
+from .engine import Engine, EngineError, GenerationRequest, GenerationResult, StepProgress
+from . import schemas
 from .kserve import kserve_router
-from .schemas import ErrorBody, GenerateResponse, Health, ModelCard, ModelList, ResolvedRequest
+from .schemas import (ErrorBody, GenerateResponse, Health, ModelCard, ModelList, PreviewEvent, ProgressEvent,
+                      ResolvedRequest, StreamError)
 from .settings import ServeSettings
 from .validation import Limits, build_request, request_model
 
@@ -44,6 +47,23 @@ def encode_result(result: GenerationResult, fmt: str) -> list[bytes]:
     if fmt == "npy":
         return [encode_npy(sample) for sample in result.samples]
     return [encode_image(pixels, fmt) for pixels in result.images]
+
+
+def encode_preview(sample: np.ndarray) -> list[bytes]:
+    """Predicted clean samples float [N, C, H, W] in [-1, 1] -> PNGs, quantised as final images are."""
+    pixels = ((np.clip(sample, -1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    return [encode_image(p, "png") for p in pixels]
+
+
+def sse(event: str, data: BaseModel) -> bytes:
+    """One server-sent event."""
+    return f"event: {event}\ndata: {data.model_dump_json()}\n\n".encode()
+
+
+def progress_event(progress: StepProgress) -> bytes:
+    return sse("progress", ProgressEvent(step=progress.step, num_steps=progress.num_steps, t=progress.t,
+                                         mean_experts_per_token=progress.mean_experts_per_token,
+                                         elapsed_ms=progress.elapsed_ms))
 
 
 def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
@@ -84,6 +104,27 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class RequestId:
+    """`request.state.request_id` from X-Request-ID (or a new one), echoed on the answer. Plain ASGI, not
+    BaseHTTPMiddleware, which cancels a streaming answer whose body waits (the stream route's)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 async def _send_json(send: Send, status: int, body: dict) -> None:
@@ -131,7 +172,8 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
     settings = settings or ServeSettings()
     state: dict[str, Any] = {"engine": engine}
     limits = Limits.from_settings(settings, _class_names(settings, engine))
-    GenerateRequest = request_model(limits)  # noqa: N806 -- the wire model, with this server's ranges
+    GenerateRequest = request_model(limits)  # noqa: N806 -- the wire models, with this server's ranges
+    GenerateStreamRequest = request_model(limits, schemas.GenerateStreamRequest)  # noqa: N806
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -161,14 +203,7 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
             raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = rid
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = rid
-        return response
-
+    app.add_middleware(RequestId)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     http_registry = CollectorRegistry()  # HTTP series; the engine keeps its own racedit_* registry
     Instrumentator(excluded_handlers=["/metrics"], registry=http_registry).instrument(app)
@@ -208,15 +243,9 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
     async def models(request: Request) -> ModelList:
         return ModelList(data=[model_card(request.app.state.engine, request.app.state.model_name, settings.backend)])
 
-    @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)], tags=["generate"],
-              responses={code: {"model": ErrorBody} for code in (401, 409, 413, 422, 429, 500, 503, 504)})
-    async def generate(body: GenerateRequest, request: Request) -> Any:
-        job = build_request(limits, body)
-        job.request_id = request.state.request_id  # errors from the engine name the id the client sees
-        result = await run_on_engine(request.app.state.engine, job, request)
-        if result is None:
-            return Response(status_code=499)  # client closed the connection; nobody reads this
-        encoded = await run_in_threadpool(encode_result, result, body.output_format)
+    def answer(request: Request, body: GenerateRequest, job: GenerationRequest, result: GenerationResult,
+               encoded: list[bytes]) -> GenerateResponse:
+        """The /generate answer (also the stream's `result` event)."""
         return GenerateResponse(
             id=request.state.request_id, model=request.app.state.model_name, seed=job.seed,
             request=ResolvedRequest(class_label=job.class_label, class_name=limits.class_names[job.class_label],
@@ -227,13 +256,98 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
             expert_usage=result.expert_usage,
             timing={"queue_ms": result.queue_ms, "inference_ms": result.inference_ms, "total_ms": result.total_ms})
 
+    @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)], tags=["generate"],
+              responses={code: {"model": ErrorBody} for code in (401, 409, 413, 422, 429, 500, 503, 504)})
+    async def generate(body: GenerateRequest, request: Request) -> Any:
+        job = build_request(limits, body)
+        job.request_id = request.state.request_id  # errors from the engine name the id the client sees
+        result = await run_on_engine(request.app.state.engine, job, request)
+        if result is None:
+            return Response(status_code=499)  # client closed the connection; nobody reads this
+        return answer(request, body, job, result, await run_in_threadpool(encode_result, result, body.output_format))
+
+    @app.post("/generate/stream", dependencies=[Depends(require_key)], tags=["generate"],
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "events progress, preview, then result (the /generate answer) or "
+                                              "error; errors known before the stream starts are plain answers"},
+                         **{code: {"model": ErrorBody} for code in (401, 409, 413, 422, 429, 503)}})
+    async def generate_stream(body: GenerateStreamRequest, request: Request) -> StreamingResponse:
+        job = build_request(limits, body)
+        job.request_id = request.state.request_id
+        job.preview_every = body.preview_every
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+        job.on_step = lambda progress: loop.call_soon_threadsafe(steps.put_nowait, progress)
+        engine: Engine = request.app.state.engine
+        future = asyncio.wrap_future(engine.submit(job))  # a full queue or a drain answers 429/503 here
+
+        async def events() -> AsyncIterator[bytes]:
+            finished = False
+            try:
+                while True:
+                    getter = asyncio.ensure_future(steps.get())
+                    await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        break
+                    progress: StepProgress = getter.result()
+                    yield progress_event(progress)
+                    if progress.preview is not None:
+                        pngs = await run_in_threadpool(encode_preview, progress.preview)
+                        yield sse("preview", PreviewEvent(step=progress.step, t=progress.t, images=[
+                            {"seed": s, "mime_type": "image/png", "data": base64.b64encode(b).decode()}
+                            for s, b in zip(job.seeds, pngs)]))
+                while not steps.empty():  # steps reported just before the answer
+                    yield progress_event(steps.get_nowait())
+                try:
+                    result = future.result()
+                except EngineError as exc:
+                    status, message, _ = engine_error(exc, settings.retry_after_s)
+                    finished = True
+                    yield sse("error", StreamError(status=status, detail=message, request_id=job.request_id))
+                    return
+                encoded = await run_in_threadpool(encode_result, result, body.output_format)
+                finished = True
+                yield sse("result", answer(request, body, job, result, encoded))
+            finally:
+                if not finished:  # the client left mid-stream: its rows leave at the next step
+                    engine.cancel(job.request_id)
+                    future.add_done_callback(lambda f: f.exception())
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_key)])
     async def metrics(request: Request) -> Response:
         body = generate_latest(http_registry) + generate_latest(request.app.state.engine.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(kserve_router(require_key, settings, GenerateRequest))
+    document_stream_events(app)
     return app
+
+
+def document_stream_events(app: FastAPI) -> None:
+    """Put the stream's event models into /openapi.json (components), which FastAPI cannot infer from
+    a text/event-stream answer."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            for model in schemas.STREAM_EVENTS.values():
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in schema.pop("$defs", {}).items():  # ImageOut, ... are components too
+                    components.setdefault(name, definition)
+                components.setdefault(model.__name__, schema)
+            stream = document["paths"]["/generate/stream"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+            stream["schema"] = {"oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"}
+                                          for m in schemas.STREAM_EVENTS.values()]}
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def class_names_of(config: Any) -> list[str]:

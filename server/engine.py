@@ -32,7 +32,7 @@ import uuid
 from concurrent.futures import Future
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -84,6 +84,9 @@ class GenerationRequest:
     num_images: int = 1
     timeout_s: Optional[float] = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Called on the engine's thread after each of this request's steps (streaming); it must not block.
+    on_step: Optional[Callable[["StepProgress"], None]] = None
+    preview_every: int = 0  # with on_step: the predicted clean sample every n steps (and at the last)
 
     @property
     def rows(self) -> int:
@@ -93,6 +96,19 @@ class GenerationRequest:
     @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.num_images)]
+
+
+@dataclass
+class StepProgress:
+    """One finished denoising step of a request, for streaming. Computing it changes nothing of the result."""
+
+    request_id: str
+    step: int  # steps done, 1..num_steps
+    num_steps: int
+    t: float  # the time this step started from (1 = noise)
+    mean_experts_per_token: float  # over this request's rows, layers and steps so far
+    elapsed_ms: float  # since the request was admitted
+    preview: Optional[np.ndarray] = None  # float32 [N, C, H, W]: x0 = x_t - t * v, the predicted clean sample
 
 
 @dataclass
@@ -393,21 +409,38 @@ class Engine:
         t_next = per_image([job.grid[job.step + 1] for job in jobs])
         labels = per_image([job.request.class_label for job in jobs])
         scales = per_image([job.request.cfg_scale for job in jobs])
-        x = torch.cat([job.x for job in jobs])
-        v, ept, load, owner = guided_velocity(self.model, x, t, labels, scales)
-        x = euler_update(x, v, t, t_next)
+        x_t = torch.cat([job.x for job in jobs])
+        v, ept, load, owner = guided_velocity(self.model, x_t, t, labels, scales)
+        x = euler_update(x_t, v, t, t_next)
         usage = usage_by_image(ept, load, owner, x.shape[0]).cpu()  # [n_layers, N, L + E + E + 1]
         offset = 0
         for job, n in zip(jobs, counts):
             job.x = x[offset:offset + n]
             job.usage.add(usage[:, offset:offset + n].sum(1), job.request.rows)
             job.step += 1
+            if job.request.on_step is not None:
+                self._report_step(job, x_t[offset:offset + n], v[offset:offset + n])
             offset += n
         self.metrics.step_seconds.observe(time.perf_counter() - start)
         self.metrics.rows_per_step.observe(int(owner.numel()))
         slots = int(ept.shape[0] * ept.shape[1] * ept.shape[2])
         tokens = int(usage[:, :, :ept.shape[2]].sum())
         self.metrics.experts_per_token.observe(tokens / slots if slots else 0.0)
+
+    def _report_step(self, job: _Job, x_t: torch.Tensor, v: torch.Tensor) -> None:
+        """Tell a streaming request that a step is done (its own rows only; a failing listener is ignored)."""
+        r = job.request
+        t = job.grid[job.step - 1]
+        every = r.preview_every
+        preview = None
+        if every and (job.step % every == 0 or job.step == r.num_steps):
+            preview = (x_t.float() - t * v.float()).cpu().numpy()
+        try:
+            r.on_step(StepProgress(request_id=r.request_id, step=job.step, num_steps=r.num_steps, t=t,
+                                   mean_experts_per_token=job.usage.mean_so_far(),
+                                   elapsed_ms=(time.monotonic() - job.started) * 1000, preview=preview))
+        except Exception:
+            log.exception("progress listener of request %s failed; the request goes on", r.request_id)
 
     def _retire(self) -> None:
         """Finished jobs leave at once; each is answered on its own (a failure answers only it)."""

@@ -46,15 +46,25 @@ def _replica_app(settings: ServeSettings) -> Any:
         start_http_server(port, addr=settings.host, registry=engine.metrics.registry)
         log.info("replica %s: engine metrics on port %d", replica, port)
     app = create_app(settings, engine)
-
-    @app.middleware("http")
-    async def name_the_replica(request, call_next):
-        response = await call_next(request)
-        response.headers[REPLICA_HEADER] = replica
-        del response.headers["x-request-id"]  # Ray's proxy sends the same id (the app took it from the request)
-        return response
-
+    app.add_middleware(NameTheReplica, replica=replica)
     return app
+
+
+class NameTheReplica:
+    """Adds `x-racedit-replica` to every answer and drops the app's X-Request-ID, which Ray's proxy
+    sends itself (the app took the same id from the request). Plain ASGI, so streams are untouched."""
+
+    def __init__(self, app: Any, replica: str):
+        self.app, self.replica = app, replica.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        async def named(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (REPLICA_HEADER.encode(), self.replica)]}
+            await send(message)
+
+        await self.app(scope, receive, named if scope["type"] == "http" else send)
 
 
 def deployment_options(settings: ServeSettings) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The wire format. It is defined once, torch-free, in the SDK (`racedit_client.models`); the
 server serves those very models and adds only the limits that are its runtime settings
 (`validation.request_model`)."""
-from racedit_client.models import (WIRE_MODELS, ErrorBody, ExpertUsage, GenerateRequest, GenerateResponse, Health,
-                                   ImageOut, LayerUsage, ModelCard, ModelList, ResolvedRequest, Timing)
+from racedit_client.models import (STREAM_EVENTS, WIRE_MODELS, ErrorBody, ExpertUsage, GenerateRequest,
+                                   GenerateResponse, GenerateStreamRequest, Health, ImageOut, LayerUsage, ModelCard,
+                                   ModelList, PreviewEvent, ProgressEvent, ResolvedRequest, StreamError, Timing)
 
-__all__ = ["WIRE_MODELS", "ErrorBody", "ExpertUsage", "GenerateRequest", "GenerateResponse", "Health", "ImageOut",
-           "LayerUsage", "ModelCard", "ModelList", "ResolvedRequest", "Timing"]
+__all__ = ["STREAM_EVENTS", "WIRE_MODELS", "ErrorBody", "ExpertUsage", "GenerateRequest", "GenerateResponse",
+           "GenerateStreamRequest", "Health", "ImageOut", "LayerUsage", "ModelCard", "ModelList", "PreviewEvent",
+           "ProgressEvent", "ResolvedRequest", "StreamError", "Timing"]

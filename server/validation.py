@@ -45,8 +45,9 @@ def resolve_class(value: Union[int, str], class_names: list[str]) -> int:
     return lowered.index(key)
 
 
-def request_model(limits: Limits) -> type[GenerateRequest]:
-    """`GenerateRequest` with this server's ranges (served in /openapi.json) and its class names."""
+def request_model(limits: Limits, base: type[GenerateRequest] = GenerateRequest) -> type[GenerateRequest]:
+    """`base` (GenerateRequest or a subclass) with this server's ranges (served in /openapi.json) and
+    its class names."""
     field = GenerateRequest.model_fields
 
     def known_class(value: Union[int, str]) -> Union[int, str]:
@@ -65,7 +66,7 @@ def request_model(limits: Limits) -> type[GenerateRequest]:
         return request
 
     return create_model(
-        "GenerateRequest", __base__=GenerateRequest, __module__=__name__,
+        base.__name__, __base__=base, __module__=__name__, __doc__=base.__doc__,
         cfg_scale=(StrictFloat, Field(4.0, ge=0, le=limits.max_cfg_scale, allow_inf_nan=False,
                                       description=field["cfg_scale"].description)),
         num_steps=(StrictInt, Field(25, ge=1, le=limits.max_steps, description=field["num_steps"].description)),

@@ -5,10 +5,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .client import Client, GenerateResult
 from .errors import RaceditError
+from .models import ProgressEvent
 
 SPARK = " .:-=+*#%@"
 
@@ -27,6 +28,23 @@ def usage_summary(result: GenerateResult) -> str:
         lines.append("per step (t=1 -> 0): " + "".join(SPARK[min(9, int(v / hi * 9))] for v in u.per_step)
                      + f"  [{min(u.per_step):.2f} .. {max(u.per_step):.2f}]")
     return "\n".join(lines)
+
+
+def progress_bar(event: ProgressEvent, width: int = 30) -> str:
+    done = round(width * event.step / event.num_steps)
+    return (f"\r[{'#' * done}{'.' * (width - done)}] {event.step}/{event.num_steps} t={event.t:.2f} "
+            f"experts/token {event.mean_experts_per_token:.2f} {event.elapsed_ms / 1000:.1f}s")
+
+
+def streamed(client: Client, label: Any, options: dict) -> GenerateResult:
+    """Generate through the stream, drawing a progress bar on stderr; returns the final result."""
+    for event in client.stream(label, **options):
+        if isinstance(event, ProgressEvent):
+            print(progress_bar(event), end="", file=sys.stderr, flush=True)
+        elif isinstance(event, GenerateResult):
+            print(file=sys.stderr)
+            return event
+    raise RaceditError("the stream ended without a result")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -55,6 +73,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     g.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "npy"],
                    help="npy: the final float32 samples, saved as .npy files")
     g.add_argument("-o", "--out", default=".", help="output folder")
+    g.add_argument("--stream", action="store_true",
+                   help="stream progress (a bar on stderr) through POST /generate/stream; the images are the same")
     sub.add_parser("models", help="list the served models")
     args = parser.parse_args(argv)
     label = int(args.class_label) if getattr(args, "class_label", "").isdigit() else getattr(args, "class_label", None)
@@ -65,8 +85,12 @@ def _run(argv: Optional[Sequence[str]]) -> int:
                     print(f"{card.id}: {card.image_size}x{card.image_size}, classes {', '.join(card.classes)}; "
                           f"{card.parameters_activated / 1e6:.1f} M of {card.parameters_total / 1e6:.1f} M parameters active")
                 return 0
-            result = client.generate(label, cfg_scale=args.cfg, num_steps=args.steps, seed=args.seed,
-                                     num_images=args.num_images, output_format=args.format)
+            options = dict(cfg_scale=args.cfg, num_steps=args.steps, seed=args.seed, num_images=args.num_images,
+                           output_format=args.format)
+            if args.stream:
+                result = streamed(client, label, options)
+            else:
+                result = client.generate(label, **options)
     except RaceditError as exc:
         print(f"racedit-client: error: {exc}", file=sys.stderr)
         return 1

@@ -7,13 +7,14 @@ import io
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 import httpx
 from PIL import Image
 
 from . import errors
-from .models import ExpertUsage, GenerateRequest, GenerateResponse, Health, ModelList, ResolvedRequest, Timing
+from .models import (ExpertUsage, GenerateRequest, GenerateResponse, GenerateStreamRequest, Health, ModelList,
+                     PreviewEvent, ProgressEvent, ResolvedRequest, StreamError, Timing)
 
 RETRY_STATUSES = {429, 503}
 NPY_MIME = "application/x-npy"
@@ -81,24 +82,9 @@ class _Core:
             body = {"detail": response.text}
         detail = body.get("detail", body.get("error")) if isinstance(body, dict) else body
         rid = (body.get("request_id") if isinstance(body, dict) else None) or response.headers.get("x-request-id")
-        message = _describe(detail) or response.reason_phrase
-        status = response.status_code
-        kind: type[errors.RaceditError]
-        if status in (400, 413, 422):
-            kind = errors.ValidationError
-        elif status in (401, 403):
-            kind = errors.AuthError
-        elif status == 404:
-            kind = errors.NotFound
-        elif status in RETRY_STATUSES:
-            retry_after = response.headers.get("retry-after")
-            raise errors.Overloaded(message, status, rid, detail,
-                                    retry_after=float(retry_after) if retry_after else None)
-        elif status == 504:
-            kind = errors.DeadlineExceeded
-        else:
-            kind = errors.ServerError
-        raise kind(message, status, rid, detail)
+        retry_after = response.headers.get("retry-after")
+        raise error_for(response.status_code, detail, rid, _describe(detail) or response.reason_phrase,
+                        float(retry_after) if retry_after else None)
 
     @staticmethod
     def generate_body(class_label: Union[int, str], cfg_scale: float, num_steps: int, seed: Optional[int],
@@ -107,8 +93,35 @@ class _Core:
                                num_images=num_images, output_format=output_format).model_dump(exclude_none=True)
 
     @staticmethod
+    def stream_body(class_label: Union[int, str], cfg_scale: float, num_steps: int, seed: Optional[int],
+                    num_images: int, output_format: str, preview_every: int) -> dict[str, Any]:
+        return GenerateStreamRequest(class_label=class_label, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
+                                     num_images=num_images, output_format=output_format,
+                                     preview_every=preview_every).model_dump(exclude_none=True)
+
+    @staticmethod
     def parse_generate(response: httpx.Response) -> GenerateResult:
-        raw = GenerateResponse.model_validate(response.json())
+        return _Core.result_of(GenerateResponse.model_validate(response.json()),
+                               response.headers.get("x-racedit-replica"))
+
+    @staticmethod
+    def stream_event(name: str, data: str, response: httpx.Response) -> StreamEvent:
+        """A typed event from one server-sent event; an `error` event raises as /generate's answer would."""
+        if name == "progress":
+            return ProgressEvent.model_validate_json(data)
+        if name == "preview":
+            raw = PreviewEvent.model_validate_json(data)
+            return Preview(step=raw.step, t=raw.t, images=[_decode_image(base64.b64decode(i.data)) for i in raw.images])
+        if name == "result":
+            return _Core.result_of(GenerateResponse.model_validate_json(data),
+                                   response.headers.get("x-racedit-replica"))
+        if name == "error":
+            raw = StreamError.model_validate_json(data)
+            raise error_for(raw.status, raw.detail, raw.request_id, _describe(raw.detail))
+        raise errors.ServerError(f"unknown stream event {name!r}", response.status_code, None, data)
+
+    @staticmethod
+    def result_of(raw: GenerateResponse, replica: Optional[str]) -> GenerateResult:
         images, arrays = [], []
         for item in raw.images:
             data = base64.b64decode(item.data)
@@ -117,13 +130,65 @@ class _Core:
 
                 arrays.append(np.load(io.BytesIO(data), allow_pickle=False))
                 continue
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                images.append(image.copy())
+            images.append(_decode_image(data))
         return GenerateResult(id=raw.id, model=raw.model, images=images, seeds=[i.seed for i in raw.images],
                               expert_usage=raw.expert_usage, timing=raw.timing, raw=raw, arrays=arrays,
-                              request=raw.request,
-                              replica=response.headers.get("x-racedit-replica"))
+                              request=raw.request, replica=replica)
+
+
+@dataclass
+class Preview:
+    """A stream's `preview` event: the predicted clean sample after `step`, one image per requested image."""
+
+    step: int
+    t: float
+    images: list[Image.Image]
+
+
+StreamEvent = Union[ProgressEvent, Preview, GenerateResult]
+
+
+class _ServerSentEvents:
+    """Lines of a text/event-stream -> (event, data) pairs."""
+
+    def __init__(self) -> None:
+        self.event, self.data = "message", []
+
+    def feed(self, line: str) -> Optional[tuple[str, str]]:
+        if line.startswith("event:"):
+            self.event = line[6:].strip()
+        elif line.startswith("data:"):
+            self.data.append(line[5:].lstrip())
+        elif not line and self.data:
+            done = (self.event, "\n".join(self.data))
+            self.event, self.data = "message", []
+            return done
+        return None
+
+
+def _decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.copy()
+
+
+def error_for(status: int, detail: Any, request_id: Optional[str], message: str,
+              retry_after: Optional[float] = None) -> errors.RaceditError:
+    """The typed error of an HTTP status (one mapping for answers and stream `error` events)."""
+    kind: type[errors.RaceditError]
+    if status in (400, 413, 422):
+        kind = errors.ValidationError
+    elif status in (401, 403):
+        kind = errors.AuthError
+    elif status == 404:
+        kind = errors.NotFound
+    elif status in RETRY_STATUSES:
+        return errors.Overloaded(message, status, request_id, detail, retry_after=retry_after)
+    elif status == 504:
+        kind = errors.DeadlineExceeded
+    else:
+        kind = errors.ServerError
+    return kind(message, status, request_id, detail)
 
 
 def _describe(detail: Any) -> str:
@@ -157,6 +222,29 @@ class Client(_Core):
                  seed: Optional[int] = None, num_images: int = 1, output_format: str = "png") -> GenerateResult:
         body = self.generate_body(class_label, cfg_scale, num_steps, seed, num_images, output_format)
         return self.parse_generate(self._request("POST", "/generate", json=body))
+
+    def stream(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
+               seed: Optional[int] = None, num_images: int = 1, output_format: str = "png",
+               preview_every: int = 0) -> Iterator[StreamEvent]:
+        """POST /generate/stream: a ProgressEvent per step, a Preview every `preview_every` steps, then the
+        GenerateResult (byte-identical to generate()'s). Errors raise as generate() raises them."""
+        body = self.stream_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, preview_every)
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                with self._http.stream("POST", "/generate/stream", json=body) as response:
+                    if response.status_code == 200:
+                        parser = _ServerSentEvents()
+                        for line in response.iter_lines():
+                            if (event := parser.feed(line)) is not None:
+                                yield self.stream_event(*event, response)
+                        return
+                    response.read()
+                    outcome = self.decide(attempt, started, response=response)
+            except RETRY_EXCEPTIONS as exc:
+                outcome = self.decide(attempt, started, error=exc)
+            time.sleep(outcome)
+            attempt += 1
 
     def models(self) -> ModelList:
         return ModelList.model_validate(self._request("GET", "/v1/models").json())
@@ -201,6 +289,28 @@ class AsyncClient(_Core):
                        seed: Optional[int] = None, num_images: int = 1, output_format: str = "png") -> GenerateResult:
         body = self.generate_body(class_label, cfg_scale, num_steps, seed, num_images, output_format)
         return self.parse_generate(await self._request("POST", "/generate", json=body))
+
+    async def stream(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
+                     seed: Optional[int] = None, num_images: int = 1, output_format: str = "png",
+                     preview_every: int = 0) -> AsyncIterator[StreamEvent]:
+        """`async for event in client.stream(...)`: as Client.stream."""
+        body = self.stream_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, preview_every)
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                async with self._http.stream("POST", "/generate/stream", json=body) as response:
+                    if response.status_code == 200:
+                        parser = _ServerSentEvents()
+                        async for line in response.aiter_lines():
+                            if (event := parser.feed(line)) is not None:
+                                yield self.stream_event(*event, response)
+                        return
+                    await response.aread()
+                    outcome = self.decide(attempt, started, response=response)
+            except RETRY_EXCEPTIONS as exc:
+                outcome = self.decide(attempt, started, error=exc)
+            await asyncio.sleep(outcome)
+            attempt += 1
 
     async def models(self) -> ModelList:
         return ModelList.model_validate((await self._request("GET", "/v1/models")).json())

@@ -30,6 +30,13 @@ class GenerateRequest(BaseModel):
                            "(pixels in [-1, 1] before quantisation), byte-identical whatever shares the batch")
 
 
+class GenerateStreamRequest(GenerateRequest):
+    """The body of POST /generate/stream: /generate's, and how often to send a preview."""
+
+    preview_every: StrictInt = Field(0, ge=0, description="a preview event (the predicted clean sample "
+                                                          "x0 = x_t - t * v as a small PNG) every n steps; 0: none")
+
+
 class ImageOut(BaseModel):
     seed: int
     mime_type: str
@@ -88,6 +95,32 @@ class GenerateResponse(BaseModel):
     timing: Timing
 
 
+class ProgressEvent(BaseModel):
+    """`event: progress` of the stream, after each denoising step of the request."""
+
+    step: int = Field(..., description="steps done, 1..num_steps")
+    num_steps: int
+    t: float = Field(..., description="the time the step started from (1 = noise, 0 = image)")
+    mean_experts_per_token: float = Field(..., description="over the request's rows, layers and steps so far")
+    elapsed_ms: float = Field(..., description="since the request was admitted")
+
+
+class PreviewEvent(BaseModel):
+    """`event: preview`: the predicted clean sample after a step, one PNG per image."""
+
+    step: int
+    t: float
+    images: list[ImageOut]
+
+
+class StreamError(BaseModel):
+    """`event: error`: what /generate would have answered, once the stream has started."""
+
+    status: int
+    detail: Any
+    request_id: Optional[str] = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -118,5 +151,6 @@ class Health(BaseModel):
     status: str
 
 
-WIRE_MODELS = [GenerateRequest, ImageOut, LayerUsage, ExpertUsage, Timing, ResolvedRequest, GenerateResponse, ModelCard,
-               ModelList, ErrorBody, Health]
+WIRE_MODELS = [GenerateRequest, GenerateStreamRequest, ImageOut, LayerUsage, ExpertUsage, Timing, ResolvedRequest,
+               GenerateResponse, ProgressEvent, PreviewEvent, StreamError, ModelCard, ModelList, ErrorBody, Health]
+STREAM_EVENTS = {"progress": ProgressEvent, "preview": PreviewEvent, "result": GenerateResponse, "error": StreamError}
