@@ -18,12 +18,14 @@ if ! $py -c "import torch" 2>/dev/null; then
       || $py -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-if [ -n "$extras" ] && { ! command -v docker-compose >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; }; then
-  # The deployment tests validate the compose files and the Prometheus config with Debian's tools.
+if [ -n "$extras" ] && { ! command -v docker-compose >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1 \
+                          || [ ! -x /usr/bin/chromium ]; }; then
+  # The deployment tests validate the compose files and the Prometheus config with Debian's tools;
+  # the playground tests drive Debian's chromium through Playwright (no browser download).
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose prometheus >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose prometheus chromium >/dev/null
   else
-    echo "note: the deployment tests need docker-compose and promtool (Debian: apt-get install docker-compose prometheus)" >&2
+    echo "note: the tests need docker-compose, promtool and chromium (Debian: apt-get install docker-compose prometheus chromium)" >&2
   fi
 fi
 # The SDK first: the service imports its wire models from it (racedit_client.models).

@@ -6,13 +6,16 @@ import io
 import logging
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from PIL import Image
 from prometheus_client import CollectorRegistry, generate_latest
@@ -32,6 +35,7 @@ from .validation import Limits, build_request, request_model
 
 log = logging.getLogger("racedit.server")
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
+STATIC = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
 
 
@@ -189,8 +193,22 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
         yield
         await run_in_threadpool(eng.stop, True, settings.drain_timeout_s)
 
-    app = FastAPI(title="racedit", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="racedit", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Class-conditional image generation with Race-DiT (Expert-Race MoE diffusion transformers).")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        """The playground page (static HTML, CSS and JS shipped in the package; no CDN)."""
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """Swagger UI from the package's own copy, so it works offline."""
+        return get_swagger_ui_html(openapi_url="openapi.json", title="racedit API",
+                                   swagger_js_url="static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="static/swagger/swagger-ui.css",
+                                   swagger_favicon_url="static/swagger/favicon-32x32.png")
     app.state.settings = settings
 
     async def require_key(request: Request) -> None:

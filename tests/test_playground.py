@@ -1,0 +1,73 @@
+"""The playground page and the offline API docs in a real headless Chromium (Debian's, through Playwright)."""
+from pathlib import Path
+
+import pytest
+
+playwright = pytest.importorskip("playwright.sync_api", reason="scripts/setup.sh --dev installs playwright")
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is missing (apt-get install chromium; scripts/setup.sh --dev does it as root)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def offline_page(browser, base_url: str):
+    """A page that may load nothing but the server under test: no CDN can help it."""
+    page = browser.new_page(viewport={"width": 1150, "height": 900})
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base_url)
+               else route.abort())
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return page, errors
+
+
+def test_a_generation_in_the_playground(server_factory, browser):
+    server = server_factory("--max-batch-rows", "16", env={"RACEDIT_API_KEY": "pw-key"})
+    page, errors = offline_page(browser, server.url)
+    page.on("dialog", lambda dialog: dialog.accept("pw-key"))  # the page asks for the key once
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('class').options.length === 10", timeout=30_000)
+    assert "racedit-tiny" in page.inner_text("#model-info")
+    page.select_option("#class", "6")
+    page.fill("#steps", "10")
+    page.fill("#seed", "3")
+    page.fill("#num-images", "2")
+    page.fill("#preview-every", "3")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('timing').textContent.length > 0", timeout=60_000)
+    assert page.evaluate("document.getElementById('progress-bar').style.width") == "100%"
+    assert "2 x star" in page.inner_text("#progress-text") and "seed 3" in page.inner_text("#progress-text")
+    assert page.locator("#images img").count() == 2
+    assert page.evaluate("[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth === 16)")
+    page.check("#heatmap-toggle")
+    assert page.is_visible("canvas.heatmap") and page.is_visible("#legend")
+    colours = page.evaluate("""() => {
+        const canvas = document.querySelector('canvas.heatmap');
+        const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        const seen = new Set();
+        for (let i = 0; i < data.length; i += 4) seen.add(`${data[i]},${data[i + 1]},${data[i + 2]}`);
+        return seen.size;
+    }""")
+    assert colours > 50, "the heat map should vary across the image"
+    assert page.locator("#layer-charts canvas").count() == 2  # the tiny preset's two MoE layers
+    unauthorized = [e for e in errors if "401" in e]
+    assert len(unauthorized) == 1  # the first call, before the page asked for the key; never again
+    assert [e for e in errors if "401" not in e] == []
+
+
+def test_the_api_docs_load_offline(server_factory, browser):
+    server = server_factory()
+    page, errors = offline_page(browser, server.url)
+    page.goto(server.url + "/docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "racedit" in page.inner_text(".swagger-ui .info .title")
+    assert page.locator(".opblock-summary-path", has_text="/generate/stream").count() == 1
+    assert errors == []
