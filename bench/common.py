@@ -15,18 +15,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def time_call(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3, cuda: bool = False) -> float:
     """Median seconds of `fn()` over `repeats` runs."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return time_interleaved({"fn": fn}, repeats, warmup, cuda)["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3,
