@@ -40,16 +40,18 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from racedit.model.calibrate import Calibration, calibrate_thresholds
+    from racedit.model.calibrate import Calibration, budget_table, calibrate_thresholds
     from racedit.model.checkpoint import load, read_config, save
 
     model = load(args.checkpoint)
     calibration = Calibration(num_images=args.num_images, cfg_scale=args.cfg_scale, num_steps=args.num_steps,
                               iterations=args.iterations)
     record = calibrate_thresholds(model, calibration)
+    model.metadata = {**model.metadata, "threshold_calibration": record}
+    if args.budgets:  # the compute dial's table, on the thresholds just calibrated
+        record = {**record, "budget_table": budget_table(model, calibration, args.budgets)}
     weights_dtype = getattr(torch, read_config(args.checkpoint).get("weights_dtype", "float32"))
-    out = save(model, args.out or args.checkpoint, metadata={**model.metadata, "threshold_calibration": record},
-               weights_dtype=weights_dtype)
+    out = save(model, args.out or args.checkpoint, metadata=model.metadata, weights_dtype=weights_dtype)
     print(json.dumps(record, indent=2))
     print(f"thresholds written to {out}")
     return 0
@@ -89,6 +91,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
+BUDGETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # racedit.model.calibrate.BUDGETS, without importing torch here
+
+
 def _dispatch(argv: list[str]) -> int:
     # serve and export own their flags (typed settings); hand them the rest of the line.
     if argv[:1] == ["serve"]:
@@ -123,6 +128,8 @@ def _dispatch(argv: list[str]) -> int:
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the calibration samples")
     p.add_argument("--num-steps", type=int, default=25, help="Euler steps: the time grid calibrated over")
     p.add_argument("--iterations", type=int, default=2, help="passes towards the fixed point")
+    p.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS),
+                   help="expert budgets of the compute-dial table (must include 1.0; none: no table)")
     p.set_defaults(func=_calibrate)
     p = sub.add_parser("pack", help="copy a checkpoint for shipping: weights only, parameters in float16")
     p.add_argument("--checkpoint", required=True)

@@ -13,7 +13,7 @@ thresholds, so the pass repeats a few times (a fixed point; two are usually enou
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -75,3 +75,84 @@ def calibrate_thresholds(model: RaceDiT, calibration: Optional[Calibration] = No
     return {**asdict(calibration), "method": "race K-th gate over the model's own sampling pass",
             "thresholds_before": before, "thresholds": [float(layer.threshold) for layer in layers],
             "mean_experts_per_token_by_iteration": [round(v, 4) for v in history]}
+
+
+BUDGETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+@torch.no_grad()
+def budget_table(model: RaceDiT, calibration: Optional[Calibration] = None,
+                 budgets: Sequence[float] = BUDGETS) -> dict:
+    """The compute dial's table: per budget b, per-layer thresholds for about b * k experts per token.
+
+    From the gates of one sampling pass at the learned thresholds, each layer's threshold for b is
+    its (b * k per token)-th largest gate; b = 1 keeps the learned thresholds exactly. A pass at
+    each budget's thresholds then records the experts per token it really gives (the trajectories
+    follow the thresholds, so it is near, not at, b * k). Stored as metadata["budget_table"].
+    """
+    from .sampling import generate
+
+    calibration = calibration or Calibration()
+    layers = model.moe_layers
+    budgets = sorted(float(b) for b in budgets)
+    if not layers or 1.0 not in budgets or budgets[0] <= 0 or budgets[-1] * layers[0].k > layers[0].num_experts:
+        raise ValueError(f"budgets must include 1.0 and lie in (0, E/k]; got {budgets}")
+    n = calibration.num_images
+    labels = [i % model.config.num_classes for i in range(n)]
+    seeds = list(range(calibration.seed, calibration.seed + n))
+    scores: list[list[torch.Tensor]] = [[] for _ in layers]
+    handles = [layer.register_forward_hook(
+        lambda module, inputs, output, i=i: scores[i].append(output[1].scores.reshape(-1).float().cpu()))
+        for i, layer in enumerate(layers)]
+    try:
+        generate(model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps, seeds=seeds)
+    finally:
+        for handle in handles:
+            handle.remove()
+    table = []
+    for budget in budgets:
+        row = []
+        for layer, collected in zip(layers, scores):
+            gates = torch.cat(collected)
+            kth = max(1, int(round(gates.numel() / layer.num_experts * layer.k * budget)))
+            row.append(float(layer.threshold) if budget == 1.0 else float(gates.topk(kth).values[-1]))
+        table.append(row)
+    record = {"budgets": budgets, "thresholds": table, **asdict(calibration)}
+    model.metadata = {**getattr(model, "metadata", {}), "budget_table": record}
+    realised = []
+    for budget in budgets:
+        _, usage = generate(model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps,
+                            seeds=seeds, expert_budget=budget)
+        realised.append(round(sum(u["mean_experts_per_token"] for u in usage) / n, 4))
+    record["mean_experts_per_token"] = realised
+    return record
+
+
+def budget_range(model: RaceDiT) -> Optional[tuple[float, float]]:
+    """The budgets the checkpoint's table covers (None without a table: only budget 1.0 is served)."""
+    table = getattr(model, "metadata", {}).get("budget_table")
+    return (table["budgets"][0], table["budgets"][-1]) if table else None
+
+
+def budget_thresholds(model: RaceDiT, budgets: Sequence[float]) -> torch.Tensor:
+    """Per-layer thresholds [n_moe_layers, N] for N budgets, interpolated in the checkpoint's table;
+    budget 1.0 is the learned thresholds exactly (the same bytes as no budget at all)."""
+    layers = model.moe_layers
+    learned = torch.tensor([float(layer.threshold) for layer in layers])
+    table = getattr(model, "metadata", {}).get("budget_table")
+    columns = []
+    for budget in budgets:
+        if budget == 1.0:
+            columns.append(learned)
+            continue
+        if table is None:
+            raise ValueError("this checkpoint has no budget table (racedit calibrate CHECKPOINT writes one); "
+                             "only expert_budget 1.0 is served")
+        grid, thresholds = table["budgets"], torch.tensor(table["thresholds"])  # [n_budgets, n_layers]
+        if not grid[0] <= budget <= grid[-1]:
+            raise ValueError(f"expert_budget {budget:g} is outside the calibrated range {grid[0]:g}..{grid[-1]:g}")
+        upper = next(i for i, b in enumerate(grid) if b >= budget)
+        lower = max(upper - 1, 0)
+        share = 0.0 if grid[upper] == grid[lower] else (budget - grid[lower]) / (grid[upper] - grid[lower])
+        columns.append(thresholds[lower] + share * (thresholds[upper] - thresholds[lower]))
+    return torch.stack(columns, dim=1) if columns else learned.new_zeros(len(layers), 0)

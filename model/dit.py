@@ -116,13 +116,14 @@ class Block(nn.Module):
                     else MLP(d, int(d * config.mlp_ratio)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, predict_target: bool) -> tuple[torch.Tensor, Optional[Routing]]:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, predict_target: bool,
+                thresholds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[Routing]]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
         h = modulate(self.norm2(x), shift2, scale2)
         routing = None
         if isinstance(self.mlp, MoELayer):
-            h, routing = self.mlp(h, predict_target)
+            h, routing = self.mlp(h, predict_target, thresholds)
         else:
             h = self.mlp(h)
         return x + gate2.unsqueeze(1) * h, routing
@@ -229,8 +230,11 @@ class RaceDiT(nn.Module):
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_stats: bool = False,
+        thresholds: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, ForwardStats]]:
-        """Velocity v(x_t, t, y). x: [B, C, H, W], t: [B] in [0, 1], y: [B] int (null class allowed)."""
+        """Velocity v(x_t, t, y). x: [B, C, H, W], t: [B] in [0, 1], y: [B] int (null class allowed).
+        `thresholds` [n_moe_layers, B]: per-row routing thresholds instead of the learned ones (the
+        compute dial, `calibrate.budget_thresholds`); each row's routing still depends on it alone."""
         x = x.float()  # inputs, timesteps and the residual stream are fp32 in every precision
         w, b = self.x_embedder.weight, self.x_embedder.bias
         patches = rounded(F.conv2d(operand(x, w), operand(w, w), operand(b, w), stride=self.config.patch_size), w)
@@ -238,7 +242,9 @@ class RaceDiT(nn.Module):
         c = self.t_embedder(t.float()) + self.y_embedder(y)  # [B, D]
         routings: list[Routing] = []
         for block in self.blocks:
-            h, routing = block(h, c, predict_target=self.training)
+            layer_thresholds = None if thresholds is None or not isinstance(block.mlp, MoELayer) \
+                else thresholds[len(routings)].float()
+            h, routing = block(h, c, predict_target=self.training, thresholds=layer_thresholds)
             if routing is not None:
                 routings.append(routing)
         v = self.unpatchify(self.final_layer(h, c))

@@ -72,8 +72,9 @@ def expert_race(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def threshold(scores: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """Select a pair iff its score beats the learned threshold: depends on the token alone."""
-    return scores > tau
+    """Select a pair iff its score beats the threshold: depends on the token alone. scores [B, L, E];
+    tau a scalar (the layer's learned threshold) or [B], one per row (a per-request compute dial)."""
+    return scores > (tau.view(-1, 1, 1) if tau.dim() == 1 else tau)
 
 
 # ---------------------------------------------------------------- router ----
@@ -247,15 +248,16 @@ class MoELayer(nn.Module):
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Choose (token, expert) pairs for scores [B, L, E]; updates tau while training a race."""
+    def select(self, scores: torch.Tensor, thresholds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Choose (token, expert) pairs for scores [B, L, E]; updates tau while training a race.
+        `thresholds` [B] replace the learned one row by row under threshold inference."""
         routing = self.config.routing
         if routing == "token_choice":
             return token_choice(scores, self.k)
         if routing == "expert_choice":
             return expert_choice(scores, self.k)
         if not self.training and self.config.inference == "threshold":
-            return threshold(scores, self.threshold)
+            return threshold(scores, self.threshold if thresholds is None else thresholds)
         mask, kth = expert_race(scores, self.k)
         if self.training:
             self._update_threshold(kth.detach())
@@ -267,11 +269,12 @@ class MoELayer(nn.Module):
         self.threshold.mul_(m).add_((1.0 - m) * kth.float())
         self.threshold_updates.add_(1)
 
-    def forward(self, x: torch.Tensor, predict_target: bool = False) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, predict_target: bool = False,
+                thresholds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
         batch, seq_len, dim = x.shape
         logits, target = self.router(x, predict_target)  # [B, L, E]
         scores = gate(logits, self.config.gating)
-        mask = self.select(scores)
+        mask = self.select(scores, thresholds)
         dispatch = served_dispatch(x.device) if self.dispatch == "auto" else self.dispatch
         out = DISPATCH[dispatch](x.reshape(-1, dim), scores.reshape(-1, self.num_experts),
                                       mask.reshape(-1, self.num_experts), self.experts, self.row_tile)

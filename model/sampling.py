@@ -67,8 +67,10 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def guided_velocity(model: RaceDiT, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                    cfg_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """v = v_u + s (v_c - v_u) for N images, each with its own t, label and scale, in one forward.
+                    cfg_scales: torch.Tensor, thresholds: Optional[torch.Tensor] = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """v = v_u + s (v_c - v_u) for N images, each with its own t, label and scale, in one forward;
+    with `thresholds` [n_moe_layers, N], each image's rows route by its own (the compute dial).
 
     Rows: N conditional rows, then one unconditional row for each image with s != 1.
     Returns v [N, C, H, W] and, per forward row, experts_per_token [n_layers, R, L],
@@ -78,7 +80,8 @@ def guided_velocity(model: RaceDiT, x: torch.Tensor, t: torch.Tensor, labels: to
     rows_x = torch.cat([x, x[guided]])
     rows_t = torch.cat([t, t[guided]])
     rows_y = torch.cat([labels, torch.full_like(labels[guided], model.null_class)])
-    v_rows, stats = model(rows_x, rows_t, rows_y, return_stats=True)
+    rows_thresholds = None if thresholds is None else torch.cat([thresholds, thresholds[:, guided]], dim=1)
+    v_rows, stats = model(rows_x, rows_t, rows_y, return_stats=True, thresholds=rows_thresholds)
     v = v_rows[: x.shape[0]].clone()
     if guided.numel():
         v_u = v_rows[x.shape[0]:]
@@ -181,11 +184,13 @@ def new_usage(model: RaceDiT) -> UsageAccumulator:
 @torch.no_grad()
 def generate(model: RaceDiT, labels: Sequence[int], cfg_scale: Union[float, Sequence[float]] = 4.0,
              num_steps: int = 25, seeds: Optional[Sequence[int]] = None, sampler: str = "euler",
-             as_float: bool = False) -> tuple[torch.Tensor, list[dict]]:
+             as_float: bool = False, expert_budget: Union[float, Sequence[float]] = 1.0,
+             ) -> tuple[torch.Tensor, list[dict]]:
     """Images uint8 [N, 3, H, W] and per-image expert usage (the `expert_usage` dicts).
 
     `as_float` returns the final fp32 samples [N, C, H, W] as the sampler ends them instead
-    (what the server's `npy` output format carries).
+    (what the server's `npy` output format carries). `expert_budget` (per image or one for all)
+    scales the experts per token through the checkpoint's budget table; 1.0 is the learned routing.
 
     Each image's noise comes from its own seed, and threshold routing makes every
     row independent, so an image never depends on what else is in the batch.
@@ -200,8 +205,14 @@ def generate(model: RaceDiT, labels: Sequence[int], cfg_scale: Union[float, Sequ
     n = len(labels)
     seeds = list(seeds) if seeds is not None else list(range(n))
     scales = [float(cfg_scale)] * n if isinstance(cfg_scale, (int, float)) else [float(s) for s in cfg_scale]
-    if len(seeds) != n or len(scales) != n:
-        raise ValueError("labels, seeds and cfg_scale must have the same length")
+    budgets = [float(expert_budget)] * n if isinstance(expert_budget, (int, float)) else [float(b) for b in expert_budget]
+    if len(seeds) != n or len(scales) != n or len(budgets) != n:
+        raise ValueError("labels, seeds, cfg_scale and expert_budget must have the same length")
+    thresholds = None
+    if any(b != 1.0 for b in budgets):
+        from .calibrate import budget_thresholds
+
+        thresholds = budget_thresholds(model, budgets).to(device)
     cfg = model.config
     x = torch.stack([initial_noise(s, (cfg.in_channels, cfg.image_size, cfg.image_size)) for s in seeds]).to(device)
     y = torch.tensor(list(labels), dtype=torch.long, device=device)
@@ -212,7 +223,7 @@ def generate(model: RaceDiT, labels: Sequence[int], cfg_scale: Union[float, Sequ
 
     def velocity(x_now: torch.Tensor, t_now: float) -> torch.Tensor:
         t = torch.full((n,), t_now, device=device)
-        v, ept, load, owner = guided_velocity(model, x_now, t, y, s)
+        v, ept, load, owner = guided_velocity(model, x_now, t, y, s, thresholds)
         counts = usage_by_image(ept, load, owner, n).cpu()
         for i in range(n):
             usage[i].add(counts[:, i], rows[i])

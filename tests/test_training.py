@@ -215,6 +215,11 @@ def test_calibrate_sets_thresholds_from_the_models_own_sampling(tiny_checkpoint,
     _, usage = generate(before, labels, cfg_scale=4.0, num_steps=10, seeds=seeds)
     uncalibrated = sum(u["mean_experts_per_token"] for u in usage) / len(usage)
     assert abs(calibrated - k) <= 0.05 * k and abs(calibrated - k) < abs(uncalibrated - k), (calibrated, uncalibrated)
+    # The compute dial's table travels in the checkpoint, its 1.0 row the thresholds just calibrated.
+    table = after.metadata["budget_table"]
+    assert table["budgets"] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert table["thresholds"][3] == record["thresholds"]
+    assert table["mean_experts_per_token"] == sorted(table["mean_experts_per_token"])
 
 
 def test_training_calibrates_the_saved_ema_thresholds(tmp_path):
