@@ -80,8 +80,8 @@ def guided_velocity(model: RaceDiT, x: torch.Tensor, t: torch.Tensor, labels: to
     rows_x = torch.cat([x, x[guided]])
     rows_t = torch.cat([t, t[guided]])
     rows_y = torch.cat([labels, torch.full_like(labels[guided], model.null_class)])
-    rows_thresholds = None if thresholds is None else torch.cat([thresholds, thresholds[:, guided]], dim=1)
-    v_rows, stats = model(rows_x, rows_t, rows_y, return_stats=True, thresholds=rows_thresholds)
+    dial = {} if thresholds is None else {"thresholds": torch.cat([thresholds, thresholds[:, guided]], dim=1)}
+    v_rows, stats = model(rows_x, rows_t, rows_y, return_stats=True, **dial)  # external denoisers have no dial
     v = v_rows[: x.shape[0]].clone()
     if guided.numel():
         v_u = v_rows[x.shape[0]:]
