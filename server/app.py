@@ -148,7 +148,8 @@ def model_card(engine: Engine, name: str, backend: str) -> ModelCard:
         image_size=cfg.image_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
         routing=cfg.moe.__dict__ if cfg.moe else None, parameters_total=total, parameters_activated=activated,
         thresholds=[float(layer.threshold) for layer in engine.model.moe_layers], backend=backend,
-        dtype=str(engine.dtype).removeprefix("torch."), batch_invariant=engine.batch_invariant)
+        dtype=str(engine.dtype).removeprefix("torch."), batch_invariant=engine.batch_invariant,
+        expert_budget_range=list(engine.budget_range or (1.0, 1.0)))
 
 
 def build_engine(settings: ServeSettings) -> Engine:
@@ -175,7 +176,7 @@ def build_engine(settings: ServeSettings) -> Engine:
 def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine] = None) -> FastAPI:
     settings = settings or ServeSettings()
     state: dict[str, Any] = {"engine": engine}
-    limits = Limits.from_settings(settings, _class_names(settings, engine))
+    limits = Limits.from_settings(settings, *_served_model(settings, engine))
     GenerateRequest = request_model(limits)  # noqa: N806 -- the wire models, with this server's ranges
     GenerateStreamRequest = request_model(limits, schemas.GenerateStreamRequest)  # noqa: N806
 
@@ -268,7 +269,7 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
             id=request.state.request_id, model=request.app.state.model_name, seed=job.seed,
             request=ResolvedRequest(class_label=job.class_label, class_name=limits.class_names[job.class_label],
                                     cfg_scale=job.cfg_scale, num_steps=job.num_steps, num_images=job.num_images,
-                                    seed=job.seed, output_format=body.output_format),
+                                    seed=job.seed, expert_budget=job.expert_budget, output_format=body.output_format),
             images=[{"seed": s, "mime_type": MIME[body.output_format], "data": base64.b64encode(b).decode()}
                     for s, b in zip(result.seeds, encoded)],
             expert_usage=result.expert_usage,
@@ -372,13 +373,18 @@ def class_names_of(config: Any) -> list[str]:
     return list(config.class_names or [str(i) for i in range(config.num_classes)])
 
 
-def _class_names(settings: ServeSettings, engine: Optional[Engine]) -> list[str]:
-    """The served model's class names, known before it loads (the request schema names its ranges)."""
+def _served_model(settings: ServeSettings, engine: Optional[Engine]) -> tuple[list[str], Optional[tuple[float, float]]]:
+    """The served model's class names and budget range, known before it loads (the request schema
+    names its ranges). An ONNX denoiser has no compute dial."""
     from racedit.model import read_config
     from racedit.model.config import ModelConfig
 
-    return class_names_of(engine.model.config if engine is not None
-                          else ModelConfig.from_dict(read_config(settings.checkpoint)["model"]))
+    if engine is not None:
+        return class_names_of(engine.model.config), engine.budget_range
+    document = read_config(settings.checkpoint)
+    table = document.get("metadata", {}).get("budget_table")
+    budgets = (min(table["budgets"]), max(table["budgets"])) if table and settings.backend == "torch" else None
+    return class_names_of(ModelConfig.from_dict(document["model"])), budgets
 
 
 def _default_name(settings: ServeSettings) -> str:

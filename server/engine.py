@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from racedit.model.calibrate import budget_range, budget_thresholds
 from racedit.model.dit import RaceDiT
 from racedit.model.exact import ROW_TILE
 from racedit.model.sampling import (UsageAccumulator, euler_update, guided_velocity, initial_noise, new_usage,
@@ -87,6 +88,7 @@ class GenerationRequest:
     # Called on the engine's thread after each of this request's steps (streaming); it must not block.
     on_step: Optional[Callable[["StepProgress"], None]] = None
     preview_every: int = 0  # with on_step: the predicted clean sample every n steps (and at the last)
+    expert_budget: float = 1.0  # the compute dial: about expert_budget * k experts per token (1.0: learned)
 
     @property
     def rows(self) -> int:
@@ -135,6 +137,7 @@ class _Job:
     usage: Optional[UsageAccumulator] = None
     grid: list[float] = field(default_factory=list)
     cancelled: bool = False
+    thresholds: Optional[torch.Tensor] = None  # [n_moe_layers] per-layer routing thresholds of its budget
 
 
 class Engine:
@@ -150,6 +153,9 @@ class Engine:
         if isinstance(model, RaceDiT):  # external denoisers (onnxruntime) fix their own precision
             model.set_precision(dtype).set_execution(row_tile=ROW_TILE if batch_invariant else None)
         self.model, self.device, self.dtype = model, device, dtype
+        # The compute dial: only the torch model takes per-row thresholds (external denoisers serve 1.0).
+        self.budget_range = budget_range(model) if isinstance(model, RaceDiT) else None
+        self.learned_thresholds = budget_thresholds(model, [1.0])[:, 0].to(device) if isinstance(model, RaceDiT) else None
         self.max_batch_rows, self.mode, self.static_wait_ms = max_batch_rows, mode, static_wait_ms
         self.max_queue = max_queue
         self.metrics = metrics or EngineMetrics()
@@ -240,6 +246,9 @@ class Engine:
         """Queue a request; the future resolves to a GenerationResult or fails with an EngineError."""
         if request.rows > self.max_batch_rows:
             raise ValueError(f"request needs {request.rows} rows per step but max_batch_rows is {self.max_batch_rows}")
+        low, high = self.budget_range or (1.0, 1.0)
+        if not low <= request.expert_budget <= high:
+            raise ValueError(f"expert_budget {request.expert_budget:g} is outside this model's range {low:g}..{high:g}")
         now = time.monotonic()
         job = _Job(request, Future(), now, now + request.timeout_s if request.timeout_s else None)
         with self._lock:
@@ -354,6 +363,8 @@ class Engine:
         job.started = time.monotonic()
         job.grid = time_grid(r.num_steps)
         job.x = torch.stack([initial_noise(s, self.image_shape) for s in r.seeds]).to(self.device)
+        if r.expert_budget != 1.0:
+            job.thresholds = budget_thresholds(self.model, [r.expert_budget])[:, 0].to(self.device)
         job.usage = new_usage(self.model)
         self._active.append(job)
         self.metrics.queue_seconds.observe(job.started - job.submitted)
@@ -410,7 +421,10 @@ class Engine:
         labels = per_image([job.request.class_label for job in jobs])
         scales = per_image([job.request.cfg_scale for job in jobs])
         x_t = torch.cat([job.x for job in jobs])
-        v, ept, load, owner = guided_velocity(self.model, x_t, t, labels, scales)
+        dialled = any(job.request.expert_budget != 1.0 for job in jobs)  # else the learned thresholds, as ever
+        thresholds = torch.cat([(self.learned_thresholds if job.thresholds is None else job.thresholds)
+                                .unsqueeze(1).expand(-1, n) for job, n in zip(jobs, counts)], dim=1) if dialled else None
+        v, ept, load, owner = guided_velocity(self.model, x_t, t, labels, scales, thresholds)
         x = euler_update(x_t, v, t, t_next)
         usage = usage_by_image(ept, load, owner, x.shape[0]).cpu()  # [n_layers, N, L + E + E + 1]
         offset = 0

@@ -1,6 +1,6 @@
 """KServe v2 / Open Inference Protocol routes, so the stock `tritonclient.http` works unchanged.
 
-Inputs: class_label INT64 [N], cfg_scale FP32 [N], num_steps INT32 [N], seed INT64 [N]
+Inputs: class_label INT64 [N], cfg_scale FP32 [N], num_steps INT32 [N], seed INT64 [N], expert_budget FP32 [N]
 (all but class_label optional; a seed left out is drawn at random). Outputs: image
 UINT8 [N, H, W, 3], mean_experts_per_token FP32 [N] and seed INT64 [N] (the seeds used). Tensors travel as JSON lists or through
 Triton's binary tensor extension (`Inference-Header-Content-Length`).
@@ -26,7 +26,8 @@ from .validation import build_request, describe
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
           "INT64": np.int64, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
           "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
-INPUTS = [("class_label", "INT64"), ("cfg_scale", "FP32"), ("num_steps", "INT32"), ("seed", "INT64")]
+INPUTS = [("class_label", "INT64"), ("cfg_scale", "FP32"), ("num_steps", "INT32"), ("seed", "INT64"),
+          ("expert_budget", "FP32")]
 HEADER = "inference-header-content-length"
 
 
@@ -156,7 +157,7 @@ def kserve_router(require_key: Callable, settings: ServeSettings, request_model:
                 raise InferError("input class_label (INT64 [N]) is required")
             labels = tensors["class_label"].reshape(-1)
             n = labels.shape[0]
-            columns = {"cfg_scale": 4.0, "num_steps": 25, "seed": None}
+            columns = {"cfg_scale": 4.0, "num_steps": 25, "seed": None, "expert_budget": 1.0}
             values = {}
             for key, default in columns.items():
                 if key in tensors:
@@ -171,7 +172,8 @@ def kserve_router(require_key: Callable, settings: ServeSettings, request_model:
                 try:
                     body = request_model.model_validate(
                         {"class_label": int(labels[i]), "cfg_scale": float(values["cfg_scale"][i]),
-                         "num_steps": int(values["num_steps"][i]), "seed": values["seed"][i], "num_images": 1})
+                         "num_steps": int(values["num_steps"][i]), "seed": values["seed"][i], "num_images": 1,
+                         "expert_budget": float(values["expert_budget"][i])})
                 except ValidationError as exc:
                     raise InferError(f"row {i}: {describe(exc)}") from None
                 jobs.append(build_request(request.app.state.limits, body))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from pydantic import Field, StrictInt, ValidationError, create_model, field_validator, model_validator
 from racedit_client.models import GenerateRequest, StrictFloat
@@ -23,11 +23,13 @@ class Limits:
     max_cfg_scale: float
     max_batch_rows: int
     timeout_s: float
+    budget_range: tuple[float, float] = (1.0, 1.0)  # the checkpoint's budget table, or 1.0 alone
 
     @classmethod
-    def from_settings(cls, settings: ServeSettings, class_names: list[str]) -> "Limits":
+    def from_settings(cls, settings: ServeSettings, class_names: list[str],
+                      budget_range: Optional[tuple[float, float]] = None) -> "Limits":
         return cls(class_names, settings.max_steps, settings.max_images, settings.max_cfg_scale,
-                   settings.max_batch_rows, settings.request_timeout_s)
+                   settings.max_batch_rows, settings.request_timeout_s, budget_range or (1.0, 1.0))
 
 
 def resolve_class(value: Union[int, str], class_names: list[str]) -> int:
@@ -54,6 +56,14 @@ def request_model(limits: Limits, base: type[GenerateRequest] = GenerateRequest)
         resolve_class(value, limits.class_names)
         return value
 
+    low, high = limits.budget_range
+
+    def calibrated_budget(value: float) -> float:
+        if not low <= value <= high:
+            raise ValueError(f"expert_budget {value:g} is outside this model's calibrated range {low:g}..{high:g}"
+                             + ("" if high > low else " (its checkpoint has no budget table: racedit calibrate)"))
+        return value
+
     def fits(request: GenerateRequest) -> GenerateRequest:
         rows_per_image = 1 if request.cfg_scale == 1.0 else 2
         most = min(limits.max_images, limits.max_batch_rows // rows_per_image)
@@ -71,7 +81,10 @@ def request_model(limits: Limits, base: type[GenerateRequest] = GenerateRequest)
                                       description=field["cfg_scale"].description)),
         num_steps=(StrictInt, Field(25, ge=1, le=limits.max_steps, description=field["num_steps"].description)),
         num_images=(StrictInt, Field(1, ge=1, le=limits.max_images, description=field["num_images"].description)),
+        expert_budget=(StrictFloat, Field(1.0, allow_inf_nan=False, description=field["expert_budget"].description,
+                                          json_schema_extra={"minimum": low, "maximum": high})),
         __validators__={"known_class": field_validator("class_label")(known_class),
+                        "calibrated_budget": field_validator("expert_budget")(calibrated_budget),
                         "fits": model_validator(mode="after")(fits)},
     )
 
@@ -81,7 +94,8 @@ def build_request(limits: Limits, body: GenerateRequest) -> GenerationRequest:
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     return GenerationRequest(class_label=resolve_class(body.class_label, limits.class_names),
                              cfg_scale=float(body.cfg_scale), num_steps=body.num_steps, seed=seed,
-                             num_images=body.num_images, timeout_s=limits.timeout_s)
+                             num_images=body.num_images, timeout_s=limits.timeout_s,
+                             expert_budget=float(body.expert_budget))
 
 
 def describe(exc: ValidationError) -> str:

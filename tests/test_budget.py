@@ -54,3 +54,76 @@ def test_budgets_outside_the_table_are_refused(dialled):
     with pytest.raises(ValueError, match="no budget table"):
         budget_thresholds(tiny_model(), [0.5])
     assert budget_thresholds(tiny_model(), [1.0]).shape == (2, 1)  # 1.0 needs no table
+
+
+@pytest.fixture(scope="module")
+def dial_server(server_factory, tmp_path_factory):
+    from racedit.model import save
+
+    model = tiny_model()
+    budget_table(model, CALIBRATION, budgets=(0.25, 0.5, 1.0, 1.5))
+    checkpoint = save(model, tmp_path_factory.mktemp("dial") / "racedit-dial", metadata=model.metadata)
+    return server_factory("--max-batch-rows", "32", checkpoint=checkpoint)
+
+
+def npy(answer: dict) -> list[bytes]:
+    import base64
+
+    return [base64.b64decode(image["data"]) for image in answer["images"]]
+
+
+def test_expert_budget_over_http(dial_server, server_factory):
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = dial_server.url
+
+    def post(budget, seed, label=3):
+        body = {"class_label": label, "num_steps": 30, "seed": seed, "output_format": "npy", "expert_budget": budget}
+        return httpx.post(url + "/generate", json=body, timeout=120).json()
+
+    alone = {budget: post(budget, 40) for budget in (0.25, 1.0, 1.5)}
+    default = httpx.post(url + "/generate", json={"class_label": 3, "num_steps": 30, "seed": 40,
+                                                  "output_format": "npy"}, timeout=120).json()
+    assert npy(default) == npy(alone[1.0])  # budget 1.0 is today's routing, to the bit
+    realised = [alone[b]["expert_usage"]["mean_experts_per_token"] for b in (0.25, 1.0, 1.5)]
+    assert realised[0] < realised[1] < realised[2]
+    assert alone[0.25]["request"]["expert_budget"] == 0.25
+    with ThreadPoolExecutor(6) as pool:  # mixed budgets sharing steps: each gets what it gets alone
+        mixed = list(pool.map(lambda b: post(b, 40), [0.25, 1.5, 1.0, 0.25, 1.5, 1.0]))
+    for budget, answer in zip([0.25, 1.5, 1.0, 0.25, 1.5, 1.0], mixed):
+        assert npy(answer) == npy(alone[budget])
+    refused = httpx.post(url + "/generate", json={"class_label": 3, "expert_budget": 3.0})
+    assert refused.status_code == 422 and "outside this model's calibrated range 0.25..1.5" in refused.text
+    schema = httpx.get(url + "/openapi.json").json()["components"]["schemas"]["GenerateRequest"]
+    assert schema["properties"]["expert_budget"]["minimum"] == 0.25
+    assert schema["properties"]["expert_budget"]["maximum"] == 1.5
+    # Without a table only 1.0 is served, and the error says how to get one.
+    plain = server_factory()
+    refused = httpx.post(plain.url + "/generate", json={"class_label": 3, "expert_budget": 0.5})
+    assert refused.status_code == 422 and "racedit calibrate" in refused.text
+
+
+def test_expert_budget_through_the_sdk_and_kserve(dial_server):
+    import numpy as np
+    import tritonclient.http as triton
+
+    from racedit_client import Client
+
+    with Client(dial_server.url) as client:
+        low = client.generate(2, num_steps=20, seed=9, expert_budget=0.5)
+        high = client.generate(2, num_steps=20, seed=9, expert_budget=1.5)
+        streamed = list(client.stream(2, num_steps=20, seed=9, expert_budget=0.5))[-1]
+    assert low.expert_usage.mean_experts_per_token < high.expert_usage.mean_experts_per_token
+    assert streamed.expert_usage == low.expert_usage and low.request.expert_budget == 0.5
+    kserve = triton.InferenceServerClient(dial_server.url.removeprefix("http://"))
+    inputs = []
+    for name, dtype, values in [("class_label", "INT64", np.array([2], np.int64)),
+                                ("num_steps", "INT32", np.array([20], np.int32)),
+                                ("seed", "INT64", np.array([9], np.int64)),
+                                ("expert_budget", "FP32", np.array([0.5], np.float32))]:
+        item = triton.InferInput(name, [1], dtype)
+        item.set_data_from_numpy(values)
+        inputs.append(item)
+    result = kserve.infer("racedit-dial", inputs)
+    assert result.as_numpy("mean_experts_per_token")[0] == pytest.approx(low.expert_usage.mean_experts_per_token)

@@ -247,7 +247,7 @@ def test_tritonclient_http_infer(server):
     client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("racedit-tiny")
     meta = client.get_model_metadata("racedit-tiny")
-    assert [i["name"] for i in meta["inputs"]] == ["class_label", "cfg_scale", "num_steps", "seed"]
+    assert [i["name"] for i in meta["inputs"]] == ["class_label", "cfg_scale", "num_steps", "seed", "expert_budget"]
     inputs = []
     for name, dtype, values in [("class_label", "INT64", np.array([6, 1], dtype=np.int64)),
                                 ("cfg_scale", "FP32", np.array([3.0, 1.0], dtype=np.float32)),

@@ -38,6 +38,11 @@ async function loadModel() {
   $("model-info").textContent = `${card.id}: ${card.image_size}x${card.image_size}, ${routing}, ` +
     `${(card.parameters_activated / 1e6).toFixed(1)} M of ${(card.parameters_total / 1e6).toFixed(1)} M parameters active, ` +
     `${card.dtype}${card.batch_invariant ? ", batch-invariant" : ""}`;
+  fetch("openapi.json").then((r) => r.json()).then((api) => {  // the dial's calibrated range, if any
+    const budget = api.components.schemas.GenerateRequest.properties.expert_budget;
+    Object.assign($("budget"), { min: budget.minimum, max: budget.maximum });
+    $("budget").disabled = budget.minimum === budget.maximum;
+  }).catch(() => {});
 }
 
 // A viridis-like colour map: the value's place between lo and hi -> [r, g, b].
@@ -186,6 +191,7 @@ async function generate(event) {
   const body = {
     class_label: Number($("class").value), cfg_scale: Number($("cfg").value), num_steps: Number($("steps").value),
     num_images: Number($("num-images").value), preview_every: Number($("preview-every").value),
+    expert_budget: Number($("budget").value),
   };
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   try {

@@ -73,6 +73,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     g.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "npy"],
                    help="npy: the final float32 samples, saved as .npy files")
     g.add_argument("-o", "--out", default=".", help="output folder")
+    g.add_argument("--budget", type=float, default=1.0,
+                   help="expert budget: about budget * k experts per token (the model's calibrated range)")
     g.add_argument("--stream", action="store_true",
                    help="stream progress (a bar on stderr) through POST /generate/stream; the images are the same")
     sub.add_parser("models", help="list the served models")
@@ -86,7 +88,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
                           f"{card.parameters_activated / 1e6:.1f} M of {card.parameters_total / 1e6:.1f} M parameters active")
                 return 0
             options = dict(cfg_scale=args.cfg, num_steps=args.steps, seed=args.seed, num_images=args.num_images,
-                           output_format=args.format)
+                           output_format=args.format, expert_budget=args.budget)
             if args.stream:
                 result = streamed(client, label, options)
             else:

@@ -25,6 +25,10 @@ class GenerateRequest(BaseModel):
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="seed of the first image (image i uses "
                                                                         "seed + i); drawn at random when left out")
     num_images: StrictInt = Field(1, description="images to generate")
+    expert_budget: StrictFloat = Field(1.0, allow_inf_nan=False,
+                                       description="the compute dial: about expert_budget * k experts per token, "
+                                                   "from the checkpoint's calibration table; 1.0 is the learned "
+                                                   "routing. The answer's expert_usage reports what was realised")
     output_format: Literal["png", "jpeg", "webp", "npy"] = Field(
         "png", description="image encoding; npy: the final float32 sample [C, H, W] as the sampler ends it "
                            "(pixels in [-1, 1] before quantisation), byte-identical whatever shares the batch")
@@ -82,6 +86,7 @@ class ResolvedRequest(BaseModel):
     num_steps: int
     num_images: int
     seed: int
+    expert_budget: float
     output_format: str
 
 
@@ -135,6 +140,8 @@ class ModelCard(BaseModel):
     backend: str
     dtype: str = Field(..., description="precision of the network's matmuls")
     batch_invariant: bool = Field(..., description="verified at start-up: a row's output is the same bytes in any batch")
+    expert_budget_range: list[float] = Field(..., description="expert budgets served (the checkpoint's budget "
+                                                              "table; [1.0, 1.0] without one)")
 
 
 class ModelList(BaseModel):
