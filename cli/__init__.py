@@ -127,7 +127,8 @@ def _dispatch(argv: list[str]) -> int:
     p.add_argument("--num-images", type=int, default=40, help="calibration samples (classes in turn)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the calibration samples")
     p.add_argument("--num-steps", type=int, default=25, help="Euler steps: the time grid calibrated over")
-    p.add_argument("--iterations", type=int, default=2, help="passes towards the fixed point")
+    p.add_argument("--iterations", type=int, default=2,
+                   help="passes towards the fixed point (0 keeps the thresholds, e.g. to add a budget table)")
     p.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS),
                    help="expert budgets of the compute-dial table (must include 1.0; none: no table)")
     p.set_defaults(func=_calibrate)
