@@ -46,8 +46,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     model = load(args.checkpoint)
     calibration = Calibration(num_images=args.num_images, cfg_scale=args.cfg_scale, num_steps=args.num_steps,
                               iterations=args.iterations)
-    record = calibrate_thresholds(model, calibration)
-    model.metadata = {**model.metadata, "threshold_calibration": record}
+    record = model.metadata.get("threshold_calibration", {})
+    if args.iterations:  # 0 keeps the thresholds and the record of how they were set
+        record = calibrate_thresholds(model, calibration)
+        model.metadata = {**model.metadata, "threshold_calibration": record}
     if args.budgets:  # the compute dial's table, on the thresholds just calibrated
         record = {**record, "budget_table": budget_table(model, calibration, args.budgets)}
     weights_dtype = getattr(torch, read_config(args.checkpoint).get("weights_dtype", "float32"))
