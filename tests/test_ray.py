@@ -42,6 +42,14 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
+def left_behind(processes: dict[int, str], seconds: float = 30.0) -> list[int]:
+    """Those of `processes` still running once `seconds` have passed (Ray's daemons take a moment)."""
+    deadline = time.time() + seconds
+    while (running := alive(processes)) and time.time() < deadline:
+        time.sleep(0.5)
+    return running
+
+
 def alive(processes: dict[int, str]) -> list[int]:
     """Those of `processes` still running (same pid and start time, not a zombie)."""
     left = []
@@ -139,8 +147,7 @@ def test_two_replicas_answer_like_one_server(tiny_checkpoint, server_factory, tm
     finally:
         code = ray.stop()
     assert code == 0, ray.log.read_text()[-2000:]
-    time.sleep(1)
-    assert alive(ray.processes) == [], f"Ray left processes behind: {alive(ray.processes)}"
+    assert left_behind(ray.processes) == [], "Ray left processes behind"
 
 
 def test_full_queues_answer_429_with_retry_after_and_sigterm_drains(tiny_checkpoint, tmp_path):
@@ -169,8 +176,7 @@ def test_full_queues_answer_429_with_retry_after_and_sigterm_drains(tiny_checkpo
     finally:
         code = ray.stop()
     assert code == 0, ray.log.read_text()[-2000:]
-    time.sleep(1)
-    assert alive(ray.processes) == []
+    assert left_behind(ray.processes) == []
 
 
 def test_serve_run_on_the_shipped_cpu_config(tiny_checkpoint, tmp_path):
@@ -194,8 +200,7 @@ def test_serve_run_on_the_shipped_cpu_config(tiny_checkpoint, tmp_path):
             assert client.models().data[0].id == "racedit-tiny"
     finally:
         ray.stop(signal.SIGINT)  # serve run shuts the application down on Ctrl-C
-    time.sleep(1)
-    assert alive(ray.processes) == []
+    assert left_behind(ray.processes) == []
 
 
 def test_ray_configs_name_real_settings_and_agree():
