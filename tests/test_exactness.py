@@ -90,8 +90,9 @@ def test_tiny_npy_bytes_are_the_same_alone_and_among_others(server_factory, flag
 def test_bundled_model_npy_bytes_are_the_same_alone_among_others_and_in_the_library(server_factory, dtype):
     server = server_factory("--dtype", dtype, "--max-batch-rows", "16", checkpoint=DEFAULT_CHECKPOINT)
     target = {"class_label": "hexagon", "cfg_scale": 4.0, "num_steps": 5, "seed": 77}
-    others = [{"class_label": 1, "cfg_scale": 1.0, "num_steps": 9, "seed": 5, "num_images": 3},
-              {"class_label": 6, "cfg_scale": 3.0, "num_steps": 10, "seed": 6, "num_images": 2}]
+    # The others run many more steps than the target, so it surely shares steps with them under load.
+    others = [{"class_label": 1, "cfg_scale": 1.0, "num_steps": 30, "seed": 5, "num_images": 3},
+              {"class_label": 6, "cfg_scale": 3.0, "num_steps": 40, "seed": 6, "num_images": 2}]
     alone = samples(post(server, target))
     together, still_running = run_among_others(server, target, others, static=False)
     assert still_running  # it ran while the longer requests were still running: they shared steps
