@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     args = parser.parse_args()
     model = load(args.checkpoint)
-    if budget_range(model) is None:
+    if budget_range(model.metadata) is None:
         sys.exit(f"{args.checkpoint} has no budget table: run `racedit calibrate {args.checkpoint}` first")
     classifier = load_classifier()
     _, real = classify(classifier, Shapes10("val").materialize()[0])

@@ -128,10 +128,11 @@ def budget_table(model: RaceDiT, calibration: Optional[Calibration] = None,
     return record
 
 
-def budget_range(model: RaceDiT) -> Optional[tuple[float, float]]:
-    """The budgets the checkpoint's table covers (None without a table: only budget 1.0 is served)."""
-    table = getattr(model, "metadata", {}).get("budget_table")
-    return (table["budgets"][0], table["budgets"][-1]) if table else None
+def budget_range(metadata: dict) -> Optional[tuple[float, float]]:
+    """The budgets a checkpoint's table covers, from its metadata (a loaded model's or its
+    config.json's); None without a table: only budget 1.0 is served."""
+    table = metadata.get("budget_table")
+    return (min(table["budgets"]), max(table["budgets"])) if table else None
 
 
 def budget_thresholds(model: RaceDiT, budgets: Sequence[float]) -> torch.Tensor:

@@ -381,9 +381,10 @@ def _served_model(settings: ServeSettings, engine: Optional[Engine]) -> tuple[li
 
     if engine is not None:
         return class_names_of(engine.model.config), engine.budget_range
+    from racedit.model.calibrate import budget_range
+
     document = read_config(settings.checkpoint)
-    table = document.get("metadata", {}).get("budget_table")
-    budgets = (min(table["budgets"]), max(table["budgets"])) if table and settings.backend == "torch" else None
+    budgets = budget_range(document.get("metadata", {})) if settings.backend == "torch" else None
     return class_names_of(ModelConfig.from_dict(document["model"])), budgets
 
 

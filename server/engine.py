@@ -154,7 +154,7 @@ class Engine:
             model.set_precision(dtype).set_execution(row_tile=ROW_TILE if batch_invariant else None)
         self.model, self.device, self.dtype = model, device, dtype
         # The compute dial: only the torch model takes per-row thresholds (external denoisers serve 1.0).
-        self.budget_range = budget_range(model) if isinstance(model, RaceDiT) else None
+        self.budget_range = budget_range(getattr(model, "metadata", {})) if isinstance(model, RaceDiT) else None
         self.learned_thresholds = budget_thresholds(model, [1.0])[:, 0].to(device) if isinstance(model, RaceDiT) else None
         self.max_batch_rows, self.mode, self.static_wait_ms = max_batch_rows, mode, static_wait_ms
         self.max_queue = max_queue

@@ -18,7 +18,7 @@ def dialled():
 
 def test_the_table_orders_thresholds_and_compute(dialled):
     model, record = dialled
-    assert record["budgets"] == [0.5, 1.0, 1.5] and budget_range(model) == (0.5, 1.5)
+    assert record["budgets"] == [0.5, 1.0, 1.5] and budget_range(model.metadata) == (0.5, 1.5)
     low, one, high = torch.tensor(record["thresholds"])  # [n_layers] each
     assert torch.equal(one, torch.tensor([float(layer.threshold) for layer in model.moe_layers]))
     assert (low > one).all() and (one > high).all()  # fewer experts need a higher bar
