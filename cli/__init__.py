@@ -29,8 +29,9 @@ def _pack(args: argparse.Namespace) -> int:
     from racedit.model.checkpoint import load, save
 
     model = load(args.checkpoint)
-    path = save(model, args.out, metadata=model.metadata, weights_dtype=getattr(torch, args.dtype))
-    size = sum(f.stat().st_size for f in path.iterdir())
+    path = save(model, args.out, metadata=model.metadata, weights_dtype=getattr(torch, args.dtype),
+                autoencoder=model.autoencoder)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"packed {args.checkpoint} -> {path} ({size / 2**20:.1f} MiB, parameters in {args.dtype})")
     return 0
 
@@ -53,7 +54,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.budgets:  # the compute dial's table, on the thresholds just calibrated
         record = {**record, "budget_table": budget_table(model, calibration, args.budgets)}
     weights_dtype = getattr(torch, read_config(args.checkpoint).get("weights_dtype", "float32"))
-    out = save(model, args.out or args.checkpoint, metadata=model.metadata, weights_dtype=weights_dtype)
+    out = save(model, args.out or args.checkpoint, metadata=model.metadata, weights_dtype=weights_dtype,
+               autoencoder=model.autoencoder)
     print(json.dumps(record, indent=2))
     print(f"thresholds written to {out}")
     return 0

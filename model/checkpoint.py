@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .autoencoder import Autoencoder, AutoencoderError, copy_autoencoder
 from .config import ConfigError, ModelConfig
 from .dit import RaceDiT
 
@@ -35,15 +36,23 @@ class CheckpointError(RuntimeError):
 
 
 def save(model: RaceDiT, path: Union[str, os.PathLike], metadata: Optional[dict[str, Any]] = None,
-         weights_dtype: Optional[torch.dtype] = None) -> Path:
+         weights_dtype: Optional[torch.dtype] = None,
+         autoencoder: Union[None, str, os.PathLike, torch.nn.Module, Autoencoder] = None) -> Path:
     """Write `path/model.safetensors` and `path/config.json`; returns the folder.
 
     `weights_dtype` (e.g. torch.float16) stores floating-point parameters in that
     type to halve the file; buffers such as the learned thresholds stay exact, and
     `load` upcasts to the model's float32.
+    `autoencoder` makes a latent checkpoint: a diffusers AutoencoderKL, its save_pretrained folder,
+    or a loaded checkpoint's `model.autoencoder`; it is copied to `path/vae` and named in config.json.
     """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    vae = None
+    if isinstance(autoencoder, Autoencoder):
+        vae = copy_autoencoder(autoencoder.path, folder, autoencoder.scaling_factor, autoencoder.shift_factor)
+    elif autoencoder is not None:
+        vae = copy_autoencoder(autoencoder, folder)
     parameters = {name for name, _ in model.named_parameters()}
     state = {}
     for k, v in model.state_dict().items():
@@ -61,6 +70,8 @@ def save(model: RaceDiT, path: Union[str, os.PathLike], metadata: Optional[dict[
         "weights_dtype": str(weights_dtype or torch.float32).removeprefix("torch."),
         "metadata": metadata or {},
     }
+    if vae is not None:
+        document["autoencoder"] = vae.record(folder)
     (folder / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
     return folder
 
@@ -100,7 +111,22 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
     _check_state(model, state, weights_path)
     model.load_state_dict(state, strict=True)
     model.metadata = document.get("metadata", {})
+    model.autoencoder = read_autoencoder(folder)
     return model.to(device).eval()
+
+
+def read_autoencoder(path: Union[str, os.PathLike]) -> Optional[Autoencoder]:
+    """The VAE a latent checkpoint names (checked to be there), or None for a pixel-space one."""
+    folder = _checkpoint_folder(path)
+    document = read_config(folder)
+    if "autoencoder" not in document:
+        return None
+    try:
+        autoencoder = Autoencoder.from_record(document["autoencoder"], folder)
+        autoencoder.check()
+    except AutoencoderError as exc:
+        raise CheckpointError(f"{folder}: a latent checkpoint whose VAE cannot be used: {exc}") from exc
+    return autoencoder
 
 
 def _checkpoint_folder(path: Union[str, os.PathLike]) -> Path:

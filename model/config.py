@@ -27,6 +27,7 @@ ROUTINGS = ("token_choice", "expert_choice", "expert_race")
 GATINGS = ("identity", "sigmoid", "softmax")
 ROUTERS = ("linear", "mlp")
 INFERENCE_MODES = ("threshold", "topk")
+OBJECTIVES = ("rectified_flow", "ddpm_eps")
 
 SHAPES10_CLASSES = [
     "circle", "square", "triangle", "diamond", "pentagon",
@@ -142,10 +143,20 @@ class ModelConfig:
     class_dropout_prob: Float = 0.1
     moe: Optional[MoEConfig] = field(default_factory=MoEConfig)
     class_names: Optional[list[Str]] = None
+    # What the network predicts: "rectified_flow" (velocity; racedit trains and samples it) or
+    # "ddpm_eps" (DDPM noise, as DiT's published weights do; `racedit train --init` converts it).
+    objective: Str = "rectified_flow"
+    # DiT compatibility (`racedit import-dit`): a second output half (DiT's learned variance, dropped
+    # by forward), the timestep-frequency divisor half - shift (diffusers' DiT uses 1), and the eps of
+    # the LayerNorm before the MLP (diffusers' DiT uses 1e-5).
+    learn_sigma: Bool = False
+    timestep_freq_shift: Int = 0
+    mlp_norm_eps: Float = 1e-6
 
     @property
     def out_channels(self) -> int:
-        return self.in_channels
+        """Channels of the final layer: twice the input's when it also predicts DiT's variance."""
+        return self.in_channels * (2 if self.learn_sigma else 1)
 
     @property
     def grid_size(self) -> int:
@@ -170,6 +181,7 @@ class ModelConfig:
             )
         if self.hidden_size % 2:
             raise ConfigError("model.hidden_size must be even (2-D sin-cos position embedding)")
+        _check_choice("model.objective", self.objective, OBJECTIVES)
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError("model.class_dropout_prob must be in [0, 1)")
         if self.class_names is not None and len(self.class_names) != self.num_classes:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .exact import ROW_TILE, Linear, operand, rounded
+from .exact import ROW_TILE, Linear, linear
 from .moe import DISPATCH, MoELayer, Routing
 
 
@@ -29,21 +29,22 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of t (256-d) through a 2-layer SiLU MLP."""
 
-    def __init__(self, dim: int, frequency_dim: int = 256):
+    def __init__(self, dim: int, frequency_dim: int = 256, freq_shift: int = 0):
         super().__init__()
-        self.frequency_dim = frequency_dim
+        self.frequency_dim, self.freq_shift = frequency_dim, freq_shift
         self.mlp = nn.Sequential(Linear(frequency_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     @staticmethod
-    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: int = 0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        exponent = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+        freqs = torch.exp(exponent / (half - shift))
         args = t.float()[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # Flow-matching time lives in [0, 1]; scale to DiT's 0..1000 range for the frequencies.
-        freq = self.sinusoid(t * 1000.0, self.frequency_dim)
+        freq = self.sinusoid(t * 1000.0, self.frequency_dim, shift=self.freq_shift)
         return self.mlp(freq)
 
 
@@ -110,8 +111,8 @@ class Block(nn.Module):
         d = config.hidden_size
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(d, config.num_heads)
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        target_dim = config.patch_size**2 * config.out_channels
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=config.mlp_norm_eps)
+        target_dim = config.patch_size**2 * config.in_channels  # PLR predicts the patch's clean target
         self.mlp = (MoELayer(d, config.mlp_ratio, config.moe, target_dim) if config.moe
                     else MLP(d, int(d * config.mlp_ratio)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
@@ -158,9 +159,12 @@ class RaceDiT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        self.row_tile: Optional[int] = ROW_TILE  # set_execution
+        self.metadata: dict = {}  # a loaded checkpoint's metadata (calibration, budget table, history)
+        self.autoencoder = None  # a latent checkpoint's VAE (model/autoencoder.py), set by load
         c, p, d = config.in_channels, config.patch_size, config.hidden_size
         self.x_embedder = nn.Conv2d(c, d, kernel_size=p, stride=p)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, config.grid_size)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
@@ -181,6 +185,7 @@ class RaceDiT(nn.Module):
         `row_tile=None, dispatch="loop"` keep the traced graph shape-generic."""
         if dispatch != "auto" and dispatch not in DISPATCH:
             raise ValueError(f"dispatch must be auto or one of {', '.join(DISPATCH)}, got {dispatch!r}")
+        self.row_tile = row_tile
         for module in self.modules():
             if isinstance(module, (Linear, MoELayer)):
                 module.row_tile = row_tile
@@ -222,6 +227,13 @@ class RaceDiT(nn.Module):
         x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
         return x.reshape(b, (h // p) * (w // p), p * p * c)
 
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, L, C*p*p] in the patch embedding's (conv weight's) layout."""
+        b, c, h, w = x.shape
+        p = self.config.patch_size
+        x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, p*p*C] -> [B, C, H, W]."""
         p, c, g = self.config.patch_size, self.config.out_channels, self.config.grid_size
@@ -232,13 +244,17 @@ class RaceDiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_stats: bool = False,
         thresholds: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, ForwardStats]]:
-        """Velocity v(x_t, t, y). x: [B, C, H, W], t: [B] in [0, 1], y: [B] int (null class allowed).
+        """Velocity v(x_t, t, y) (or DiT's noise, `config.objective`). x: [B, C, H, W], t: [B] in [0, 1]
+        (x 1000 = DiT's timestep), y: [B] int (null class allowed).
         `thresholds` [n_moe_layers, B]: per-row routing thresholds instead of the learned ones (the
         compute dial, `calibrate.budget_thresholds`); each row's routing still depends on it alone."""
+        c_in = self.config.in_channels
         x = x.float()  # inputs, timesteps and the residual stream are fp32 in every precision
-        w, b = self.x_embedder.weight, self.x_embedder.bias
-        patches = rounded(F.conv2d(operand(x, w), operand(w, w), operand(b, w), stride=self.config.patch_size), w)
-        h = patches.flatten(2).transpose(1, 2) + self.pos_embed  # [B, L, D]
+        # The patch embedding is a GEMM over flattened patches (a stride-p conv, but convolution kernels
+        # follow the batch size on a CPU), so it runs on row tiles like every other GEMM.
+        w = self.x_embedder.weight  # [D, C, p, p]
+        h = linear(self.patches(x), w.reshape(w.shape[0], -1), self.x_embedder.bias, self.row_tile)
+        h = h + self.pos_embed  # [B, L, D]
         c = self.t_embedder(t.float()) + self.y_embedder(y)  # [B, D]
         routings: list[Routing] = []
         for block in self.blocks:
@@ -247,7 +263,7 @@ class RaceDiT(nn.Module):
             h, routing = block(h, c, predict_target=self.training, thresholds=layer_thresholds)
             if routing is not None:
                 routings.append(routing)
-        v = self.unpatchify(self.final_layer(h, c))
+        v = self.unpatchify(self.final_layer(h, c))[:, :c_in]  # a DiT's variance half is dropped
         if not return_stats:
             return v
         return v, self.stats(routings, x.shape[0])

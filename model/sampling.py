@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import losses
-from .config import FORBID_UNKNOWN, Float
+from .config import FORBID_UNKNOWN, Float, ModelConfig
 from .dit import ForwardStats, RaceDiT
 
 
@@ -180,6 +180,19 @@ def new_usage(model: RaceDiT) -> UsageAccumulator:
                             num_tokens=model.config.num_tokens, k=moe.k if moe else 0)
 
 
+class ObjectiveError(ValueError):
+    """The model predicts something these samplers cannot integrate (DiT's DDPM noise)."""
+
+
+def require_flow_model(config: ModelConfig) -> None:
+    """Refuse a checkpoint whose network does not predict rectified-flow velocity."""
+    objective = config.objective
+    if objective != "rectified_flow":
+        raise ObjectiveError(
+            f"this checkpoint predicts {objective!r} (imported from DiT), but racedit samples rectified-flow "
+            "velocity: fine-tune it first with `racedit train --config CONFIG --init CHECKPOINT` (docs/latents.md)")
+
+
 # -------------------------------------------------------------- generate ----
 @torch.no_grad()
 def generate(model: RaceDiT, labels: Sequence[int], cfg_scale: Union[float, Sequence[float]] = 4.0,
@@ -197,6 +210,7 @@ def generate(model: RaceDiT, labels: Sequence[int], cfg_scale: Union[float, Sequ
     """
     if sampler not in ("euler", "heun"):
         raise ValueError(f"sampler must be 'euler' or 'heun', got {sampler!r}")
+    require_flow_model(model.config)
     model.eval()
     anchor = next(iter(model.parameters()), None)
     if anchor is None:

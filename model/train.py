@@ -29,10 +29,11 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint, losses
 from .config import FORBID_UNKNOWN, ConfigError, Float, Int, ModelConfig, Str, parse_section, preset_config
+from .autoencoder import Autoencoder, AutoencoderError, Decoder, copy_autoencoder, decoded_size, read_vae_config
 from .data import ImageFolder, Shapes10, ShapesStyle
 from .calibrate import Calibration, calibrate_thresholds
 from .dit import RaceDiT
-from .sampling import LossWeights, generate, training_loss
+from .sampling import LossWeights, generate, to_uint8, training_loss
 
 TIMESTEP_BUCKETS = 4
 
@@ -43,6 +44,9 @@ class DataConfig:
 
     name: Str = "shapes10"  # shapes10 | imagefolder
     root: Optional[Str] = None  # imagefolder only
+    # imagefolder in latent space: a diffusers AutoencoderKL folder (save_pretrained). Images are
+    # encoded once at start; the checkpoint carries the VAE (folder/vae) so it serves pictures.
+    vae: Optional[Str] = None
     length: Int = 50_000
     seed: Int = 0
     style: ShapesStyle = field(default_factory=ShapesStyle)  # nuisance variance of shapes10
@@ -156,8 +160,11 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"data.name {data.name!r} is not one of shapes10, imagefolder")
     if data.name == "imagefolder" and not data.root:
         raise ConfigError("data.root is required for data.name imagefolder")
-    if data.name == "imagefolder" and model.in_channels != 3:
-        raise ConfigError("training on an ImageFolder works in pixel space: model.in_channels must be 3")
+    if data.vae is not None:
+        _check_latent_config(data, model)
+    elif data.name == "imagefolder" and model.in_channels != 3:
+        raise ConfigError("training on an ImageFolder in pixel space needs model.in_channels 3 "
+                          "(or data.vae, a VAE folder, to train in its latent space)")
     if model.class_names is not None:  # an ImageFolder's classes are known once it is read
         class_weight_vector(data, model.class_names)
     optim = config.optim
@@ -224,6 +231,20 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _check_latent_config(data: DataConfig, model: ModelConfig) -> None:
+    """data.vae names a readable VAE folder whose latents the model's input shape fits."""
+    if data.name != "imagefolder":
+        raise ConfigError("data.vae is for data.name imagefolder (shapes10 is drawn in pixel space)")
+    try:
+        Autoencoder(path=Path(data.vae), scaling_factor=1.0).check()
+    except AutoencoderError as exc:
+        raise ConfigError(f"data.vae: {exc}") from None
+    channels = read_vae_config(Path(data.vae)).get("latent_channels", 4)
+    if model.in_channels != channels:
+        raise ConfigError(f"model.in_channels is {model.in_channels} but the VAE {data.vae} makes "
+                          f"{channels}-channel latents")
+
+
 def _with_folder_classes(config: TrainConfig, folder: ImageFolder) -> TrainConfig:
     """An ImageFolder's sub-folders are the classes: the checkpoint must carry their names."""
     names = folder.class_names
@@ -233,14 +254,28 @@ def _with_folder_classes(config: TrainConfig, folder: ImageFolder) -> TrainConfi
     return dataclasses.replace(config, model=dataclasses.replace(config.model, class_names=names))
 
 
-def _dataset(config: TrainConfig, folder: Optional[ImageFolder]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole training set in memory as uint8 images [N, 3, H, W] and labels [N]."""
+def _dataset(config: TrainConfig, folder: Optional[ImageFolder],
+             vae: Optional[Autoencoder] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole training set in memory and its labels [N]: uint8 images [N, 3, H, W], or with a VAE,
+    float32 latents [N, C, h, w] (the posterior means, in the checkpoint's scaling), encoded once."""
     if folder is None:
         ds = Shapes10("train", image_size=config.model.image_size, seed=config.data.seed,
                       length=config.data.length, style=config.data.style)
         return ds.materialize()
     xs, ys = zip(*(folder[i] for i in range(len(folder))))
-    return ((torch.stack(xs) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), torch.tensor(ys)
+    labels = torch.tensor(ys)
+    if vae is None:
+        return ((torch.stack(xs) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), labels
+    encoder = vae.load()
+    with torch.no_grad():
+        latents = [vae.from_vae_output(encoder.encode(torch.stack(xs[i:i + 64])).latent_dist.mean)
+                   for i in range(0, len(xs), 64)]
+    return torch.cat(latents).float(), labels
+
+
+def _as_x0(batch: torch.Tensor) -> torch.Tensor:
+    """A training batch as the model's input scale: uint8 pixels to [-1, 1]; latents as they are."""
+    return batch.float() / 127.5 - 1.0 if batch.dtype == torch.uint8 else batch.float()
 
 
 def class_weight_vector(data: DataConfig, class_names: list[str]) -> torch.Tensor:
@@ -299,9 +334,15 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     `resume` continues a run exactly (weights, optimizer, RNG); `init` starts a new run
     from a checkpoint's weights and thresholds (e.g. the bundled model) with a fresh optimizer.
     """
-    folder = None
+    folder, vae = None, None
+    if config.data.vae is not None:
+        # the checkpoint's own copy (out/checkpoint/vae), written once: every later save finds it in place
+        vae = copy_autoencoder(config.data.vae, out / "checkpoint")
     if config.data.name == "imagefolder":
-        folder = ImageFolder(config.data.root, image_size=config.model.image_size)
+        pixels = config.model.image_size
+        if vae is not None:
+            pixels = decoded_size(read_vae_config(vae.path), config.model.image_size)
+        folder = ImageFolder(config.data.root, image_size=pixels)
         config = _with_folder_classes(config, folder)
     rank, world = _distributed()
     if config.optim.threads:
@@ -316,7 +357,8 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     step, history = 0, []
     if init is not None:
         start = checkpoint.load(init)
-        if start.config.to_dict() != config.model.to_dict():
+        # The objective may change (DiT's DDPM noise -> rectified flow: racedit import-dit); nothing else.
+        if {**start.config.to_dict(), "objective": None} != {**config.model.to_dict(), "objective": None}:
             raise ConfigError(f"--init {init}: its model config differs from the training config's model section")
         model.load_state_dict(start.state_dict())
         ema.load_state_dict(start.state_dict())
@@ -328,7 +370,8 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     run_record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_step": step, "to_step": config.optim.steps,
                   "world_size": world, "device": str(device), "resumed_from": str(resume) if resume else None,
                   "initialised_from": str(init) if init else None}
-    images, labels = _dataset(config, folder)
+    images, labels = _dataset(config, folder, vae)
+    decoder = None
     draw_batch = batch_sampler(config, labels, device)
     wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     csv_path = out / "metrics.csv"
@@ -342,7 +385,7 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     o = config.optim
     while step < o.steps:
         index = draw_batch(generator)
-        x0 = (images[index].to(device).float() / 127.5 - 1.0)
+        x0 = _as_x0(images[index].to(device))
         y = labels[index].to(device)
         lr = learning_rate(o, step)
         for group in optimizer.param_groups:
@@ -379,7 +422,10 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
                 writer.writerow(row)
         if step % o.sample_every == 0 or step == o.steps:
             grid, _ = generate(ema, labels=[i % config.model.num_classes for i in range(40)], cfg_scale=4.0,
-                               num_steps=25, seeds=list(range(40)))
+                               num_steps=25, seeds=list(range(40)), as_float=vae is not None)
+            if vae is not None:  # latents: what the VAE makes of them
+                decoder = decoder or Decoder(vae, device)
+                grid = to_uint8(decoder(grid.to(device)))
             save_grid(grid, out / f"samples-{step:07d}.png")
         if step % o.checkpoint_every == 0 or step == o.steps:
             record = {**run_record, "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "to_step": step,
@@ -389,7 +435,7 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
             calibration = calibrate_thresholds(ema, config.calibration)
             metadata = {"train_config": config.to_dict(), "step": step, "history": history + [record],
                         "threshold_calibration": calibration}
-            ck = checkpoint.save(ema, out / "checkpoint", metadata=metadata)
+            ck = checkpoint.save(ema, out / "checkpoint", metadata=metadata, autoencoder=vae)
             _save_state(ck, model, optimizer, step, generator, history + [record])
     if bar is not None:
         bar.close()

@@ -146,6 +146,10 @@ def model_card(engine: Engine, name: str, backend: str) -> ModelCard:
     return ModelCard(
         id=name, classes=class_names_of(cfg),
         image_size=cfg.image_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
+        image_shape=list(engine.output_shape),
+        latent_shape=list(engine.image_shape) if engine.decoder is not None else None,
+        autoencoder=({"kind": engine.decoder.autoencoder.kind, "scaling_factor": engine.decoder.autoencoder.scaling_factor,
+                      "shift_factor": engine.decoder.autoencoder.shift_factor} if engine.decoder is not None else None),
         routing=cfg.moe.__dict__ if cfg.moe else None, parameters_total=total, parameters_activated=activated,
         thresholds=[float(layer.threshold) for layer in engine.model.moe_layers], backend=backend,
         dtype=str(engine.dtype).removeprefix("torch."), batch_invariant=engine.batch_invariant,
@@ -154,6 +158,8 @@ def model_card(engine: Engine, name: str, backend: str) -> ModelCard:
 
 def build_engine(settings: ServeSettings) -> Engine:
     from racedit.model import load
+    from racedit.model.autoencoder import Decoder
+    from racedit.model.checkpoint import read_autoencoder
 
     from .engine import pick_device
     from .metrics import EngineMetrics
@@ -167,9 +173,11 @@ def build_engine(settings: ServeSettings) -> Engine:
         device, dtype = torch.device("cpu"), torch.float32
     else:
         model = load(settings.checkpoint)
+    autoencoder = read_autoencoder(settings.checkpoint)
+    decoder = Decoder(autoencoder, device) if autoencoder is not None else None
     return Engine(model, device, dtype, max_batch_rows=settings.max_batch_rows, max_queue=settings.max_queue,
                   mode=settings.batching, static_wait_ms=settings.static_wait_ms, metrics=EngineMetrics(),
-                  batch_invariant=settings.batch_invariant)
+                  batch_invariant=settings.batch_invariant, decoder=decoder)
 
 
 # --------------------------------------------------------------------- app ----
@@ -273,7 +281,8 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
             images=[{"seed": s, "mime_type": MIME[body.output_format], "data": base64.b64encode(b).decode()}
                     for s, b in zip(result.seeds, encoded)],
             expert_usage=result.expert_usage,
-            timing={"queue_ms": result.queue_ms, "inference_ms": result.inference_ms, "total_ms": result.total_ms})
+            timing={"queue_ms": result.queue_ms, "inference_ms": result.inference_ms, "total_ms": result.total_ms,
+                    "decode_ms": result.decode_ms})
 
     @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)], tags=["generate"],
               responses={code: {"model": ErrorBody} for code in (401, 409, 413, 422, 429, 500, 503, 504)})

@@ -85,12 +85,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             field = ".".join(str(p) for p in err["loc"]) or "settings"
             print(f"racedit serve: error: {field}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
         return 2
-    from racedit.model import CheckpointError, read_config
+    from racedit.model import CheckpointError, ConfigError, ModelConfig, read_config
+    from racedit.model.autoencoder import AutoencoderError, require_diffusers
+    from racedit.model.checkpoint import read_autoencoder
+    from racedit.model.sampling import ObjectiveError, require_flow_model
 
-    try:
-        read_config(settings.checkpoint)
-    except CheckpointError as exc:
-        print(f"racedit serve: error: {exc}", file=sys.stderr)
+    try:  # what would fail after minutes of loading fails now, naming the file
+        require_flow_model(ModelConfig.from_dict(read_config(settings.checkpoint)["model"]))
+        if read_autoencoder(settings.checkpoint) is not None:
+            require_diffusers()
+    except (CheckpointError, ConfigError, AutoencoderError, ObjectiveError) as exc:
+        print(f"racedit serve: error: {settings.checkpoint}: {exc}", file=sys.stderr)
         return 2
     if settings.backend == "onnxruntime" and settings.onnx is None:
         print("racedit serve: error: --backend onnxruntime needs --onnx PATH", file=sys.stderr)

@@ -41,7 +41,7 @@ from racedit.model.calibrate import budget_range, budget_thresholds
 from racedit.model.dit import RaceDiT
 from racedit.model.exact import ROW_TILE
 from racedit.model.sampling import (UsageAccumulator, euler_update, guided_velocity, initial_noise, new_usage,
-                                    time_grid, to_uint8, usage_by_image)
+                                    require_flow_model, time_grid, to_uint8, usage_by_image)
 
 from .metrics import EngineMetrics
 
@@ -116,13 +116,14 @@ class StepProgress:
 @dataclass
 class GenerationResult:
     request_id: str
-    images: np.ndarray  # uint8 [N, H, W, 3]
-    samples: np.ndarray  # float32 [N, C, H, W]: the final samples as the sampler ends them
+    images: np.ndarray  # uint8 [N, H, W, 3] (a latent model's samples decoded by its VAE)
+    samples: np.ndarray  # float32 [N, C, H, W]: the final samples as the sampler ends them (latents: undecoded)
     seeds: list[int]
     expert_usage: dict
     queue_ms: float
     inference_ms: float
     total_ms: float
+    decode_ms: float = 0.0  # the VAE decode of the iteration it finished in (latent models)
 
 
 @dataclass(eq=False)
@@ -146,7 +147,7 @@ class Engine:
     def __init__(self, model: RaceDiT, device: torch.device, dtype: torch.dtype = torch.float32,
                  max_batch_rows: int = 64, max_queue: int = 256, mode: str = "step",
                  static_wait_ms: float = 20.0, metrics: Optional[EngineMetrics] = None,
-                 batch_invariant: bool = True):
+                 batch_invariant: bool = True, decoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         if mode not in ("step", "static"):
             raise ValueError(f"batching mode must be 'step' or 'static', got {mode!r}")
         model = model.to(device).eval()
@@ -171,7 +172,12 @@ class Engine:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         cfg = model.config
-        self.image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        require_flow_model(cfg)
+        self.image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)  # what is denoised (maybe latents)
+        # A latent model's VAE decoder (model/autoencoder.py): latents [N, C, h, w] -> images in [-1, 1].
+        self.decoder = decoder
+        side = decoder.image_size(cfg.image_size) if decoder is not None else cfg.image_size
+        self.output_shape = (3 if decoder is not None else cfg.in_channels, side, side)  # what is answered
 
     # ---------------------------------------------------------- lifecycle ----
     def start(self) -> "Engine":
@@ -448,7 +454,8 @@ class Engine:
         every = r.preview_every
         preview = None
         if every and (job.step % every == 0 or job.step == r.num_steps):
-            preview = (x_t.float() - t * v.float()).cpu().numpy()
+            preview = x_t.float() - t * v.float()
+            preview = (self.decoder(preview) if self.decoder is not None else preview).cpu().numpy()
         try:
             r.on_step(StepProgress(request_id=r.request_id, step=job.step, num_steps=r.num_steps, t=t,
                                    mean_experts_per_token=job.usage.mean_so_far(),
@@ -456,18 +463,44 @@ class Engine:
         except Exception:
             log.exception("progress listener of request %s failed; the request goes on", r.request_id)
 
+    def _decode(self, jobs: list[_Job]) -> tuple[dict[int, torch.Tensor], float]:
+        """Images in [-1, 1] of the finished jobs, by id(job): a latent model's VAE decodes them all as one
+        batch; a job whose batch fails is decoded alone, so only a job that fails alone fails."""
+        if self.decoder is None or not jobs:
+            return {id(job): job.x.float() for job in jobs}, 0.0
+        start = time.perf_counter()
+        try:
+            decoded = self.decoder(torch.cat([job.x.float() for job in jobs]))
+            out = dict(zip(map(id, jobs), decoded.split([job.request.num_images for job in jobs])))
+        except Exception:
+            log.exception("batched VAE decode failed; decoding each request alone")
+            out = {}
+            for job in jobs:
+                try:
+                    out[id(job)] = self.decoder(job.x.float())
+                except Exception:
+                    log.exception("VAE decode of request %s failed", job.request.request_id)
+        seconds = time.perf_counter() - start
+        self.metrics.decode_seconds.observe(seconds)
+        return out, seconds * 1000
+
     def _retire(self) -> None:
         """Finished jobs leave at once; each is answered on its own (a failure answers only it)."""
-        for job in [j for j in self._active if j.step >= j.request.num_steps]:
+        finished = [j for j in self._active if j.step >= j.request.num_steps]
+        images, decode_ms = self._decode(finished)
+        for job in finished:
             try:
                 now = time.monotonic()
                 summary = job.usage.summary()
                 samples = job.x.float().cpu()
+                if id(job) not in images:
+                    raise RuntimeError("the VAE could not decode its latents")
                 result = GenerationResult(
-                    request_id=job.request.request_id, images=to_uint8(samples).permute(0, 2, 3, 1).numpy(),
+                    request_id=job.request.request_id,
+                    images=to_uint8(images[id(job)].cpu()).permute(0, 2, 3, 1).numpy(),
                     samples=samples.numpy(), seeds=job.request.seeds, expert_usage=summary,
                     queue_ms=(job.started - job.submitted) * 1000, inference_ms=(now - job.started) * 1000,
-                    total_ms=(now - job.submitted) * 1000)
+                    total_ms=(now - job.submitted) * 1000, decode_ms=decode_ms)
                 self.metrics.images.inc(job.request.num_images)
                 self.metrics.record_usage(summary)
             except Exception as exc:

@@ -132,10 +132,10 @@ def kserve_router(require_key: Callable, settings: ServeSettings, request_model:
     async def model_metadata(name: str, request: Request, version: Optional[str] = None) -> Any:
         if (missing := check_model(request, name)) is not None:
             return missing
-        size = request.app.state.engine.model.config.image_size
+        _, height, width = request.app.state.engine.output_shape  # decoded pictures for latent models
         return {"name": name, "versions": ["1"], "platform": "racedit",
                 "inputs": [{"name": n, "datatype": d, "shape": [-1]} for n, d in INPUTS],
-                "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, size, size, 3]},
+                "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, height, width, 3]},
                             {"name": "mean_experts_per_token", "datatype": "FP32", "shape": [-1]},
                             {"name": "seed", "datatype": "INT64", "shape": [-1]}]}
 

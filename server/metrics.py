@@ -20,6 +20,9 @@ class EngineMetrics:
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.queue_seconds = Histogram("racedit_queue_seconds", "Time from submission to admission", registry=r,
                                        buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.decode_seconds = Histogram("racedit_decode_seconds", "VAE decode of the requests finishing in one "
+                                        "iteration (latent models)", registry=r,
+                                        buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.images = Counter("racedit_images_generated", "Images generated", registry=r)
         self.experts_per_token = Histogram("racedit_experts_per_token", "Mean experts per token of each step",
                                            registry=r, buckets=(0.25, 0.5, 1, 1.5, 2, 2.5, 3, 4, 6, 8, 16))

@@ -120,3 +120,27 @@ def server_factory(tmp_path_factory, tiny_checkpoint):
     yield start
     for server in started:
         server.stop()
+
+
+# ------------------------------------------------------------- latents ----
+def tiny_vae(seed: int = 0):
+    """A real diffusers AutoencoderKL, tiny and random: 3 -> 4 channels, each side halved (16 px <-> 8)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5,
+                         shift_factor=0.1).eval()
+
+
+def make_latent_checkpoint(path: Path, vae=None) -> Path:
+    """A tiny Race-DiT over the tiny VAE's 4x8x8 latents (patch 2: 16 tokens), saved with its VAE."""
+    from racedit.model import save
+
+    return save(tiny_model(in_channels=4, image_size=8, patch_size=2), path, autoencoder=vae or tiny_vae())
+
+
+@pytest.fixture(scope="session")
+def latent_checkpoint(tmp_path_factory) -> Path:
+    return make_latent_checkpoint(tmp_path_factory.mktemp("latent") / "racedit-latent")

@@ -48,7 +48,7 @@ def test_generate_png_matches_the_library(server, tiny_checkpoint):
     assert u["activated_pairs"] == sum(sum(layer["expert_load"]) for layer in u["per_layer"])
     assert u["nominal_pairs"] == 2 * 2 * 6 * 16 * 2 * 2  # 2 images x 2 rows x 6 steps x 16 tokens x k 2 x 2 layers
     assert u["activated_pairs"] == sum(x["activated_pairs"] for x in usage)
-    assert set(body["timing"]) == {"queue_ms", "inference_ms", "total_ms"}
+    assert set(body["timing"]) == {"queue_ms", "inference_ms", "total_ms", "decode_ms"} and body["timing"]["decode_ms"] == 0
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])

@@ -122,7 +122,7 @@ def test_warm_restarts_repeat_hold_and_cool_down():
     (lambda d: d["optim"].update(steps=40, restarts=[{"at": 30, "lr": 1e-4, "decay_steps": 20, "min_lr": 0.0}]),
      r"optim.steps \(40\) must leave room for the last piece"),
     (lambda d: (d["data"].update(name="imagefolder", root="x"), d["model"].update(in_channels=4)),
-     "ImageFolder works in pixel space: model.in_channels must be 3"),
+     "ImageFolder in pixel space needs model.in_channels 3"),
     (lambda d: d["data"].update(class_weights={"octagon": 2.0}), "data.class_weights: 'octagon' is not a class"),
     (lambda d: d["data"].update(class_weights={"hexagon": 0}), "data.class_weights.hexagon must be a number > 0"),
     (lambda d: d["data"].update(class_weights={"hexagon": True}), "data.class_weights.hexagon must be a number, got True"),

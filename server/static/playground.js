@@ -35,7 +35,7 @@ async function loadModel() {
   card = (await response.json()).data[0];
   $("class").replaceChildren(...card.classes.map((name, index) => new Option(`${index}: ${name}`, index)));
   const routing = card.routing ? `${card.routing.routing}, ${card.routing.spec}` : "dense";
-  $("model-info").textContent = `${card.id}: ${card.image_size}x${card.image_size}, ${routing}, ` +
+  $("model-info").textContent = `${card.id}: ${card.image_shape[1]}x${card.image_shape[2]}, ${routing}, ` +
     `${(card.parameters_activated / 1e6).toFixed(1)} M of ${(card.parameters_total / 1e6).toFixed(1)} M parameters active, ` +
     `${card.dtype}${card.batch_invariant ? ", batch-invariant" : ""}`;
   fetch("openapi.json").then((r) => r.json()).then((api) => {  // the dial's calibrated range, if any

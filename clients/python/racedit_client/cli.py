@@ -84,7 +84,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
             if args.command == "models":
                 for card in client.models().data:
-                    print(f"{card.id}: {card.image_size}x{card.image_size}, classes {', '.join(card.classes)}; "
+                    space = f" (latents {'x'.join(map(str, card.latent_shape))})" if card.latent_shape else ""
+                    print(f"{card.id}: {card.image_shape[1]}x{card.image_shape[2]}{space}, classes {', '.join(card.classes)}; "
                           f"{card.parameters_activated / 1e6:.1f} M of {card.parameters_total / 1e6:.1f} M parameters active")
                 return 0
             options = dict(cfg_scale=args.cfg, num_steps=args.steps, seed=args.seed, num_images=args.num_images,

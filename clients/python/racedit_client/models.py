@@ -75,6 +75,7 @@ class Timing(BaseModel):
     queue_ms: float
     inference_ms: float
     total_ms: float
+    decode_ms: float = Field(0.0, description="VAE decode of the iteration the request finished in (latent models)")
 
 
 class ResolvedRequest(BaseModel):
@@ -130,9 +131,14 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     classes: list[str]
-    image_size: int
+    image_size: int = Field(..., description="side of what the network denoises (the latent side for latent models)")
     in_channels: int
     patch_size: int
+    image_shape: list[int] = Field(..., description="[C, H, W] of the images answered (decoded for latent models)")
+    latent_shape: Optional[list[int]] = Field(None, description="[C, h, w] of the latents a latent model denoises "
+                                                                 "(what output_format npy returns); null in pixel space")
+    autoencoder: Optional[dict[str, Any]] = Field(None, description="the VAE that decodes the latents: kind, "
+                                                                    "scaling_factor, shift_factor; null in pixel space")
     routing: Optional[dict[str, Any]]
     parameters_total: int
     parameters_activated: int
