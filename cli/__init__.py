@@ -1,4 +1,4 @@
-"""The `racedit` command: train, eval, calibrate, pack, serve, export.
+"""The `racedit` command: train, eval, calibrate, pack, import-dit, serve, export.
 
 It lives outside the three packages it dispatches to (racedit.model, racedit.server,
 racedit.export), so none of them depends on another through it. Each subcommand imports
@@ -58,6 +58,29 @@ def _calibrate(args: argparse.Namespace) -> int:
                autoencoder=model.autoencoder)
     print(json.dumps(record, indent=2))
     print(f"thresholds written to {out}")
+    return 0
+
+
+def _import_dit(args: argparse.Namespace) -> int:
+    import json
+
+    from racedit.model.checkpoint import save
+    from racedit.model.config import MoEConfig
+    from racedit.model.import_dit import import_dit, upcycling_report
+
+    moe = None
+    if args.moe:
+        moe = MoEConfig(spec=args.moe, hidden_split=args.hidden_split, gating=args.gating)
+        moe.validate()
+    dense = import_dit(args.source, num_heads=args.num_heads)
+    model = import_dit(args.source, moe=moe, num_heads=args.num_heads) if moe else dense
+    metadata = {"imported_from": str(args.source), "objective": model.config.objective}
+    if moe:
+        metadata["upcycling"] = upcycling_report(dense, model)
+        print(json.dumps(metadata["upcycling"], indent=2))
+    path = save(model, args.out, metadata=metadata, autoencoder=args.autoencoder)
+    print(f"imported {args.source} -> {path} ({'upcycled to ' + args.moe if moe else 'dense'}, objective "
+          f"{model.config.objective}: fine-tune with `racedit train --init {path}` before serving)")
     return 0
 
 
@@ -136,6 +159,16 @@ def _dispatch(argv: list[str]) -> int:
     p.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS),
                    help="expert budgets of the compute-dial table (must include 1.0; none: no table)")
     p.set_defaults(func=_calibrate)
+    p = sub.add_parser("import-dit", help="a racedit checkpoint from DiT weights (diffusers folder or DiT .pt)")
+    p.add_argument("source", help="a diffusers DiTTransformer2DModel folder (safetensors) or a facebookresearch/DiT .pt")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--moe", default=None, help="upcycle every MLP into experts, e.g. 2in8 (default: dense)")
+    p.add_argument("--hidden-split", type=int, default=1,
+                   help="1: each expert a copy of the dense MLP; S > 1: experts are slices of its width / S")
+    p.add_argument("--gating", default="identity", choices=["identity", "sigmoid", "softmax"])
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (a .pt of none of DiT's sizes)")
+    p.add_argument("--autoencoder", default=None, help="VAE folder (save_pretrained) to carry, e.g. sd-vae-ft-ema")
+    p.set_defaults(func=_import_dit)
     p = sub.add_parser("pack", help="copy a checkpoint for shipping: weights only, parameters in float16")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
@@ -146,11 +179,12 @@ def _dispatch(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=600)
     p.set_defaults(func=_train_classifier)
     args = parser.parse_args(argv)
+    from racedit.model.autoencoder import AutoencoderError
     from racedit.model.checkpoint import CheckpointError
     from racedit.model.config import ConfigError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, AutoencoderError) as exc:
         print(f"racedit {args.command}: error: {exc}", file=sys.stderr)
         return 2

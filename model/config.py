@@ -147,11 +147,12 @@ class ModelConfig:
     # "ddpm_eps" (DDPM noise, as DiT's published weights do; `racedit train --init` converts it).
     objective: Str = "rectified_flow"
     # DiT compatibility (`racedit import-dit`): a second output half (DiT's learned variance, dropped
-    # by forward), the timestep-frequency divisor half - shift (diffusers' DiT uses 1), and the eps of
-    # the LayerNorm before the MLP (diffusers' DiT uses 1e-5).
+    # by forward), the timestep-frequency divisor half - shift (diffusers' DiT uses 1), the eps of
+    # the LayerNorm before the MLP (diffusers' DiT uses 1e-5) and DiT's order of position axes.
     learn_sigma: Bool = False
     timestep_freq_shift: Int = 0
     mlp_norm_eps: Float = 1e-6
+    position_order: Str = "row_col"  # which axis the first half of the sin-cos positions encodes; DiT: "col_row"
 
     @property
     def out_channels(self) -> int:
@@ -182,6 +183,7 @@ class ModelConfig:
         if self.hidden_size % 2:
             raise ConfigError("model.hidden_size must be even (2-D sin-cos position embedding)")
         _check_choice("model.objective", self.objective, OBJECTIVES)
+        _check_choice("model.position_order", self.position_order, ("row_col", "col_row"))
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError("model.class_dropout_prob must be in [0, 1)")
         if self.class_names is not None and len(self.class_names) != self.num_classes:

@@ -63,8 +63,9 @@ class LabelEmbedder(nn.Module):
         return self.table(y).float()
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding [grid*grid, dim] (half the width per axis)."""
+def sincos_pos_embed_2d(dim: int, grid: int, order: str = "row_col") -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [grid*grid, dim] (half the width per axis; the first half
+    encodes the row with "row_col", the column with "col_row" as DiT's own code does)."""
 
     def axis(d: int, pos: torch.Tensor) -> torch.Tensor:
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
@@ -73,7 +74,8 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
 
     coords = torch.arange(grid, dtype=torch.float64)
     gw, gh = torch.meshgrid(coords, coords, indexing="xy")
-    return torch.cat([axis(dim // 2, gh), axis(dim // 2, gw)], dim=1).float()
+    first, second = (gh, gw) if order == "row_col" else (gw, gh)
+    return torch.cat([axis(dim // 2, first), axis(dim // 2, second)], dim=1).float()
 
 
 # ----------------------------------------------------------------- block ----
@@ -166,7 +168,7 @@ class RaceDiT(nn.Module):
         self.x_embedder = nn.Conv2d(c, d, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, config.grid_size)[None], persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, config.grid_size, config.position_order)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(config)
         self.initialize_weights()

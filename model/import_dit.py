@@ -74,7 +74,7 @@ def dense_config(state: dict[str, torch.Tensor], config: dict[str, Any], kind: s
             hidden_size=hidden, depth=config.get("num_layers", 28), num_heads=config["num_attention_heads"],
             mlp_ratio=fc1.shape[0] / hidden, num_classes=config.get("num_embeds_ada_norm", 1000), moe=None,
             objective="ddpm_eps", learn_sigma=out_channels == 2 * in_channels, timestep_freq_shift=1,
-            mlp_norm_eps=float(config.get("norm_eps", 1e-5)))
+            mlp_norm_eps=float(config.get("norm_eps", 1e-5)), position_order="col_row")
     weight = state["x_embedder.proj.weight"]  # [D, C, p, p]
     hidden, in_channels, patch = weight.shape[0], weight.shape[1], weight.shape[2]
     tokens = state["pos_embed"].shape[1]
@@ -87,7 +87,7 @@ def dense_config(state: dict[str, torch.Tensor], config: dict[str, Any], kind: s
         image_size=int(round(tokens**0.5)) * patch, in_channels=in_channels, patch_size=patch, hidden_size=hidden,
         depth=depth, num_heads=heads, mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
         num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1, moe=None, objective="ddpm_eps",
-        learn_sigma=out == 2 * in_channels, timestep_freq_shift=0, mlp_norm_eps=1e-6)
+        learn_sigma=out == 2 * in_channels, timestep_freq_shift=0, mlp_norm_eps=1e-6, position_order="col_row")
 
 
 def racedit_state(state: dict[str, torch.Tensor], kind: str, depth: int) -> dict[str, torch.Tensor]:
@@ -133,7 +133,7 @@ def import_dit(source: Union[str, Path], moe: Optional[MoEConfig] = None, num_he
     dense = RaceDiT(dense_cfg)
     weights = {k: v.float() for k, v in racedit_state(state, kind, dense_cfg.depth).items()}
     if kind == "dit" and not torch.allclose(state["pos_embed"].float()[0], sincos_pos_embed_2d(
-            dense_cfg.hidden_size, dense_cfg.grid_size), atol=1e-5):
+            dense_cfg.hidden_size, dense_cfg.grid_size, "col_row"), atol=1e-5):
         raise CheckpointError(f"{source}: its pos_embed is not DiT's fixed 2-D sin-cos embedding")
     missing, unexpected = dense.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -185,3 +185,29 @@ def upcycle(dense: RaceDiT, moe: MoEConfig, seed: int = 0, calibration_batches: 
         y = torch.randint(0, cfg.num_classes, (16,), generator=generator)
         model(x, t, y)
     return model.eval()
+
+
+@torch.no_grad()
+def upcycling_report(dense: RaceDiT, upcycled: RaceDiT, num_inputs: int = 64, seed: int = 1) -> dict[str, float]:
+    """What the upcycled model reproduces of the dense one at step 0, on random noisy inputs across t:
+    the relative L2 error of its output and of each MoE block's MLP output, and its experts per token."""
+    cfg = dense.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_inputs, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    t = (torch.arange(num_inputs) + 0.5) / num_inputs
+    y = torch.randint(0, cfg.num_classes, (num_inputs,), generator=g)
+    mlp_in = []  # each MoE block's input, as the upcycled model routes it
+    hooks = [b.mlp.register_forward_hook(lambda m, i, o: mlp_in.append(i[0])) for b in upcycled.blocks]
+    out, stats = upcycled(x, t, y, return_stats=True)
+    for h in hooks:
+        h.remove()
+    reference = dense(x, t, y)
+    errors = []
+    for block, dense_block, h in zip(upcycled.blocks, dense.blocks, mlp_in):
+        moe_out, _ = block.mlp(h)
+        want = dense_block.mlp(h)
+        errors.append(float((moe_out - want).norm() / want.norm()))
+    return {"relative_error_output": round(float((out - reference).norm() / reference.norm()), 4),
+            "relative_error_mlp_mean": round(sum(errors) / len(errors), 4),
+            "experts_per_token": round(float(stats.experts_per_token.float().mean()), 3),
+            "num_inputs": num_inputs}

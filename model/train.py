@@ -152,6 +152,12 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"model must be a mapping, got {model_doc!r}")
     model_doc = dict(model_doc)
     preset = model_doc.pop("preset", None)
+    source = model_doc.pop("checkpoint", None)
+    if source is not None:  # the architecture of an existing checkpoint (e.g. racedit import-dit's), trained as flow
+        if preset is not None or model_doc:
+            raise ConfigError("model.checkpoint takes the whole architecture from the checkpoint: "
+                              f"drop the other model keys ({', '.join(['preset'] * bool(preset) + list(model_doc))})")
+        model_doc = {**checkpoint.read_config(source)["model"], "objective": "rectified_flow"}
     model = preset_config(preset, **model_doc) if preset else ModelConfig.from_dict(model_doc)
     config = parse_section(TrainConfig, {**{k: ({} if v is None else v) for k, v in document.items()},
                                          "model": model})
@@ -357,8 +363,10 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     step, history = 0, []
     if init is not None:
         start = checkpoint.load(init)
-        # The objective may change (DiT's DDPM noise -> rectified flow: racedit import-dit); nothing else.
-        if {**start.config.to_dict(), "objective": None} != {**config.model.to_dict(), "objective": None}:
+        # The objective may change (DiT's DDPM noise -> rectified flow: racedit import-dit), and a checkpoint
+        # without class names takes the folder's; nothing else.
+        ignored = {"objective": None, **({"class_names": None} if start.config.class_names is None else {})}
+        if {**start.config.to_dict(), **ignored} != {**config.model.to_dict(), **ignored}:
             raise ConfigError(f"--init {init}: its model config differs from the training config's model section")
         model.load_state_dict(start.state_dict())
         ema.load_state_dict(start.state_dict())
