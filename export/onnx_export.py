@@ -96,3 +96,33 @@ def export_onnx(model: RaceDiT, path: Union[str, os.PathLike], opset: int = 17, 
                           dynamic_axes=batch_axes, do_constant_folding=True)
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+class ServedDecoder(nn.Module):
+    """A latent checkpoint's VAE decoder as serving runs it: the model's latents (its scaling and
+    shift undone) -> images in [-1, 1], fp32."""
+
+    def __init__(self, vae: nn.Module, autoencoder):
+        super().__init__()
+        self.vae, self.autoencoder = vae.eval(), autoencoder
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(self.autoencoder.to_vae_input(latents)).sample.clamp(-1, 1)
+
+
+def export_vae_decoder(autoencoder, latent_shape: tuple[int, int, int], path: Union[str, os.PathLike],
+                       opset: int = 17) -> Path:
+    """Write the VAE decoder of a latent checkpoint (`model.autoencoder`) as ONNX: `latents` [B, C, h, w]
+    -> `images` [B, 3, H, W] in [-1, 1], dynamic batch; validated with onnx.checker."""
+    import onnx
+
+    check_opset(opset)
+    path = prepare_output(path)
+    served = ServedDecoder(autoencoder.load("cpu"), autoencoder)
+    example = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.onnx.export(served, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["latents"], output_names=["images"],
+                          dynamic_axes={"latents": {0: "batch"}, "images": {0: "batch"}}, do_constant_folding=True)
+    onnx.checker.check_model(str(path), full_check=True)
+    return path

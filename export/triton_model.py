@@ -20,7 +20,10 @@ except ImportError:  # imported for tests or docs outside Triton
     pb_utils = None
 
 from racedit.export.external import ExternalDenoiser
+import torch
+
 from racedit.model import generate
+from racedit.model.sampling import to_uint8
 
 
 class BLSDenoiser(ExternalDenoiser):
@@ -52,6 +55,20 @@ class TritonPythonModel:
         config, thresholds = ExternalDenoiser.config_of(checkpoint_config)
         self.denoiser = BLSDenoiser(denoiser, config, thresholds)
         self.num_classes = config.num_classes
+        # a latent checkpoint's repository has a VAE decoder model: samples are latents until it runs
+        self.decoder = parameters.get("decoder", {}).get("string_value") or None
+        image_dims = next(o["dims"] for o in model_config.get("output", []) if o["name"] == "image") \
+            if model_config.get("output") else [-1, config.image_size, config.image_size, 3]
+        self.image_size = int(image_dims[-2])
+
+    def _decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents [N, C, h, w] -> images [N, 3, H, W] in [-1, 1], by the decoder model over BLS."""
+        request = pb_utils.InferenceRequest(model_name=self.decoder, requested_output_names=["images"],
+                                            inputs=[pb_utils.Tensor("latents", latents.astype(np.float32))])
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(response.error().message())
+        return pb_utils.get_output_tensor_by_name(response, "images").as_numpy()
 
     def _input(self, request, name: str, default, n: int, dtype) -> np.ndarray:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -78,13 +95,14 @@ class TritonPythonModel:
                 seeds[drawn] = [secrets.randbelow(2**31) for _ in range(int(drawn.sum()))]
                 if (steps < 1).any():
                     raise ValueError("num_steps must be >= 1")
-                images = np.zeros((n, self.denoiser.config.image_size, self.denoiser.config.image_size, 3), np.uint8)
+                images = np.zeros((n, self.image_size, self.image_size, 3), np.uint8)
                 experts = np.zeros(n, np.float32)
                 for count in np.unique(steps):  # one sampling loop per distinct step count
                     rows = np.nonzero(steps == count)[0]
                     out, usage = generate(self.denoiser, labels=labels[rows].tolist(), cfg_scale=scales[rows].tolist(),
-                                          num_steps=int(count), seeds=seeds[rows].tolist())
-                    images[rows] = out.permute(0, 2, 3, 1).numpy()
+                                          num_steps=int(count), seeds=seeds[rows].tolist(), as_float=True)
+                    pictures = self._decode(out.numpy()) if self.decoder else out.numpy()
+                    images[rows] = to_uint8(torch.from_numpy(pictures)).permute(0, 2, 3, 1).numpy()
                     experts[rows] = [u["mean_experts_per_token"] for u in usage]
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("image", images), pb_utils.Tensor("mean_experts_per_token", experts),

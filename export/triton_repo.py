@@ -5,6 +5,8 @@
     <out>/racedit/config.pbtxt            Python backend: guided sampling loop over BLS
     <out>/racedit/1/model.py              (export/triton_model.py)
     <out>/racedit/1/config.json           the checkpoint's config (classes, thresholds)
+    <out>/racedit_vae_decoder/...         latent checkpoints: the VAE decoder (ONNX), which the
+                                          sampling model calls, so Triton answers pictures
 
 The `racedit` model's inputs and outputs match the service's KServe v2 routes.
 """
@@ -14,14 +16,17 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from racedit.model.dit import RaceDiT
 
-from .onnx_export import export_onnx
+from racedit.model.autoencoder import decoded_size, read_vae_config
+
+from .onnx_export import export_onnx, export_vae_decoder
 
 DENOISER = "racedit_denoiser"
 PIPELINE = "racedit"
+DECODER = "racedit_vae_decoder"
 
 
 INSTANCE_KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU"}
@@ -55,8 +60,35 @@ instance_group [
 """
 
 
-def pipeline_config(model: RaceDiT, instances: int = 4) -> str:
-    size = model.config.image_size
+def decoder_config(latent_shape: tuple[int, int, int], image_size: int, device: str = "cuda",
+                   max_batch_size: int = 64) -> str:
+    c, h, w = latent_shape
+    return f"""name: "{DECODER}"
+backend: "onnxruntime"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "latents" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }}
+]
+output [
+  {{ name: "images" data_type: TYPE_FP32 dims: [ 3, {image_size}, {image_size} ] }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: 2000
+}}
+instance_group [
+  {{ count: 1 kind: {INSTANCE_KINDS[device]} }}
+]
+"""
+
+
+def pipeline_config(model: RaceDiT, instances: int = 4, image_size: Optional[int] = None,
+                    decoder: bool = False) -> str:
+    size = image_size or model.config.image_size
+    decoder_parameter = f"""
+parameters {{
+  key: "decoder"
+  value: {{ string_value: "{DECODER}" }}
+}}""" if decoder else ""
     return f"""name: "{PIPELINE}"
 backend: "python"
 max_batch_size: 0
@@ -77,7 +109,7 @@ instance_group [
 parameters {{
   key: "denoiser"
   value: {{ string_value: "{DENOISER}" }}
-}}
+}}{decoder_parameter}
 """
 
 
@@ -111,7 +143,18 @@ def build_triton_repo(model: RaceDiT, checkpoint: Union[str, os.PathLike], out: 
     version.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(__file__).with_name("triton_model.py"), version / "model.py")
     shutil.copyfile(Path(checkpoint) / "config.json", version / "config.json")
-    (out / PIPELINE / "config.pbtxt").write_text(pipeline_config(model))
-    for name in (DENOISER, PIPELINE):
+    names = [DENOISER, PIPELINE]
+    autoencoder = getattr(model, "autoencoder", None)
+    image_size = None
+    if autoencoder is not None:  # a latent checkpoint: Triton decodes too
+        cfg = model.config
+        latent_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        image_size = decoded_size(read_vae_config(autoencoder.path), cfg.image_size)
+        export_vae_decoder(autoencoder, latent_shape, out / DECODER / "1" / "model.onnx", opset=opset)
+        (out / DECODER / "config.pbtxt").write_text(decoder_config(latent_shape, image_size, device))
+        names.append(DECODER)
+    (out / PIPELINE / "config.pbtxt").write_text(pipeline_config(model, image_size=image_size,
+                                                                 decoder=autoencoder is not None))
+    for name in names:
         parse_config((out / name / "config.pbtxt").read_text())
     return out

@@ -75,10 +75,11 @@ class Autoencoder:
         self.check()
         AutoencoderKL = require_diffusers()
         try:
-            vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True, use_safetensors=True)
+            vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True, use_safetensors=True,
+                                                torch_dtype=torch.float32)
         except Exception as exc:  # diffusers raises many kinds for a broken folder
             raise AutoencoderError(f"{self.path}: cannot load the VAE ({type(exc).__name__}: {exc})") from exc
-        return vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        return vae.to(device).eval().requires_grad_(False)
 
     def to_vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         """Undo the checkpoint's latent scaling: what the VAE's decoder takes."""

@@ -2,6 +2,7 @@
 import base64
 import importlib.util
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,9 @@ def test_aot_inductor_parity(checkpoint, tmp_path):
 
     model = load(checkpoint)
     compiled = load_aot(export_aot(model, tmp_path / "model.pt2"))
+    described = json.loads((tmp_path / "model.pt2.json").read_text())
+    assert described["space"] == "pixel" and "no VAE" in described["holds"]
+    assert described["thresholds"] == [float(layer.threshold) for layer in model.moe_layers]
     for batch in (1, 5, 16):
         x, t, y = example_inputs(model, batch, seed=200 + batch)
         with torch.no_grad():
@@ -163,3 +167,45 @@ def test_cli_errors(tmp_path, tiny_checkpoint):
     assert opset.returncode == 2 and "opset 11 is not supported" in opset.stderr
     ok = run_cli("onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o"))
     assert ok.returncode == 0 and (tmp_path / "o" / "model.onnx").is_file()
+
+
+def test_latent_checkpoint_triton_repository_decodes_with_the_vae(latent_checkpoint, tmp_path):
+    import onnxruntime as ort
+
+    from racedit.model.autoencoder import Decoder
+
+    model = load(latent_checkpoint)
+    repo = build_triton_repo(model, latent_checkpoint, tmp_path / "repo", device="cpu")
+    decoder_config = parse_config((repo / "racedit_vae_decoder" / "config.pbtxt").read_text())
+    assert [list(o.dims) for o in decoder_config.output] == [[3, 16, 16]]
+    pipeline = parse_config((repo / "racedit" / "config.pbtxt").read_text())
+    assert list(pipeline.output[0].dims) == [-1, 16, 16, 3] and pipeline.parameters["decoder"].string_value
+    # the decoder's ONNX graph in onnxruntime against the VAE in torch
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    session = ort.InferenceSession(str(repo / "racedit_vae_decoder" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (images,) = session.run(["images"], {"latents": latents.numpy()})
+    assert np.abs(images - Decoder(model.autoencoder)(latents).numpy()).max() < 1e-4
+    # the sampling model calls it over BLS, so Triton answers pictures
+    sys.modules["triton_python_backend_utils"] = fake_triton
+    fake_triton.register("racedit_denoiser", repo / "racedit_denoiser" / "1" / "model.onnx")
+    fake_triton.register("racedit_vae_decoder", repo / "racedit_vae_decoder" / "1" / "model.onnx")
+    spec = importlib.util.spec_from_file_location("racedit_triton_latent", repo / "racedit" / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    triton_model = module.TritonPythonModel()
+    config_json = json.dumps({"parameters": {"denoiser": {"string_value": "racedit_denoiser"},
+                                             "decoder": {"string_value": "racedit_vae_decoder"}},
+                              "output": [{"name": "image", "dims": ["-1", "16", "16", "3"]}]})
+    triton_model.initialize({"model_config": config_json, "model_repository": str(repo / "racedit"), "model_version": "1"})
+    request = fake_triton.InferenceRequest(inputs=[
+        fake_triton.Tensor("class_label", np.array([2, 5], np.int64)),
+        fake_triton.Tensor("num_steps", np.array([4, 4], np.int32)),
+        fake_triton.Tensor("seed", np.array([3, 4], np.int64))])
+    (answer,) = triton_model.execute([request])
+    assert not answer.has_error(), answer.error().message()
+    pictures = fake_triton.get_output_tensor_by_name(answer, "image").as_numpy()
+    assert pictures.shape == (2, 16, 16, 3)
+    latents, _ = generate(model, [2, 5], cfg_scale=4.0, num_steps=4, seeds=[3, 4], as_float=True)
+    expected = ((Decoder(model.autoencoder)(latents) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(pictures.astype(int) - expected.astype(int)).max() <= 2
