@@ -99,7 +99,7 @@ def with_inference(checkpoint: Path, mode: str) -> Path:
 def last_metrics(metrics_csv: Path) -> dict:
     """The final logged training row, averaged over the last 4 logs (the loss is noisy)."""
     rows = list(csv.DictReader(metrics_csv.open()))[-4:]
-    keys = ("loss", "mse", "maxvio", "comb_usage")
+    keys = ("loss", "mse", "plr", "maxvio", "comb_usage")
     return {f"train_{k}": sum(float(r[k]) for r in rows) / len(rows) for k in keys if k in rows[-1]}
 
 
@@ -160,7 +160,8 @@ def summarise(num_samples: int = 500) -> None:
             r, e = results[run], results[run]["evaluations"][mode]
             tables[table].append({"table": table, "row": label, "run": run, "inference": mode,
                                   "class_fidelity": e["class_fidelity"], "frechet_distance": e["frechet_distance"],
-                                  "final_loss": r.get("train_loss", float("nan")),
+                                  "final_mse": r.get("train_mse", float("nan")),  # the denoising loss alone
+                                  "final_loss": r.get("train_loss", float("nan")),  # with the run's auxiliary terms
                                   "maxvio": e["maxvio"], "combination_usage": e["combination_usage"],
                                   "experts_per_token": e["mean_experts_per_token"]})
     any_run = next(iter(results.values()), None)
@@ -183,10 +184,10 @@ def plot(results: dict, tables: dict) -> None:
     t1 = {(row["run"].split("-")[0], row["run"].split("-")[1]): row for row in tables.get("table1", [])}
     gatings = ("softmax", "sigmoid", "identity")
     for i, routing in enumerate(("token_choice", "expert_choice", "expert_race")):
-        values = [t1[(routing, g)]["class_fidelity"] if (routing, g) in t1 else 0.0 for g in gatings]
+        values = [t1[(routing, g)]["frechet_distance"] if (routing, g) in t1 else 0.0 for g in gatings]
         axes[0].bar([x + 0.27 * (i - 1) for x in range(3)], values, width=0.27, label=routing.replace("_", " "))
     axes[0].set_xticks(range(3), gatings)
-    axes[0].set_ylabel("class fidelity")
+    axes[0].set_ylabel("Frechet distance (lower is better)")
     axes[0].set_title("Table 1: routing x gating")
     axes[0].legend(fontsize=8)
     axes[0].grid(axis="y", alpha=0.3)
