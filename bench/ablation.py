@@ -109,23 +109,29 @@ def run_one(name: str, steps: int, seed: int, num_samples: int) -> dict:
     from racedit.model.train import parse_config, train
 
     torch.set_num_threads(1)
-    out = RUNS_DIR / name
+    tag = run_tag(name, seed)
+    out = RUNS_DIR / tag
     if out.exists():
         shutil.rmtree(out)
     config = train_config(name, steps, seed)
     start = time.time()
     train(parse_config(config), out, progress=False)
-    result = {"name": name, "config": config, "train_seconds": round(time.time() - start, 1),
+    result = {"name": name, "seed": seed, "config": config, "train_seconds": round(time.time() - start, 1),
               **last_metrics(out / "metrics.csv"), "evaluations": {}}
     modes = sorted({mode for rows in TABLES.values() for _, run, mode in rows if run == name}) or ["threshold"]
     for mode in modes:
-        result["evaluations"][mode] = evaluation(name, mode, num_samples)
+        result["evaluations"][mode] = evaluation(tag, mode, num_samples)
     PER_RUN.mkdir(parents=True, exist_ok=True)
-    (PER_RUN / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{name}: {result['train_seconds']:.0f} s, " + ", ".join(
+    (PER_RUN / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{tag}: {result['train_seconds']:.0f} s, " + ", ".join(
         f"{m}: fidelity {e['class_fidelity']:.3f} FD {e['frechet_distance']:.2f}"
         for m, e in result["evaluations"].items()), flush=True)
     return result
+
+
+def run_tag(name: str, seed: int) -> str:
+    """Where a run lives: its name for the study's seed 0, NAME-seedS for a repeat with another seed."""
+    return name if seed == 0 else f"{name}-seed{seed}"
 
 
 def _job(args: tuple) -> dict:
@@ -133,7 +139,7 @@ def _job(args: tuple) -> dict:
 
 
 def evaluation(name: str, mode: str, num_samples: int) -> dict:
-    """The `mode` evaluation of a trained run: what evaluate reports, as saved in its result."""
+    """The `mode` evaluation of a trained run (its tag): what evaluate reports, as saved in its result."""
     from racedit.model.evaluate import evaluate
 
     checkpoint = RUNS_DIR / name / "checkpoint"
@@ -145,7 +151,9 @@ def evaluation(name: str, mode: str, num_samples: int) -> dict:
 
 
 def summarise(num_samples: int = 500) -> None:
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(PER_RUN.glob("*.json"))}
+    everything = {p.stem: json.loads(p.read_text()) for p in sorted(PER_RUN.glob("*.json"))}
+    results = {tag: r for tag, r in everything.items() if tag in RUNS}
+    repeats = {tag: r for tag, r in everything.items() if tag not in RUNS}  # other seeds of a run
     for table_rows in TABLES.values():  # evaluations a table asks for that the run's own pass did not make
         for _, run, mode in table_rows:
             if run in results and mode not in results[run]["evaluations"]:
@@ -164,6 +172,17 @@ def summarise(num_samples: int = 500) -> None:
                                   "final_loss": r.get("train_loss", float("nan")),  # with the run's auxiliary terms
                                   "maxvio": e["maxvio"], "combination_usage": e["combination_usage"],
                                   "experts_per_token": e["mean_experts_per_token"]})
+    tables["seeds"] = []  # a run and its repeats with other seeds: how far seed alone moves the numbers
+    for tag, repeat in repeats.items():
+        for r in (results.get(repeat["name"]), repeat):
+            if r is None:
+                continue
+            e = r["evaluations"]["threshold"]
+            tables["seeds"].append({"table": "seeds", "row": f"seed {r['config']['optim']['seed']}", "run": r["name"], "inference": "threshold",
+                                    "class_fidelity": e["class_fidelity"], "frechet_distance": e["frechet_distance"],
+                                    "final_mse": r.get("train_mse", float("nan")), "final_loss": r.get("train_loss", float("nan")),
+                                    "maxvio": e["maxvio"], "combination_usage": e["combination_usage"],
+                                    "experts_per_token": e["mean_experts_per_token"]})
     any_run = next(iter(results.values()), None)
     save("ablation", {"model": MODEL, "steps": any_run and any_run["config"]["optim"]["steps"],
                       "seed": any_run and any_run["config"]["optim"]["seed"],
@@ -225,10 +244,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="training runs at once, one thread each")
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--only", nargs="+", choices=sorted(RUNS), help="train these runs (default: every missing one)")
+    # e.g. --seed 1 --only expert_race-identity: a repeat, saved as NAME-seed1 and shown beside seed 0
     parser.add_argument("--summarise", action="store_true", help="only rebuild the tables and figure")
     args = parser.parse_args()
     if not args.summarise:
-        todo = args.only or [n for n in RUNS if not (PER_RUN / f"{n}.json").exists()]
+        todo = args.only or [n for n in RUNS if not (PER_RUN / f"{run_tag(n, args.seed)}.json").exists()]
         print(f"training {len(todo)} runs of {args.steps} steps, {args.workers} at a time: {', '.join(todo)}", flush=True)
         jobs = [(name, args.steps, args.seed, args.num_samples) for name in todo]
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
