@@ -121,10 +121,12 @@ def plot(rows: list[dict], k: int) -> None:
                label="class fidelity")
     right.set_xlabel("experts per token")
     right.set_ylabel("class fidelity")
+    right.set_ylim(0.8, 1.0)  # the full range a reader compares against, not the noise between budgets
     twin = right.twinx()
     twin.plot([r["experts_per_token"] for r in rows], [r["frechet_distance"] for r in rows], marker="s",
               color="#d62728", label="FD")
     twin.set_ylabel("Frechet distance", color="#d62728")
+    twin.set_ylim(0, 1.3 * max(r["frechet_distance"] for r in rows))
     right.grid(alpha=0.3)
     fig.suptitle("The compute dial on the bundled model (cfg 4, 25 Euler steps)")
     fig.tight_layout()
