@@ -109,16 +109,18 @@ def run(settings: ServeSettings) -> int:
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
-        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_application(settings), name="racedit", route_prefix="/", blocking=False)
+        # Ours last: ray.init and Serve's start-up install handlers of their own.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
         log.warning("racedit on Ray Serve: %d replica(s) on http://%s:%d", settings.replicas, settings.host,
                     settings.port)
         print(f"racedit ready on Ray Serve: http://{settings.host}:{settings.port} "
               f"({settings.replicas} replica(s))", flush=True)
-        stop.wait()
+        while not stop.wait(0.5):  # a timed wait, so the handler runs soon after the signal
+            pass
         log.warning("draining replicas (up to %.0f s)", settings.drain_timeout_s)
         serve.shutdown()
     finally:
