@@ -66,14 +66,14 @@ def _import_dit(args: argparse.Namespace) -> int:
 
     from racedit.model.checkpoint import save
     from racedit.model.config import MoEConfig
-    from racedit.model.import_dit import import_dit, upcycling_report
+    from racedit.model.import_dit import import_dit, upcycle, upcycling_report
 
     moe = None
     if args.moe:
         moe = MoEConfig(spec=args.moe, hidden_split=args.hidden_split, gating=args.gating)
         moe.validate()
-    dense = import_dit(args.source, num_heads=args.num_heads)
-    model = import_dit(args.source, moe=moe, num_heads=args.num_heads) if moe else dense
+    dense = import_dit(args.source, num_heads=args.num_heads)  # read once; upcycled from it when asked
+    model = upcycle(dense, moe) if moe else dense
     metadata = {"imported_from": str(args.source), "objective": model.config.objective}
     if moe:
         metadata["upcycling"] = upcycling_report(dense, model)

@@ -82,14 +82,9 @@ class Autoencoder:
         return vae.to(device).eval().requires_grad_(False)
 
     def to_vae_input(self, latents: torch.Tensor) -> torch.Tensor:
-        """Undo the checkpoint's latent scaling: what the VAE's decoder takes."""
+        """Undo the checkpoint's latent scaling (`data.vae_encoder` applies it): what the VAE's decoder takes."""
         z = latents.float() / self.scaling_factor
         return z + self.shift_factor if self.shift_factor is not None else z
-
-    def from_vae_output(self, z: torch.Tensor) -> torch.Tensor:
-        """The model's latent scaling of the VAE's encoding `z`."""
-        z = z - self.shift_factor if self.shift_factor is not None else z
-        return z * self.scaling_factor
 
 
 def require_diffusers():

@@ -229,13 +229,14 @@ class ImageFolder(Dataset):
         return x, label
 
 
-def vae_encoder(vae: Union[torch.nn.Module, str, os.PathLike], scale: Optional[float] = None
-                ) -> Callable[[torch.Tensor], torch.Tensor]:
+def vae_encoder(vae: Union[torch.nn.Module, str, os.PathLike], scale: Optional[float] = None,
+                shift: Optional[float] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """An ImageFolder encoder from a diffusers AutoencoderKL: a module, or a local folder
     written by `save_pretrained` (loaded with `local_files_only`, so nothing is fetched).
 
-    Latents are the posterior mean times `scale`, by default the VAE's own
-    `config.scaling_factor` (0.18215 for the SD VAE that DiT uses).
+    Latents are `(mean - shift) * scale` of the posterior, by default with the VAE's own
+    `config.scaling_factor` (0.18215 for the SD VAE that DiT uses) and `config.shift_factor`
+    (none for SD VAEs); a latent checkpoint's `Autoencoder.to_vae_input` undoes it.
     """
     if not isinstance(vae, torch.nn.Module):
         try:
@@ -247,10 +248,14 @@ def vae_encoder(vae: Union[torch.nn.Module, str, os.PathLike], scale: Optional[f
             raise FileNotFoundError(f"{path}: not an AutoencoderKL folder (no config.json); write one with save_pretrained")
         vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
     vae = vae.eval()
+    config = getattr(vae, "config", None)
     if scale is None:
-        scale = float(getattr(getattr(vae, "config", None), "scaling_factor", 0.18215))
+        scale = float(getattr(config, "scaling_factor", 0.18215))
+    if shift is None:
+        shift = getattr(config, "shift_factor", None)
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        return vae.encode(x).latent_dist.mean * scale
+        mean = vae.encode(x).latent_dist.mean
+        return (mean - float(shift) if shift is not None else mean) * scale
 
     return encode

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from . import checkpoint, losses
 from .config import FORBID_UNKNOWN, ConfigError, Float, Int, ModelConfig, Str, parse_section, preset_config
 from .autoencoder import Autoencoder, AutoencoderError, Decoder, copy_autoencoder, decoded_size, read_vae_config
-from .data import ImageFolder, Shapes10, ShapesStyle
+from .data import ImageFolder, Shapes10, ShapesStyle, vae_encoder
 from .calibrate import Calibration, calibrate_thresholds
 from .dit import RaceDiT
 from .sampling import LossWeights, generate, to_uint8, training_loss
@@ -272,13 +272,12 @@ def _dataset(config: TrainConfig, folder: Optional[ImageFolder], vae: Optional[A
     if vae is None:
         xs, ys = zip(*(folder[i] for i in range(len(folder))))
         return ((torch.stack(xs) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), torch.tensor(ys)
-    encoder = vae.load(device)
+    encode = vae_encoder(vae.load(device), vae.scaling_factor, vae.shift_factor)
     latents, labels = [], []
     with torch.no_grad():
         for start in range(0, len(folder), 64):
             xs, ys = zip(*(folder[i] for i in range(start, min(start + 64, len(folder)))))
-            z = encoder.encode(torch.stack(xs).to(device)).latent_dist.mean
-            latents.append(vae.from_vae_output(z).float().cpu())
+            latents.append(encode(torch.stack(xs).to(device)).float().cpu())
             labels += ys
     return torch.cat(latents), torch.tensor(labels)
 
