@@ -20,8 +20,6 @@ from typing import Optional, Union
 
 from racedit.model.dit import RaceDiT
 
-from racedit.model.autoencoder import decoded_size, read_vae_config
-
 from .onnx_export import export_onnx, export_vae_decoder
 
 DENOISER = "racedit_denoiser"
@@ -149,7 +147,7 @@ def build_triton_repo(model: RaceDiT, checkpoint: Union[str, os.PathLike], out: 
     if autoencoder is not None:  # a latent checkpoint: Triton decodes too
         cfg = model.config
         latent_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-        image_size = decoded_size(read_vae_config(autoencoder.path), cfg.image_size)
+        image_size = autoencoder.image_size(cfg.image_size)
         export_vae_decoder(autoencoder, latent_shape, out / DECODER / "1" / "model.onnx", opset=opset)
         (out / DECODER / "config.pbtxt").write_text(decoder_config(latent_shape, image_size, device))
         names.append(DECODER)

@@ -81,6 +81,10 @@ class Autoencoder:
             raise AutoencoderError(f"{self.path}: cannot load the VAE ({type(exc).__name__}: {exc})") from exc
         return vae.to(device).eval().requires_grad_(False)
 
+    def image_size(self, latent_size: int) -> int:
+        """Image side of a latent side: each down block but the last halves it (8x for SD-style VAEs)."""
+        return decoded_size(read_vae_config(self.path), latent_size)
+
     def to_vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         """Undo the checkpoint's latent scaling (`data.vae_encoder` applies it): what the VAE's decoder takes."""
         z = latents.float() / self.scaling_factor
@@ -137,10 +141,9 @@ class Decoder:
         self.autoencoder = autoencoder
         self.vae = autoencoder.load(device)
         self.device = torch.device(device)
-        self.config = dict(self.vae.config)
 
     def image_size(self, latent_size: int) -> int:
-        return decoded_size(self.config, latent_size)
+        return self.autoencoder.image_size(latent_size)
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:

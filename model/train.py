@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint, losses
 from .config import FORBID_UNKNOWN, ConfigError, Float, Int, ModelConfig, Str, parse_section, preset_config
-from .autoencoder import Autoencoder, AutoencoderError, Decoder, copy_autoencoder, decoded_size, read_vae_config
+from .autoencoder import Autoencoder, AutoencoderError, Decoder, copy_autoencoder, read_vae_config
 from .data import ImageFolder, Shapes10, ShapesStyle, vae_encoder
 from .calibrate import Calibration, calibrate_thresholds
 from .dit import RaceDiT
@@ -350,7 +350,7 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     if config.data.name == "imagefolder":
         pixels = config.model.image_size
         if vae is not None:
-            pixels = decoded_size(read_vae_config(vae.path), config.model.image_size)
+            pixels = vae.image_size(config.model.image_size)
         folder = ImageFolder(config.data.root, image_size=pixels)
         config = _with_folder_classes(config, folder)
     rank, world = _distributed()
