@@ -24,7 +24,7 @@ from common import RESULTS, save, time_interleaved  # noqa: E402
 from racedit.model import DEFAULT_CHECKPOINT, generate, load
 from racedit.model.calibrate import budget_range
 from racedit.model.data import Shapes10
-from racedit.model.evaluate import classify, frechet_distance, load_classifier
+from racedit.model.evaluate import classify, frechet_distance, load_classifier, reference_style
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PARTS = RESULTS / "compute_curve"  # one file per budget's quality pass
@@ -70,7 +70,7 @@ def main() -> None:
 def quality(model, budget: float, num_samples: int, batch_size: int) -> dict:
     """Realised experts per token, class fidelity and FD of `num_samples` images at one budget."""
     classifier = load_classifier()
-    _, real = classify(classifier, Shapes10("val").materialize()[0])
+    _, real = classify(classifier, Shapes10("val", style=reference_style(model)).materialize()[0])
     labels = [i % model.config.num_classes for i in range(num_samples)]
     images, usages = [], []
     for lo in range(0, num_samples, batch_size):

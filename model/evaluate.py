@@ -3,12 +3,14 @@
 Class fidelity is the share of generated images that a shapes10 classifier
 (shipped in `weights/shapes10-classifier`, trained by `racedit train-classifier`)
 assigns to the class that was asked for. The Frechet distance is computed in
-that classifier's 64-d feature space against real val images. The Fig. 6
-plot shows mean experts per token against the sampling timestep.
+that classifier's 64-d feature space against real val images, drawn in the style the model
+was trained on (its checkpoint's `data.style`; `reference="default"` takes shapes10's default
+style instead). The Fig. 6 plot shows mean experts per token against the sampling timestep.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load
 from .config import SHAPES10_CLASSES
-from .data import Shapes10
+from .data import Shapes10, ShapesStyle
 from .sampling import generate, time_grid
 
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parent / "weights" / "shapes10-classifier"
@@ -176,8 +178,23 @@ def routing_probe(model, images_uint8: torch.Tensor, labels: torch.Tensor, grid_
     return float(np.mean(values))
 
 
+REFERENCES = ("training", "default")
+
+
+def reference_style(model, reference: str = "training") -> ShapesStyle:
+    """The shapes10 style of the real images FD compares with: the one in the checkpoint's training
+    config, or shapes10's default (also for checkpoints that record none)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+    data = (model.metadata or {}).get("train_config", {}).get("data", {})
+    if reference == "training" and data.get("name") == "shapes10" and data.get("style"):
+        return ShapesStyle(**data["style"])
+    return ShapesStyle()
+
+
 def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: int, batch_size: int,
-             out: Path, classifier_path: Optional[Path] = None, dtype: str = "float32") -> dict:
+             out: Path, classifier_path: Optional[Path] = None, dtype: str = "float32",
+             reference: str = "training") -> dict:
     from .losses import max_violation
 
     model = load(checkpoint).set_precision(getattr(torch, dtype))
@@ -196,7 +213,8 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
     seconds = time.time() - start
     preds, feats = classify(classifier, images)
     target = torch.tensor(labels)
-    val_images, val_labels = Shapes10("val").materialize()
+    style = reference_style(model, reference)
+    val_images, val_labels = Shapes10("val", style=style).materialize()
     _, real_feats = classify(classifier, val_images)
     per_step = np.mean([u["per_step"] for u in usages], axis=0).tolist()
     grid_t = time_grid(num_steps)[:-1]
@@ -214,6 +232,7 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
         "per_class_fidelity": {SHAPES10_CLASSES[c]: float((preds[target == c] == c).float().mean())
                                for c in range(n_classes) if (target == c).any()},
         "frechet_distance": frechet_distance(feats, real_feats),
+        "frechet_reference": {"split": "val", "images": len(val_images), "style": dataclasses.asdict(style)},
         "mean_experts_per_token": float(np.mean([u["mean_experts_per_token"] for u in usages])),
         # share of (layer, token, step) slots whose token used 0..E experts, over all samples
         "experts_per_token_histogram": np.mean([u["experts_per_token_histogram"] for u in usages], axis=0).round(6).tolist(),
@@ -234,7 +253,7 @@ def main(args: argparse.Namespace) -> int:
 
     report = evaluate(Path(args.checkpoint or DEFAULT_CHECKPOINT), args.num_samples, args.cfg_scale,
                       args.num_steps, args.batch_size, Path(args.out),
-                      Path(args.classifier) if args.classifier else None, getattr(args, "dtype", "float32"))
+                      Path(args.classifier) if args.classifier else None, args.dtype, args.reference)
     print(json.dumps({k: v for k, v in report.items() if k != "experts_per_token_by_t"}, indent=2))
     print(f"wrote {args.out}/report.json, samples.png, experts_per_timestep.png")
     return 0

@@ -22,23 +22,30 @@ from .dit import ForwardStats, RaceDiT
 
 # ------------------------------------------------------------- objective ----
 @dataclass
-class LossWeights:
+class LossConfig:
+    """The training objective: loss weights and where the timesteps fall."""
+
     __pydantic_config__ = FORBID_UNKNOWN
 
     plr: Float = 1.0  # per-layer regularisation
     similarity: Float = 0.01  # router similarity
     balance: Float = 0.0  # Switch-style balance (token-choice baselines)
+    # t = sigmoid(t_mean + t_std * n), n ~ N(0, 1) (SD3's logit-normal); t_mean > 0 trains the
+    # noisy steps, where the sampler decides a shape's outline, more often.
+    t_mean: Float = 0.0
+    t_std: Float = 1.0
 
 
-def logit_normal(n: int, generator: Optional[torch.Generator] = None, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-    return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+def logit_normal(n: int, generator: Optional[torch.Generator] = None, device: Union[str, torch.device] = "cpu",
+                 mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
 
 
-def training_loss(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, weights: LossWeights,
+def training_loss(model: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, weights: LossConfig,
                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, float], ForwardStats, torch.Tensor]:
     """Total loss, its terms as floats, the forward's routing stats and its timesteps (for metrics)."""
     net: RaceDiT = getattr(model, "module", model)
-    t = logit_normal(x0.shape[0], generator, x0.device)
+    t = logit_normal(x0.shape[0], generator, x0.device, weights.t_mean, weights.t_std)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
     tb = t.view(-1, 1, 1, 1)
     x_t = (1 - tb) * x0 + tb * eps

@@ -33,7 +33,7 @@ from .autoencoder import Autoencoder, AutoencoderError, Decoder, copy_autoencode
 from .data import ImageFolder, Shapes10, ShapesStyle, vae_encoder
 from .calibrate import Calibration, calibrate_thresholds
 from .dit import RaceDiT
-from .sampling import LossWeights, generate, to_uint8, training_loss
+from .sampling import LossConfig, generate, to_uint8, training_loss
 
 TIMESTEP_BUCKETS = 4
 
@@ -134,7 +134,7 @@ class TrainConfig:
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossWeights = field(default_factory=LossWeights)
+    loss: LossConfig = field(default_factory=LossConfig)
     calibration: Calibration = field(default_factory=Calibration)  # thresholds re-estimated on each saved EMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +182,8 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr must be in 0..optim.lr ({optim.lr}), got {optim.min_lr}")
     _check_restarts(optim)
+    if not config.loss.t_std > 0:
+        raise ConfigError(f"loss.t_std must be > 0, got {config.loss.t_std}")
     if config.calibration.num_images < 1 or config.calibration.iterations < 1:
         raise ConfigError("calibration.num_images and calibration.iterations must be >= 1")
     return config

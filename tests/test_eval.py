@@ -3,12 +3,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
-from racedit.model import DEFAULT_CHECKPOINT, generate, load
-from racedit.model.data import Shapes10
-from racedit.model.evaluate import classify, frechet_distance, load_classifier
+from racedit.model import DEFAULT_CHECKPOINT, build, generate, load
+from racedit.model.data import Shapes10, ShapesStyle
+from racedit.model.evaluate import classify, frechet_distance, load_classifier, reference_style
 
 
 def test_frechet_distance():
@@ -25,6 +26,16 @@ def test_shipped_classifier_is_accurate_on_real_val_images():
     preds, feats = classify(load_classifier(), images)
     assert float((preds == labels).float().mean()) >= 0.98
     assert feats.shape == (400, 64)
+
+
+def test_fd_reference_is_drawn_in_the_models_training_style():
+    model = build("tiny")
+    assert reference_style(model) == ShapesStyle()  # a checkpoint that records no training data
+    model.metadata = {"train_config": {"data": {"name": "shapes10", "style": {"rotation": 5.0, "min_size": 0.6}}}}
+    assert reference_style(model) == ShapesStyle(rotation=5.0, min_size=0.6)
+    assert reference_style(model, "default") == ShapesStyle()
+    with pytest.raises(ValueError, match="reference must be one of training, default"):
+        reference_style(model, "val")
 
 
 def test_shipped_checkpoint_loads():

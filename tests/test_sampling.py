@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from racedit.model import build, generate
-from racedit.model.sampling import LossWeights, guided_velocity, time_grid, training_loss
+from racedit.model.sampling import LossConfig, guided_velocity, logit_normal, time_grid, training_loss
 
 
 def trained_tiny():
@@ -22,10 +22,21 @@ def test_training_loss_terms():
     model = build("tiny").train()
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
     y = torch.randint(0, 10, (4,))
-    loss, terms, stats, t = training_loss(model, x0, y, LossWeights(plr=1.0, similarity=0.1))
+    loss, terms, stats, t = training_loss(model, x0, y, LossConfig(plr=1.0, similarity=0.1))
     assert loss.requires_grad and t.shape == (4,) and 0 < float(t.min()) and float(t.max()) < 1
     assert terms["loss"] == pytest.approx(terms["mse"] + terms["plr"] + 0.1 * terms["similarity"], rel=1e-5)
     assert terms["plr"] > 0 and len(stats.routing) == 2
+
+
+def test_timesteps_follow_the_configured_logit_normal():
+    """loss.t_mean shifts training towards the noisy steps: logit(t) ~ N(t_mean, t_std)."""
+    g = torch.Generator().manual_seed(0)
+    logit = torch.logit(logit_normal(20_000, g, mean=0.7, std=0.5).double())
+    assert float(logit.mean()) == pytest.approx(0.7, abs=0.02) and float(logit.std()) == pytest.approx(0.5, abs=0.02)
+    model = build("tiny").train()
+    x0, y = torch.rand(256, 3, 16, 16) * 2 - 1, torch.randint(0, 10, (256,))
+    _, _, _, t = training_loss(model, x0, y, LossConfig(t_mean=2.0), torch.Generator().manual_seed(0))
+    assert float((t > 0.8).float().mean()) > 0.5  # 8 % of draws at the default t_mean 0
 
 
 def test_time_grid():

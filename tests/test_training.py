@@ -126,6 +126,8 @@ def test_warm_restarts_repeat_hold_and_cool_down():
     (lambda d: d["data"].update(class_weights={"octagon": 2.0}), "data.class_weights: 'octagon' is not a class"),
     (lambda d: d["data"].update(class_weights={"hexagon": 0}), "data.class_weights.hexagon must be a number > 0"),
     (lambda d: d["data"].update(class_weights={"hexagon": True}), "data.class_weights.hexagon must be a number, got True"),
+    (lambda d: d.setdefault("loss", {}).update(t_std=0.0), "loss.t_std must be > 0, got 0.0"),
+    (lambda d: d.setdefault("loss", {}).update(t_mean="noisy"), "loss.t_mean must be a number, got 'noisy'"),
 ])
 def test_bad_config_fails_before_training(mutate, message):
     doc = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
