@@ -13,12 +13,18 @@ from typing import Optional, Sequence
 
 
 def _train(args: argparse.Namespace) -> int:
-    from racedit.model.train import load_config, train
+    from racedit.model.config import ConfigError
+    from racedit.model.train import is_pipeline, load_config, load_pipeline, train, train_pipeline
 
-    config = load_config(args.config)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    path = train(config, out, resume=Path(args.resume) if args.resume else None,
-                 init=Path(args.init) if args.init else None)
+    if is_pipeline(args.config):
+        if args.resume or args.init:
+            raise ConfigError(f"{args.config} is a pipeline (stages): it resumes itself when run again with the "
+                              "same --out, and its first stage starts from scratch; drop --resume/--init")
+        path = train_pipeline(*load_pipeline(args.config), out)
+    else:
+        path = train(load_config(args.config), out, resume=Path(args.resume) if args.resume else None,
+                     init=Path(args.init) if args.init else None)
     print(f"checkpoint: {path}")
     return 0
 

@@ -1,5 +1,8 @@
 """Training: `racedit train --config configs/NAME.yaml [--out DIR] [--resume DIR]`.
 
+A config with `stages` is a pipeline: training configs run one after another, each
+fine-tuning the last one's checkpoint, then optionally packed for shipping (`train_pipeline`).
+
 AdamW with warm-up, EMA weights (what checkpoints ship), gradient clipping,
 bf16 autocast on CUDA, DDP under torchrun (gloo on CPU, NCCL on CUDA),
 periodic checkpoints and sample grids, a CSV of loss terms and routing metrics.
@@ -28,7 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint, losses
-from .config import FORBID_UNKNOWN, ConfigError, Float, Int, ModelConfig, Str, parse_section, preset_config
+from .config import FORBID_UNKNOWN, Bool, ConfigError, Float, Int, ModelConfig, Str, parse_section, preset_config
 from .autoencoder import Autoencoder, AutoencoderError, Decoder, copy_autoencoder, read_vae_config
 from .data import ImageFolder, Shapes10, ShapesStyle, vae_encoder
 from .calibrate import Calibration, calibrate_thresholds
@@ -194,6 +197,89 @@ def load_config(path: str) -> TrainConfig:
     if not p.is_file():
         raise ConfigError(f"config file {p} not found")
     return parse_config(yaml.safe_load(p.read_text()))
+
+
+# ------------------------------------------------------------- pipeline ----
+@dataclass
+class Stage:
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    name: Str  # its output folder under the pipeline's
+    config: Str  # a training config file, relative to the pipeline file
+
+
+@dataclass
+class Ship:
+    """What `racedit pack` and `racedit calibrate --iterations 0` do to the last stage's checkpoint."""
+
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    weights_dtype: Str = "float16"
+    budget_table: Bool = True  # the compute dial's table (model/calibrate.py)
+
+
+@dataclass
+class Pipeline:
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    stages: list[Stage]
+    ship: Optional[Ship] = None
+
+
+def is_pipeline(path: str) -> bool:
+    p = Path(path)
+    return p.is_file() and isinstance(doc := yaml.safe_load(p.read_text()), dict) and "stages" in doc
+
+
+def load_pipeline(path: str) -> tuple[Pipeline, list[TrainConfig]]:
+    """A pipeline and every stage's training config, all checked before anything trains."""
+    p = Path(path)
+    pipeline = parse_section(Pipeline, yaml.safe_load(p.read_text()))
+    if not pipeline.stages:
+        raise ConfigError(f"{p}: stages is empty")
+    names = [stage.name for stage in pipeline.stages]
+    if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") for n in names):
+        raise ConfigError(f"{p}: stage names must be distinct folder names, got {names}")
+    if pipeline.ship and pipeline.ship.weights_dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"ship.weights_dtype must be float32, float16 or bfloat16, got {pipeline.ship.weights_dtype!r}")
+    configs = []
+    for stage in pipeline.stages:
+        try:
+            configs.append(load_config(str(p.parent / stage.config)))
+        except ConfigError as exc:
+            raise ConfigError(f"stage {stage.name}: {exc}") from None
+    return pipeline, configs
+
+
+def train_pipeline(pipeline: Pipeline, configs: list[TrainConfig], out: Path, progress: bool = True) -> Path:
+    """Run the stages in `out/<stage name>`, each initialised from the one before; resumable: a
+    finished stage is kept, an interrupted one resumed exactly. Returns the last (or shipped) checkpoint."""
+    previous: Optional[Path] = None
+    for stage, config in zip(pipeline.stages, configs):
+        folder = out / stage.name
+        state = folder / "checkpoint" / "train_state.json"
+        done = int(json.loads(state.read_text())["step"]) if state.is_file() else 0
+        if done >= config.optim.steps:
+            print(f"stage {stage.name}: finished ({done} steps), kept", flush=True)
+            previous = folder / "checkpoint"
+            continue
+        print(f"stage {stage.name}: {'resumed at step ' + str(done) if done else 'started'} -> {folder}", flush=True)
+        previous = train(config, folder, resume=folder / "checkpoint" if done else None,
+                         init=None if done else previous, progress=progress)
+    if pipeline.ship is None:
+        return previous
+    from .calibrate import budget_table
+
+    ship = pipeline.ship
+    dtype = getattr(torch, ship.weights_dtype)
+    model = checkpoint.load(previous)
+    shipped = checkpoint.save(model, out / "shipped", metadata=model.metadata, weights_dtype=dtype,
+                              autoencoder=model.autoencoder)
+    if ship.budget_table:  # on the weights as shipped, as `racedit calibrate --iterations 0` does
+        model = checkpoint.load(shipped)
+        budget_table(model)  # into model.metadata
+        checkpoint.save(model, shipped, metadata=model.metadata, weights_dtype=dtype, autoencoder=model.autoencoder)
+    return shipped
 
 
 # ------------------------------------------------------------ resumable ----

@@ -11,8 +11,8 @@ import yaml
 
 from racedit.model import load
 from racedit.model.config import ConfigError
-from racedit.model.train import (OptimConfig, Restart, batch_sampler, learning_rate, load_config, parse_config,
-                                 train)
+from racedit.model.train import (OptimConfig, Restart, batch_sampler, is_pipeline, learning_rate, load_config,
+                                 load_pipeline, parse_config, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,6 +167,10 @@ def test_shipped_configs_parse(tmp_path, monkeypatch):
         vae = (yaml.safe_load(path.read_text()).get("data") or {}).get("vae")
         if vae:  # a latent config reads its VAE's channels: give it one (the walk-through's script writes it)
             tiny_vae().save_pretrained(tmp_path / vae)
+        if is_pipeline(str(path)):
+            _, configs = load_pipeline(str(path))
+            assert configs, path
+            continue
         config = load_config(str(path))
         assert config.optim.steps >= 1, path
 
@@ -242,3 +246,64 @@ def test_training_calibrates_the_saved_ema_thresholds(tmp_path):
     doc["calibration"] = {"images": 10}
     with pytest.raises(ConfigError, match="calibration.images"):
         parse_config(doc)
+
+
+def test_pipeline_chains_stages_resumes_and_ships(tmp_path):
+    """`stages`: each stage fine-tunes the last one's checkpoint; a finished stage is kept, an
+    unfinished one resumed; `ship` packs the result with the compute dial's table."""
+    base = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    base["optim"].update(steps=20, checkpoint_every=20, sample_every=20)
+    tune = yaml.safe_load(yaml.safe_dump(base))
+    tune["data"]["class_weights"] = {"hexagon": 3.0}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune))
+    pipeline = {"stages": [{"name": "base", "config": "base.yaml"}, {"name": "tune", "config": "tune.yaml"}],
+                "ship": {"weights_dtype": "float16"}}
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(pipeline))
+    out = tmp_path / "runs"
+    done = subprocess.run([sys.executable, "-m", "racedit.cli", "train", "--config", str(tmp_path / "all.yaml"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stage base: started" in done.stdout and "stage tune: started" in done.stdout
+    history = load(out / "tune" / "checkpoint").metadata["history"]
+    assert history[-1]["initialised_from"] == str(out / "base" / "checkpoint") and len(history) == 2
+    shipped = load(out / "shipped")
+    assert next(shipped.parameters()).dtype == torch.float32  # loaded for use in fp32 ...
+    assert json_config(out / "shipped")["weights_dtype"] == "float16"  # ... stored in fp16
+    assert 1.0 in [float(b) for b in shipped.metadata["budget_table"]["budgets"]]
+    # Run again with a longer last stage: the first is kept, the second resumed where it stopped.
+    base_mtime = (out / "base" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    tune["optim"].update(steps=30, checkpoint_every=10)
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune))
+    again = subprocess.run([sys.executable, "-m", "racedit.cli", "train", "--config", str(tmp_path / "all.yaml"),
+                            "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "stage base: finished (20 steps), kept" in again.stdout and "stage tune: resumed at step 20" in again.stdout
+    assert (out / "base" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == base_mtime
+    assert [(h["from_step"], h["to_step"]) for h in load(out / "tune" / "checkpoint").metadata["history"]][-2:] == \
+        [(0, 20), (20, 30)]
+    refused = subprocess.run([sys.executable, "-m", "racedit.cli", "train", "--config", str(tmp_path / "all.yaml"),
+                              "--init", str(out / "shipped")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "is a pipeline (stages)" in refused.stderr
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(stages=[]), "stages is empty"),
+    (lambda d: d["stages"].append({"name": "a", "config": "tiny.yaml"}), "stage names must be distinct"),
+    (lambda d: d["stages"][0].update(config="missing.yaml"), "stage a: config file .*missing.yaml not found"),
+    (lambda d: d.update(ship={"weights_dtype": "int8"}), "ship.weights_dtype must be float32, float16 or bfloat16"),
+    (lambda d: d.update(extra=1), r"unknown key extra \(allowed: ship, stages\)"),
+])
+def test_bad_pipeline_fails_before_training(tmp_path, mutate, message):
+    (tmp_path / "tiny.yaml").write_text((ROOT / "configs" / "tiny.yaml").read_text())
+    doc = {"stages": [{"name": "a", "config": "tiny.yaml"}]}
+    mutate(doc)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(str(tmp_path / "p.yaml"))
+
+
+def json_config(folder):
+    import json
+
+    return json.loads((folder / "config.json").read_text())
