@@ -153,8 +153,6 @@ def _dispatch(argv: list[str]) -> int:
     p.add_argument("--classifier", default=None, help="classifier folder (default: the bundled one)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="precision of the network's matmuls (thresholds, timesteps and latents stay fp32)")
-    p.add_argument("--reference", default="training", choices=["training", "default"],
-                   help="FD's real images: drawn in the checkpoint's training style (default) or shapes10's default")
     p.set_defaults(func=_eval)
     p = sub.add_parser("calibrate", help="re-estimate the learned thresholds on the checkpoint's own weights")
     p.add_argument("checkpoint", help="checkpoint folder")

@@ -3,9 +3,9 @@
 Class fidelity is the share of generated images that a shapes10 classifier
 (shipped in `weights/shapes10-classifier`, trained by `racedit train-classifier`)
 assigns to the class that was asked for. The Frechet distance is computed in
-that classifier's 64-d feature space against real val images, drawn in the style the model
-was trained on (its checkpoint's `data.style`; `reference="default"` takes shapes10's default
-style instead). The Fig. 6 plot shows mean experts per token against the sampling timestep.
+that classifier's 64-d feature space against real val images drawn in the style the model
+was trained on (its checkpoint's `data.style`), and also against shapes10's default style
+when that differs. The Fig. 6 plot shows mean experts per token against the sampling timestep.
 """
 from __future__ import annotations
 
@@ -178,23 +178,17 @@ def routing_probe(model, images_uint8: torch.Tensor, labels: torch.Tensor, grid_
     return float(np.mean(values))
 
 
-REFERENCES = ("training", "default")
-
-
-def reference_style(model, reference: str = "training") -> ShapesStyle:
-    """The shapes10 style of the real images FD compares with: the one in the checkpoint's training
-    config, or shapes10's default (also for checkpoints that record none)."""
-    if reference not in REFERENCES:
-        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+def reference_style(model) -> ShapesStyle:
+    """The shapes10 style of the real images FD compares with: the one the checkpoint was trained
+    on (its training config's `data.style`), or shapes10's default for checkpoints that record none."""
     data = (model.metadata or {}).get("train_config", {}).get("data", {})
-    if reference == "training" and data.get("name") == "shapes10" and data.get("style"):
+    if data.get("name") == "shapes10" and data.get("style"):
         return ShapesStyle(**data["style"])
     return ShapesStyle()
 
 
 def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: int, batch_size: int,
-             out: Path, classifier_path: Optional[Path] = None, dtype: str = "float32",
-             reference: str = "training") -> dict:
+             out: Path, classifier_path: Optional[Path] = None, dtype: str = "float32") -> dict:
     from .losses import max_violation
 
     model = load(checkpoint).set_precision(getattr(torch, dtype))
@@ -213,9 +207,13 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
     seconds = time.time() - start
     preds, feats = classify(classifier, images)
     target = torch.tensor(labels)
-    style = reference_style(model, reference)
+    style = reference_style(model)
     val_images, val_labels = Shapes10("val", style=style).materialize()
     _, real_feats = classify(classifier, val_images)
+    default_fd = {}
+    if style != ShapesStyle():  # also against shapes10's default style, to compare with models trained on it
+        _, default_feats = classify(classifier, Shapes10("val").materialize()[0])
+        default_fd = {"frechet_distance_default_style": frechet_distance(feats, default_feats)}
     per_step = np.mean([u["per_step"] for u in usages], axis=0).tolist()
     grid_t = time_grid(num_steps)[:-1]
     loads = np.sum([[layer["expert_load"] for layer in u["per_layer"]] for u in usages], axis=0)  # [layers, E]
@@ -233,6 +231,7 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
                                for c in range(n_classes) if (target == c).any()},
         "frechet_distance": frechet_distance(feats, real_feats),
         "frechet_reference": {"split": "val", "images": len(val_images), "style": dataclasses.asdict(style)},
+        **default_fd,
         "mean_experts_per_token": float(np.mean([u["mean_experts_per_token"] for u in usages])),
         # share of (layer, token, step) slots whose token used 0..E experts, over all samples
         "experts_per_token_histogram": np.mean([u["experts_per_token_histogram"] for u in usages], axis=0).round(6).tolist(),
@@ -253,7 +252,7 @@ def main(args: argparse.Namespace) -> int:
 
     report = evaluate(Path(args.checkpoint or DEFAULT_CHECKPOINT), args.num_samples, args.cfg_scale,
                       args.num_steps, args.batch_size, Path(args.out),
-                      Path(args.classifier) if args.classifier else None, args.dtype, args.reference)
+                      Path(args.classifier) if args.classifier else None, args.dtype)
     print(json.dumps({k: v for k, v in report.items() if k != "experts_per_token_by_t"}, indent=2))
     print(f"wrote {args.out}/report.json, samples.png, experts_per_timestep.png")
     return 0

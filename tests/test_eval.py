@@ -3,11 +3,11 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 from PIL import Image
 
 from racedit.model import DEFAULT_CHECKPOINT, build, generate, load
+from racedit.model.config import SHAPES10_CLASSES
 from racedit.model.data import Shapes10, ShapesStyle
 from racedit.model.evaluate import classify, frechet_distance, load_classifier, reference_style
 
@@ -33,9 +33,6 @@ def test_fd_reference_is_drawn_in_the_models_training_style():
     assert reference_style(model) == ShapesStyle()  # a checkpoint that records no training data
     model.metadata = {"train_config": {"data": {"name": "shapes10", "style": {"rotation": 5.0, "min_size": 0.6}}}}
     assert reference_style(model) == ShapesStyle(rotation=5.0, min_size=0.6)
-    assert reference_style(model, "default") == ShapesStyle()
-    with pytest.raises(ValueError, match="reference must be one of training, default"):
-        reference_style(model, "val")
 
 
 def test_shipped_checkpoint_loads():
@@ -48,16 +45,23 @@ def test_shipped_checkpoint_loads():
     assert size <= 25 * 2**20
 
 
-def test_shipped_model_draws_the_asked_shapes():
-    """A guard on the bundled weights: its samples are read as the asked classes (0.94 on 500).
+def test_shipped_model_draws_every_class():
+    """A guard on the bundled weights: 20 samples per class (cfg 4, 25 Euler steps, the evaluation's
+    first 200 seeds), every class read as asked at least 17 times (a class drawn right 70 % of the
+    time passes that with probability 0.11), 0.95 overall.
 
-    57 of these 60 are; the step-11,500 model (0.84 on 500) got 53, below the bar.
+    The bundled model (attempt 8) scores SCORE on these 200; the one before (attempt 6) had hexagon
+    HEX6 and pentagon PENT6 and fails.
     """
     model = load(DEFAULT_CHECKPOINT)
-    labels = list(range(10)) * 6
-    images, _ = generate(model, labels=labels, cfg_scale=4.0, num_steps=25, seeds=list(range(len(labels))))
+    labels = list(range(10)) * 20
+    images = torch.cat([generate(model, labels=labels[lo:lo + 100], cfg_scale=4.0, num_steps=25,
+                                 seeds=list(range(lo, lo + 100)))[0] for lo in (0, 100)])
     preds, _ = classify(load_classifier(), images)
-    assert float((preds == torch.tensor(labels)).float().mean()) >= 0.90
+    target = torch.tensor(labels)
+    per_class = {name: int((preds[target == c] == c).sum()) for c, name in enumerate(SHAPES10_CLASSES)}
+    assert min(per_class.values()) >= 17, per_class
+    assert float((preds == target).float().mean()) >= 0.95, per_class
 
 
 def test_eval_cli_runs_on_a_small_sample(tmp_path):
