@@ -11,6 +11,7 @@ pass (round-robin over budgets) is redone each run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -44,10 +45,13 @@ def main() -> None:
     k = model.config.moe.k
     # Quality: one budget at a time, each saved as it ends (an interrupted run resumes).
     PARTS.mkdir(parents=True, exist_ok=True)
+    # A part is reused only for the same weights and sample count (the bundled model changes over time).
+    key = {"weights_sha256": hashlib.sha256((Path(args.checkpoint) / "model.safetensors").read_bytes()).hexdigest(),
+           "num_samples": args.num_samples}
     for budget in args.budgets:
         part = PARTS / f"budget-{budget:.2f}.json"
-        if not part.exists():
-            part.write_text(json.dumps(quality(model, budget, args.num_samples, args.batch_size)) + "\n")
+        if not part.exists() or {k: json.loads(part.read_text()).get(k) for k in key} != key:
+            part.write_text(json.dumps({**key, **quality(model, budget, args.num_samples, args.batch_size)}) + "\n")
         row = json.loads(part.read_text())
         print(f"budget {budget:4.2f}: {row['experts_per_token']:.3f} experts/token (target {budget * k:.2f}), "
               f"fidelity {row['class_fidelity']:.3f}, FD {row['frechet_distance']:.2f}", flush=True)

@@ -120,18 +120,13 @@ class Experts(nn.Module):
         nn.init.uniform_(self.w1, -bound1, bound1)
         nn.init.uniform_(self.w2, -bound2, bound2)
 
-    def operands(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Expert e's w1, b1, w2, b2 as its GEMMs take them (converted once, however many chunks it runs)."""
-        return (operand(self.w1[e], self.w1), operand(self.b1[e], self.w1),
-                operand(self.w2[e], self.w2), operand(self.b2[e], self.w2))
-
-    def run(self, e: int, x: torch.Tensor, operands: Optional[tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
+    def run(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its gathered tokens x: [n, D] -> [n, D] (fp32 in and out)."""
-        w1, b1, w2, b2 = operands or self.operands(e)
-        h = torch.addmm(b1, operand(x, self.w1), w1)
-        # in place when nothing needs the pre-activation for a backward pass: one buffer fewer
+        w1, w2 = operand(self.w1[e], self.w1), operand(self.w2[e], self.w2)
+        h = torch.addmm(operand(self.b1[e], self.w1), operand(x, self.w1), w1)
+        # in place when no backward pass needs the pre-activation: one buffer and one pass fewer
         h = F.gelu(h, approximate="tanh") if h.requires_grad else torch.ops.aten.gelu_(h, approximate="tanh")
-        return rounded(torch.addmm(b2, operand(h, self.w2), w2), self.w2)
+        return rounded(torch.addmm(operand(self.b2[e], self.w2), operand(h, self.w2), w2), self.w2)
 
     def run_grouped(self, rows: torch.Tensor, sizes: list[int], tile: int) -> torch.Tensor:
         """All experts at once on rows sorted into groups of whole tiles: rows [R, D], group e is
@@ -144,9 +139,6 @@ class Experts(nn.Module):
         out = grouped_mm(h, operand(self.w2, self.w2), sizes)
         out = out.view(-1, tile, out.shape[1]).add_(operand(self.b2, self.w2)[tile_expert].unsqueeze(1))
         return rounded(out.view(rows.shape[0], -1), self.w2)
-
-
-EXPERT_CHUNK = 256  # rows an expert runs at once in sorted dispatch: [256, D_e] fp32 stays in a CPU's L2
 
 
 def sort_pairs(weights: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,26 +179,20 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
 
 
 def sorted_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts,
-                    row_tile: Optional[int] = ROW_TILE, chunk: int = EXPERT_CHUNK) -> torch.Tensor:
-    """The same sorted pairs as `grouped_dispatch`, each expert's group run `chunk` rows at a time
-    (gather, both GEMMs, gate, scatter-add) so that a chunk's activations never leave the cache:
-    the faster form on a CPU (the one-pass form measured 1.3x slower there). Chunks are whole row
-    tiles (the last one zero-padded), so a row's bytes do not depend on the group's size. The same
+                    row_tile: Optional[int] = ROW_TILE) -> torch.Tensor:
+    """The same sorted, tile-padded groups as `grouped_dispatch`, run one after another while each
+    group's rows are in cache: the faster form on a CPU (the one-pass form measured 1.3x slower
+    there; cutting groups into 256-row chunks helped on one thread and cost 1.2x on two). The same
     single host sync; a token's experts are added in expert order."""
-    if row_tile and chunk % row_tile:
-        raise ValueError(f"chunk ({chunk}) must be a multiple of the row tile ({row_tile})")
     counts, _, token, gate_values = sort_pairs(weights, mask)
     out = torch.zeros_like(x, dtype=torch.float32)
     start = 0
     for e, count in enumerate(counts):
-        end = start + count
-        operands = experts.operands(e) if count else None
-        for lo in range(start, end, chunk):
-            hi = min(lo + chunk, end)
-            index = token[lo:hi]
-            y = experts.run(e, gather_rows(x, index, row_tile), operands)[: hi - lo]
-            out.index_add_(0, index, y.mul_(gate_values[lo:hi]))
-        start = end
+        if count:
+            index = token[start:start + count]
+            y = experts.run(e, gather_rows(x, index, row_tile))[:count]
+            out.index_add_(0, index, y.mul_(gate_values[start:start + count]))
+        start += count
     return out
 
 
