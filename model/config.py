@@ -62,7 +62,10 @@ def parse_section(cls: type[Section], data: Any, prefix: str = "") -> Section:
             raise ConfigError(f"unknown key {key}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")) from None
         if kind in ("missing", "missing_argument"):
             raise ConfigError(f"{key} is missing") from None
-        expected = _EXPECTED.get(kind, error["msg"].lower())
+        if kind == "literal_error":  # one of a fixed set of words: name them as a reader writes them
+            expected = error["ctx"]["expected"].replace("'", "")
+        else:
+            expected = _EXPECTED.get(kind, error["msg"].lower())
         raise ConfigError(f"{key} must be {expected}, got {error['input']!r}") from None
 
 

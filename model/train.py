@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -214,7 +214,7 @@ class Ship:
 
     __pydantic_config__ = FORBID_UNKNOWN
 
-    weights_dtype: Str = "float16"
+    weights_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     budget_table: Bool = True  # the compute dial's table (model/calibrate.py)
 
 
@@ -240,8 +240,6 @@ def load_pipeline(path: str) -> tuple[Pipeline, list[TrainConfig]]:
     names = [stage.name for stage in pipeline.stages]
     if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") for n in names):
         raise ConfigError(f"{p}: stage names must be distinct folder names, got {names}")
-    if pipeline.ship and pipeline.ship.weights_dtype not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"ship.weights_dtype must be float32, float16 or bfloat16, got {pipeline.ship.weights_dtype!r}")
     configs = []
     for stage in pipeline.stages:
         try:

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from racedit.model import load
+from racedit.model.checkpoint import read_config
 from racedit.model.config import ConfigError
 from racedit.model.train import (OptimConfig, Restart, batch_sampler, is_pipeline, learning_rate, load_config,
                                  load_pipeline, parse_config, train)
@@ -269,7 +270,7 @@ def test_pipeline_chains_stages_resumes_and_ships(tmp_path):
     assert history[-1]["initialised_from"] == str(out / "base" / "checkpoint") and len(history) == 2
     shipped = load(out / "shipped")
     assert next(shipped.parameters()).dtype == torch.float32  # loaded for use in fp32 ...
-    assert json_config(out / "shipped")["weights_dtype"] == "float16"  # ... stored in fp16
+    assert read_config(out / "shipped")["weights_dtype"] == "float16"  # ... stored in fp16
     assert 1.0 in [float(b) for b in shipped.metadata["budget_table"]["budgets"]]
     # Run again with a longer last stage: the first is kept, the second resumed where it stopped.
     base_mtime = (out / "base" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
@@ -301,9 +302,3 @@ def test_bad_pipeline_fails_before_training(tmp_path, mutate, message):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=message):
         load_pipeline(str(tmp_path / "p.yaml"))
-
-
-def json_config(folder):
-    import json
-
-    return json.loads((folder / "config.json").read_text())
