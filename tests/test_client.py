@@ -70,13 +70,14 @@ def test_connection_errors_retry_then_fail():
 
 def test_retries_on_429_honour_retry_after(server_factory):
     # Two blockers that never finish on their own: the first runs, the second is held for room,
-    # so the queue (max 1) is full until the 6 s request deadline ends both with a 504.
+    # so the queue (max 1) is full until the 12 s request deadline ends both with a 504 (long enough
+    # that a loaded CI host fills the queue well before it: 5 s was once too short).
     tight = server_factory("--max-queue", "1", "--max-batch-rows", "2", "--max-steps", "100000",
-                           "--request-timeout-s", "6")
+                           "--request-timeout-s", "12")
     slow = {"class_label": 1, "num_steps": 100000}
     with ThreadPoolExecutor(2) as pool:
         blockers = [pool.submit(httpx.post, tight.url + "/generate", json=slow, timeout=60) for _ in range(2)]
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while True:
             text = httpx.get(tight.url + "/metrics").text
             if (metric(text, "racedit_queue_depth"), metric(text, "racedit_active_rows")) == (1, 2):
