@@ -22,6 +22,18 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmu
                      cuda: bool = False) -> dict[str, float]:
     """Median seconds of each `fn()`, timed round-robin (one call of each per round), so that
     a change in the machine's load during the run hits every variant alike."""
+    return {name: statistics.median(values) for name, values in time_rounds(fns, repeats, warmup, cuda).items()}
+
+
+def median_ratio(rounds: dict[str, list[float]], name: str, base: str) -> float:
+    """The median over rounds of `name`'s time over `base`'s in the same round: robust to the load
+    drifting between rounds, which moves both alike."""
+    return statistics.median(a / b for a, b in zip(rounds[name], rounds[base]))
+
+
+def time_rounds(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3,
+                cuda: bool = False) -> dict[str, list[float]]:
+    """Seconds of each `fn()` in each of `repeats` rounds (one call of each per round)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -35,7 +47,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmu
             if cuda:
                 torch.cuda.synchronize()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def machine() -> dict[str, Any]:

@@ -4,23 +4,32 @@ per-expert NonZero loop (the export path), a DiT-MoE-style argsort loop, and a d
 activated FLOPs -- both as a dense DiT runs it (Linear, GELU, Linear) and with the experts' own
 kernels (addmm, GELU in place, addmm).
 
-    python bench/moe_layer.py [--tokens 4096] [--dim 256] [--spec 2in8] [--device cpu|cuda] [--compile]
+    python bench/moe_layer.py [--tokens 4096] [--dim 256] [--spec 2in8] [--device cpu|cuda] [--compile] [--head-to-head]
 
 All variants compute the same selected (token, expert) pairs: the top B*L*k of an expert race,
 so the experts do exactly the dense MLP's activated FLOPs. With --compile on CUDA, the whole
 denoising step of the bundled-size model is also timed eagerly and under torch.compile.
+
+A CPU variant's time includes the page faults of the buffers it allocates, and how many there
+are follows what ran before in the process (glibc returns large freed buffers to the OS or
+keeps them): the table counts them per call. --head-to-head times only the served dispatch and
+the dense MLPs; running under MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824
+keeps every buffer mapped, which leaves arithmetic and memory traffic alone to compare.
 """
 from __future__ import annotations
 
 import argparse
+import resource
+import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, time_call, time_interleaved  # noqa: E402
+from common import median_ratio, save, time_call, time_rounds  # noqa: E402
 
 from racedit.model.config import MoEConfig
 from racedit.model.exact import ROW_TILE
@@ -53,6 +62,19 @@ def dense_gelu_in_place(x: torch.Tensor, dense: nn.Sequential) -> torch.Tensor:
     return torch.addmm(last.bias, h, last.weight.t())
 
 
+def page_faults_per_call(fns: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
+    """Minor page faults per call of each variant, round-robin: fresh pages the allocator had to map
+    (glibc hands large buffers back to the OS and maps them again depending on what ran before),
+    the one cost here that follows the process's history rather than the variant's arithmetic."""
+    faults = dict.fromkeys(fns, 0)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return {name: count / repeats for name, count in faults.items()}
+
+
 def whole_step(device: torch.device, repeats: int) -> dict[str, float]:
     """One forward of the shapes10-size model at 64 rows: eager vs torch.compile (CUDA only)."""
     from racedit.model import build
@@ -74,6 +96,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also time the whole step under torch.compile (CUDA)")
+    parser.add_argument("--head-to-head", action="store_true",
+                        help="only the served dispatch and the two dense MLPs, so no other variant's buffers "
+                             "shape the allocator's heap (saved as moe_layer-<device>-head-to-head)")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -94,8 +119,10 @@ def main() -> None:
     flat_x, flat_w, flat_m = x[0], scores[0], mask[0]
     assert int(flat_m.sum()) == n * k
     dense_name = "dense MLP (equal activated FLOPs)"
+    served = ("grouped dispatch, row tiles (served on CUDA)" if served_dispatch(device) == "grouped"
+              else "sorted dispatch, row tiles (served on CPU)")
     with torch.no_grad():
-        timings = time_interleaved({
+        variants = {
             dense_name: lambda: dense(flat_x),
             "sorted dispatch, row tiles (served on CPU)": lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts,
                                                                                   ROW_TILE),
@@ -107,27 +134,38 @@ def main() -> None:
             "DiT-MoE-style argsort loop + scatter_reduce": lambda: reference_loop(flat_x, flat_w, flat_m, modules),
             "MoE layer (linear router, served dispatch)": lambda: layer_linear(x),
             "MoE layer (MLP router, served dispatch)": lambda: layer_mlp(x),
-        }, args.repeats, cuda=cuda)
+        }
+        if args.head_to_head:
+            keep = {dense_name, "dense MLP, GELU in place (the experts' kernels)", served}
+            variants = {name: fn for name, fn in variants.items() if name in keep}
+        rounds = time_rounds(variants, args.repeats, cuda=cuda)
+        faults = page_faults_per_call(variants)
+        timings = {name: statistics.median(values) for name, values in rounds.items()}
         if args.compile and cuda:
             timings.update(whole_step(device, args.repeats))
-    base = timings[dense_name]
-    rows = [{"variant": name, "ms": seconds * 1000, "vs dense": seconds / base} for name, seconds in timings.items()]
-    served = timings["grouped dispatch, row tiles (served on CUDA)" if served_dispatch(device) == "grouped"
-                     else "sorted dispatch, row tiles (served on CPU)"]
-    ratios = {
-        "served_dispatch_over_dense": served / base,
-        "served_dispatch_over_per_expert_loop": served / timings["per-expert NonZero loop (export path)"],
-        "served_dispatch_over_argsort_loop": served / timings["DiT-MoE-style argsort loop + scatter_reduce"],
-        "served_dispatch_over_dense_gelu_in_place": served / timings["dense MLP, GELU in place (the experts' kernels)"],
-        "row_tile_cost_sorted": timings["sorted dispatch, row tiles (served on CPU)"] / timings["sorted dispatch, no tiles"],
-        "layer_mlp_router_over_dense": timings["MoE layer (MLP router, served dispatch)"] / base,
+    # "vs dense" is the median over rounds of the ratio within a round (this machine's load drifts
+    # between rounds and moves every variant of a round alike), not a ratio of medians.
+    rows = [{"variant": name, "ms": seconds * 1000,
+             "vs dense": median_ratio(rounds, name, dense_name) if name in rounds else seconds / timings[dense_name],
+             "page faults per call": faults.get(name, float("nan"))}
+            for name, seconds in timings.items()]
+    pairs = {
+        "served_dispatch_over_dense": (served, dense_name),
+        "served_dispatch_over_per_expert_loop": (served, "per-expert NonZero loop (export path)"),
+        "served_dispatch_over_argsort_loop": (served, "DiT-MoE-style argsort loop + scatter_reduce"),
+        "served_dispatch_over_dense_gelu_in_place": (served, "dense MLP, GELU in place (the experts' kernels)"),
+        "row_tile_cost_sorted": ("sorted dispatch, row tiles (served on CPU)", "sorted dispatch, no tiles"),
+        "layer_mlp_router_over_dense": ("MoE layer (MLP router, served dispatch)", dense_name),
     }
+    ratios = {key: median_ratio(rounds, a, b) for key, (a, b) in pairs.items() if a in rounds and b in rounds}
     for row in rows:
-        print(f"{row['variant']:45s} {row['ms']:8.3f} ms  {row['vs dense']:.3f}x dense")
+        print(f"{row['variant']:45s} {row['ms']:8.3f} ms  {row['vs dense']:.3f}x dense  "
+              f"{row['page faults per call']:6.0f} page faults per call")
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
-    path = save(f"moe_layer-{device.type}", {"tokens": n, "dim": d, "spec": args.spec, "expert_hidden": hidden,
-                                             "row_tile": ROW_TILE, "ratios": ratios}, rows)
+    name = f"moe_layer-{device.type}" + ("-head-to-head" if args.head_to_head else "")
+    path = save(name, {"tokens": n, "dim": d, "spec": args.spec, "expert_hidden": hidden, "row_tile": ROW_TILE,
+                       "ratios": ratios}, rows)
     print(f"saved {path}")
 
 

@@ -40,13 +40,21 @@ def pad_rows(rows: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
     return F.pad(rows, (0, 0, 0, extra)) if extra else rows
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
+def padded(count: int, tile: Optional[int]) -> int:
+    """`count` rounded up to whole tiles."""
+    return count + ((-count) % tile if tile else 0)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, tile: Optional[int],
+                buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x[index] ([M, K]) zero-padded to a multiple of `tile` rows. Without autograd the rows are
-    gathered straight into the padded buffer, saving the copy that padding afterwards makes."""
+    gathered straight into the padded buffer (the first rows of `buffer` when given), saving the
+    copy that padding afterwards makes."""
     if x.requires_grad and torch.is_grad_enabled():
         return pad_rows(x.index_select(0, index), tile)
     count = index.shape[0]
-    rows = x.new_empty(count + ((-count) % tile if tile else 0), x.shape[1])
+    size = padded(count, tile)
+    rows = x.new_empty(size, x.shape[1]) if buffer is None else buffer[:size]
     rows[count:].zero_()
     torch.index_select(x, 0, index, out=rows[:count])
     return rows
@@ -61,10 +69,14 @@ def emulated(weight: torch.Tensor) -> bool:
     return weight.dtype in REDUCED and weight.device.type == "cpu" and not _CPU_NATIVE_REDUCED
 
 
+def gemm_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype GEMMs with this weight run in: its own, or fp32 when emulated."""
+    return torch.float32 if emulated(weight) else weight.dtype
+
+
 def operand(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`t` rounded to the weight's dtype, held in the dtype the GEMM runs in (fp32 when emulated)."""
-    t = t.to(weight.dtype)
-    return t.float() if emulated(weight) else t
+    return t.to(weight.dtype).to(gemm_dtype(weight))
 
 
 def rounded(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

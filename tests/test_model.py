@@ -111,6 +111,24 @@ def test_grouped_dispatch_is_one_grouped_gemm_per_matrix_and_one_host_sync():
     assert reads.calls == ["nonzero"] * 8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_served_sorted_dispatch_reuses_one_workspace_and_gives_the_training_paths_bytes(dtype, monkeypatch):
+    """Without autograd every expert writes into one set of buffers; the bytes are those of the
+    autograd path, which allocates per expert (out= cannot record a graph) and keeps gradients."""
+    torch.manual_seed(3)
+    experts = Experts(4, 32, 64).to(dtype)
+    x, weights = torch.randn(100, 32), torch.randn(100, 4)
+    mask = weights > 0.3
+    made = []
+    monkeypatch.setattr(experts, "workspace", lambda *a: made.append(Experts.workspace(experts, *a)) or made[-1])
+    trained = sorted_dispatch(x, weights, mask, experts)
+    assert trained.requires_grad and not made
+    with torch.no_grad():
+        served = sorted_dispatch(x, weights, mask, experts)
+    assert len(made) == 1 and made[0].rows.shape[0] == -(-int(mask.sum(0).max()) // 32) * 32
+    assert torch.equal(served, trained.detach())
+
+
 @pytest.mark.parametrize("dispatch", [grouped_dispatch, sorted_dispatch])
 def test_a_row_of_a_grouped_expert_is_the_same_bytes_in_any_group(dispatch):
     """The row tile makes a token's expert output independent of how many tokens share its expert."""
