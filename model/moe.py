@@ -189,13 +189,19 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     out = torch.zeros_like(x, dtype=torch.float32)
     if not token.numel():
         return out
-    padded = [-(-c // tile) * tile for c in counts]
-    padded_starts = torch.tensor([0] + padded[:-1], device=x.device).cumsum(0)
+    sizes = [padded(c, tile) for c in counts]
+    padded_starts = torch.tensor([0] + sizes[:-1], device=x.device).cumsum(0)
     starts = torch.tensor([0] + counts[:-1], device=x.device).cumsum(0)
     slot = (padded_starts - starts)[expert] + torch.arange(token.numel(), device=x.device)  # row in the buffer
-    rows = x.new_zeros(sum(padded), x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
-    y = experts.run_grouped(rows, padded, tile).index_select(0, slot)  # [P, D]
-    return out.index_add_(0, token, y.mul_(gate_values))
+    rows = x.new_zeros(sum(sizes), x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
+    y = experts.run_grouped(rows, sizes, tile).index_select(0, slot)  # [P, D]
+    y.mul_(gate_values)
+    start = 0
+    for count in counts:  # expert by expert: see `sorted_dispatch`
+        if count:
+            out.index_add_(0, token[start:start + count], y[start:start + count])
+        start += count
+    return out
 
 
 def sorted_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts,
@@ -203,7 +209,9 @@ def sorted_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, 
     """The same sorted, tile-padded groups as `grouped_dispatch`, run one after another while each
     group's rows are in cache, in one `Workspace` when no autograd runs: the faster form on a CPU
     (the one-pass form measured 1.3x slower there; cutting groups into 256-row chunks helped on one
-    thread and cost 1.2x on two). The same single host sync; a token's experts are added in expert order."""
+    thread and cost 1.2x on two). The same single host sync; a token's experts are added in expert order,
+    one `index_add_` per expert: within an expert a token appears once, so no call adds to a row twice
+    and CUDA's atomic adds cannot make a sum of three or more experts follow thread timing."""
     counts, _, token, gate_values = sort_pairs(weights, mask)
     out = torch.zeros_like(x, dtype=torch.float32)
     training = torch.is_grad_enabled() and (x.requires_grad or experts.w1.requires_grad)

@@ -111,6 +111,34 @@ def test_grouped_dispatch_is_one_grouped_gemm_per_matrix_and_one_host_sync():
     assert reads.calls == ["nonzero"] * 8
 
 
+class IndexAdds(TorchFunctionMode):
+    """Records the index of every index_add_."""
+
+    def __init__(self):
+        super().__init__()
+        self.indices: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "index_add_":
+            self.indices.append(args[2].clone())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dispatch", [grouped_dispatch, sorted_dispatch])
+def test_each_index_add_adds_a_token_once(dispatch):
+    """On CUDA index_add_ adds with atomics: were a token added twice in one call, the sum of its three
+    or more experts would follow thread timing. One call per expert adds each token at most once."""
+    torch.manual_seed(4)
+    experts = Experts(6, 16, 32)
+    x, weights = torch.randn(40, 16), torch.randn(40, 6)
+    mask = weights > -0.5  # most tokens take four or more experts
+    mask[:, 1] = False
+    with torch.no_grad(), IndexAdds() as adds:
+        dispatch(x, weights, mask, experts)
+    assert len(adds.indices) == 5 and int(mask.sum(1).max()) >= 4
+    assert all(index.unique().numel() == index.numel() for index in adds.indices)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_served_sorted_dispatch_reuses_one_workspace_and_gives_the_training_paths_bytes(dtype, monkeypatch):
     """Without autograd every expert writes into one set of buffers; the bytes are those of the
