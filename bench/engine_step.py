@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, time_call  # noqa: E402
+from common import save, time_interleaved  # noqa: E402
 
 from racedit.model import build
 from racedit.server.engine import pick_device
@@ -50,11 +50,12 @@ def main() -> None:
     for batch in args.rows:
         x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
         t, y = torch.rand(batch, device=device), torch.randint(0, cfg.num_classes, (batch,), device=device)
-        with torch.no_grad():
-            for name, net in variants.items():
-                ms = time_call(lambda: net(x, t, y), args.repeats, cuda=cuda) * 1000
-                rows.append({"rows": batch, "variant": name, "ms_per_step": ms})
-                print(f"rows {batch:4d}  {name:36s} {ms:9.2f} ms")
+        with torch.no_grad():  # round-robin, so load changes hit every variant alike
+            timings = time_interleaved({name: lambda net=net: net(x, t, y) for name, net in variants.items()},
+                                       args.repeats, cuda=cuda)
+        for name, seconds in timings.items():
+            rows.append({"rows": batch, "variant": name, "ms_per_step": seconds * 1000})
+            print(f"rows {batch:4d}  {name:36s} {seconds * 1000:9.2f} ms")
     save(f"engine_step-{args.preset.replace('/', '_')}{'-' + args.moe if args.moe else ''}-{device.type}",
          {"preset": args.preset, "moe": args.moe, "dtype": str(dtype).removeprefix("torch.")}, rows)
 
