@@ -154,8 +154,8 @@ class Experts(nn.Module):
 class Workspace:
     """Buffers one sorted dispatch reuses for every expert, without autograd: each expert's rows,
     hidden activations and outputs land in memory the last expert left warm in cache, where fresh
-    tensors may be new pages to fault in (2 CPU threads: 0.81-0.87x the time of fresh tensors per
-    expert when those fault, 0.96x when they do not; bench/results/moe_layer-cpu-runs.log)."""
+    tensors may be new pages to fault in (2 CPU threads: 0.81-0.89x the time of fresh tensors per
+    expert when those fault, 0.96-0.99x when they do not; bench/results/moe_layer-workspace-ab.log)."""
 
     rows: torch.Tensor  # [R, D] fp32, the gathered tokens, zero-padded to whole tiles
     hidden: torch.Tensor  # [R, D_e] in the GEMM dtype
