@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from racedit.model import build, count_parameters, preset_config
+from racedit.model import build, count_parameters, exact, preset_config
 from racedit.model.config import ConfigError
 from racedit.model.losses import balance, combination_usage, max_violation, per_layer_regularisation, router_similarity
 from racedit.model.moe import (Experts, expert_choice, expert_race, grouped_dispatch, loop_dispatch, sorted_dispatch,
@@ -139,10 +139,12 @@ def test_each_index_add_adds_a_token_once(dispatch):
     assert all(index.unique().numel() == index.numel() for index in adds.indices)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_served_sorted_dispatch_reuses_one_workspace_and_gives_the_training_paths_bytes(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype, native", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_served_sorted_dispatch_reuses_one_workspace_and_gives_the_training_paths_bytes(dtype, native, monkeypatch):
     """Without autograd every expert writes into one set of buffers; the bytes are those of the
-    autograd path, which allocates per expert (out= cannot record a graph) and keeps gradients."""
+    autograd path, which allocates per expert (out= cannot record a graph) and keeps gradients.
+    bf16 both as this AVX2 host emulates it and as an AVX512-BF16 host runs it (buffers in bf16)."""
+    monkeypatch.setattr(exact, "_CPU_NATIVE_REDUCED", native)
     torch.manual_seed(3)
     experts = Experts(4, 32, 64).to(dtype)
     x, weights = torch.randn(100, 32), torch.randn(100, 4)
@@ -154,6 +156,7 @@ def test_served_sorted_dispatch_reuses_one_workspace_and_gives_the_training_path
     with torch.no_grad():
         served = sorted_dispatch(x, weights, mask, experts)
     assert len(made) == 1 and made[0].rows.shape[0] == -(-int(mask.sum(0).max()) // 32) * 32
+    assert made[0].hidden.dtype == (dtype if native else torch.float32)
     assert torch.equal(served, trained.detach())
 
 
