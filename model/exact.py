@@ -34,15 +34,15 @@ from torch import nn
 ROW_TILE = 32  # rows per GEMM tile; a multiple of every micro-kernel height we know of (4..16)
 
 
+def padded(count: int, tile: Optional[int]) -> int:
+    """`count` rounded up to whole tiles (unchanged without a tile)."""
+    return count + ((-count) % tile if tile else 0)
+
+
 def pad_rows(rows: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
     """Zero-pad [M, K] to a multiple of `tile` rows (no-op without a tile)."""
-    extra = (-rows.shape[0]) % tile if tile else 0
+    extra = padded(rows.shape[0], tile) - rows.shape[0]
     return F.pad(rows, (0, 0, 0, extra)) if extra else rows
-
-
-def padded(count: int, tile: Optional[int]) -> int:
-    """`count` rounded up to whole tiles."""
-    return count + ((-count) % tile if tile else 0)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, tile: Optional[int],

@@ -22,7 +22,7 @@ Only selected pairs are computed (sparse dispatch), never all experts densely:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +177,15 @@ def sort_pairs(weights: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], to
     return counts, pairs // num_tokens, pairs % num_tokens, gate_values
 
 
+def groups(counts: list[int]) -> Iterator[tuple[int, int, int]]:
+    """(expert, start, stop) of each non-empty group of the pairs `sort_pairs` sorted by expert."""
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            yield e, start, start + count
+        start += count
+
+
 def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts,
                      row_tile: Optional[int] = ROW_TILE) -> torch.Tensor:
     """Only the selected pairs, all experts as one grouped GEMM per matrix. x: [N, D], weights and mask: [N, E] -> [N, D].
@@ -197,11 +206,8 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     rows = x.new_zeros(sum(sizes), x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
     y = experts.run_grouped(rows, sizes, tile).index_select(0, slot)  # [P, D]
     y.mul_(gate_values)
-    start = 0
-    for count in counts:  # expert by expert: see `sorted_dispatch`
-        if count:
-            out.index_add_(0, token[start:start + count], y[start:start + count])
-        start += count
+    for _, start, stop in groups(counts):  # expert by expert: see `sorted_dispatch`
+        out.index_add_(0, token[start:stop], y[start:stop])
     return out
 
 
@@ -217,14 +223,11 @@ def sorted_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, 
     out = torch.zeros_like(x, dtype=torch.float32)
     training = torch.is_grad_enabled() and (x.requires_grad or experts.w1.requires_grad)
     workspace = None if training or not token.numel() else experts.workspace(x, padded(max(counts), row_tile))
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            index = token[start:start + count]
-            rows = gather_rows(x, index, row_tile, workspace.rows if workspace is not None else None)
-            y = experts.run(e, rows, workspace)[:count]
-            out.index_add_(0, index, y.mul_(gate_values[start:start + count]))
-        start += count
+    for e, start, stop in groups(counts):
+        index = token[start:stop]
+        rows = gather_rows(x, index, row_tile, workspace.rows if workspace is not None else None)
+        y = experts.run(e, rows, workspace)[:stop - start]
+        out.index_add_(0, index, y.mul_(gate_values[start:stop]))
     return out
 
 
