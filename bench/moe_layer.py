@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_ratio, save, time_call, time_rounds  # noqa: E402
 
 from racedit.model.config import MoEConfig
+from racedit.server.engine import pick_device
 from racedit.model.exact import ROW_TILE
 from racedit.model.moe import (Experts, MoELayer, expert_race, grouped_dispatch, loop_dispatch, served_dispatch,
                                sorted_dispatch)
@@ -49,7 +50,7 @@ def reference_loop(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, e
     for e, end in enumerate(ends):
         if end > start:
             idx = token_index[start:end]
-            y = experts[e](x[idx]) * pair_weights[start:end, None]
+            y = (experts[e](x[idx]) * pair_weights[start:end, None]).to(x.dtype)
             out.scatter_reduce_(0, idx[:, None].expand(-1, x.shape[1]), y, reduce="sum")
         start = end
     return out
@@ -75,11 +76,11 @@ def page_faults_per_call(fns: dict[str, Callable[[], object]], repeats: int = 5)
     return {name: count / repeats for name, count in faults.items()}
 
 
-def whole_step(device: torch.device, repeats: int) -> dict[str, float]:
+def whole_step(device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
     """One forward of the shapes10-size model at 64 rows: eager vs torch.compile (CUDA only)."""
     from racedit.model import build
 
-    model = build("shapes10").to(device).eval()
+    model = build("shapes10").to(device).eval().set_precision(dtype)
     x = torch.randn(64, 3, 32, 32, device=device)
     t, y = torch.rand(64, device=device), torch.randint(0, 10, (64,), device=device)
     compiled = torch.compile(model)
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--spec", default="2in8")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also time the whole step under torch.compile (CUDA)")
     parser.add_argument("--head-to-head", action="store_true",
@@ -101,7 +103,7 @@ def main() -> None:
                              "shape the allocator's heap (saved as moe_layer-<device>-head-to-head)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    device, dtype = pick_device(args.device, args.dtype)
     cuda = device.type == "cuda"
     cfg = MoEConfig(spec=args.spec)
     d, n, k, e = args.dim, args.tokens, cfg.k, cfg.num_experts
@@ -116,22 +118,28 @@ def main() -> None:
     with torch.no_grad():
         scores = layer_linear.router(x, False)[0]
     mask, _ = expert_race(scores, k)
+    for module in (layer_linear, layer_mlp, dense, *modules):  # matmuls in `dtype`, as set_precision serves them
+        for p in module.parameters():
+            p.data = p.data.to(dtype)
     flat_x, flat_w, flat_m = x[0], scores[0], mask[0]
+    dense_x = flat_x.to(dtype)  # the dense MLPs and the DiT-MoE loop take activations in `dtype`
     assert int(flat_m.sum()) == n * k
     dense_name = "dense MLP (equal activated FLOPs)"
     served = ("grouped dispatch, row tiles (served on CUDA)" if served_dispatch(device) == "grouped"
               else "sorted dispatch, row tiles (served on CPU)")
     with torch.no_grad():
         variants = {
-            dense_name: lambda: dense(flat_x),
+            dense_name: lambda: dense(dense_x),
             "sorted dispatch, row tiles (served on CPU)": lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts,
                                                                                   ROW_TILE),
             "sorted dispatch, no tiles": lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts, None),
-            "dense MLP, GELU in place (the experts' kernels)": lambda: dense_gelu_in_place(flat_x, dense),
+            "dense MLP, GELU in place (the experts' kernels)": lambda: dense_gelu_in_place(dense_x, dense),
             "grouped dispatch, row tiles (served on CUDA)": lambda: grouped_dispatch(flat_x, flat_w, flat_m, experts,
                                                                                      ROW_TILE),
+            "grouped dispatch, no tiles (torch._grouped_mm on CUDA)": lambda: grouped_dispatch(flat_x, flat_w, flat_m,
+                                                                                                 experts, None),
             "per-expert NonZero loop (export path)": lambda: loop_dispatch(flat_x, flat_w, flat_m, experts),
-            "DiT-MoE-style argsort loop + scatter_reduce": lambda: reference_loop(flat_x, flat_w, flat_m, modules),
+            "DiT-MoE-style argsort loop + scatter_reduce": lambda: reference_loop(dense_x, flat_w, flat_m, modules),
             "MoE layer (linear router, served dispatch)": lambda: layer_linear(x),
             "MoE layer (MLP router, served dispatch)": lambda: layer_mlp(x),
         }
@@ -142,7 +150,10 @@ def main() -> None:
         faults = page_faults_per_call(variants)
         timings = {name: statistics.median(values) for name, values in rounds.items()}
         if args.compile and cuda:
-            timings.update(whole_step(device, args.repeats))
+            try:
+                timings.update(whole_step(device, dtype, args.repeats))
+            except Exception as error:  # torch.compile of the served step is best effort: say why not
+                print(f"whole step under torch.compile failed: {type(error).__name__}: {str(error)[:300]}")
     # "vs dense" is the median over rounds of the ratio within a round (this machine's load drifts
     # between rounds and moves every variant of a round alike), not a ratio of medians.
     rows = [{"variant": name, "ms": seconds * 1000,
@@ -164,7 +175,7 @@ def main() -> None:
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
     name = f"moe_layer-{device.type}" + ("-head-to-head" if args.head_to_head else "")
-    path = save(name, {"tokens": n, "dim": d, "spec": args.spec, "expert_hidden": hidden, "row_tile": ROW_TILE,
+    path = save(name, {"tokens": n, "dim": d, "spec": args.spec, "dtype": str(dtype).removeprefix("torch."), "expert_hidden": hidden, "row_tile": ROW_TILE,
                        "ratios": ratios}, rows)
     print(f"saved {path}")
 

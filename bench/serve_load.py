@@ -283,13 +283,14 @@ def random_checkpoint(preset: str, moe: Optional[str] = None) -> str:
 
     from racedit.model import build, save as save_checkpoint
 
-    model = build(preset, **({"moe": {"spec": moe}} if moe else {})).train()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # XL/2's forwards take a while on a CPU
+    model = build(preset, **({"moe": {"spec": moe}} if moe else {})).to(device).train()
     cfg = model.config
     with torch.no_grad():
         for _ in range(2):
-            model(torch.randn(8, cfg.in_channels, cfg.image_size, cfg.image_size), torch.rand(8),
-                  torch.randint(0, cfg.num_classes, (8,)))
-    return str(save_checkpoint(model.eval(), Path(tempfile.mkdtemp()) / "racedit-random"))
+            model(torch.randn(8, cfg.in_channels, cfg.image_size, cfg.image_size, device=device),
+                  torch.rand(8, device=device), torch.randint(0, cfg.num_classes, (8,), device=device))
+    return str(save_checkpoint(model.cpu().eval(), Path(tempfile.mkdtemp()) / "racedit-random"))
 
 
 def flops_per_image(checkpoint: str, steps: list[int]) -> float:

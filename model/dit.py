@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .exact import ROW_TILE, Linear, linear
@@ -79,6 +80,13 @@ def sincos_pos_embed_2d(dim: int, grid: int, order: str = "row_col") -> torch.Te
 
 
 # ----------------------------------------------------------------- block ----
+def invariant_attention():
+    """SDPA on the memory-efficient kernel: one program per (query block, head, sample) walks all
+    keys, where FlashAttention may split the keys over programs when a batch is too small to fill
+    the GPU -- a reduction order that then follows the batch size."""
+    return sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -90,7 +98,11 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         qkv = qkv.to(self.qkv.weight.dtype)  # attention's matmuls run in the parameters' dtype
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, d_head], per sample
+        if x.is_cuda and self.qkv.row_tile is not None:  # batch-invariant on a GPU: see `invariant_attention`
+            with invariant_attention():
+                out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        else:
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, d_head], per sample
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

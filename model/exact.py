@@ -19,6 +19,10 @@ the batch-mates. So:
     emulated as a native one computes it: operands rounded to the reduced type, products
     accumulated in fp32, the result rounded to the reduced type.
 
+On a CUDA GPU, padding is not enough: cuBLAS and CUTLASS pick tile shapes, split-K and
+stream-K from the call's shape, so there every GEMM with a row tile runs on one fixed-config
+Triton kernel instead (model/kernels.py), and attention on a kernel without split-KV.
+
 The engine checks the whole forward end to end at start-up (`Engine.batch_invariant`),
 because no library documents these kernel choices as a contract.
 """
@@ -84,12 +88,22 @@ def rounded(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.to(weight.dtype).float()
 
 
+def gpu_invariant(t: torch.Tensor, tile: Optional[int]) -> bool:
+    """Whether this GEMM runs on the batch-invariant Triton kernel: on CUDA, with a row tile."""
+    return t.is_cuda and tile is not None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tile: Optional[int]) -> torch.Tensor:
     """y = x W^T + b in the weight's dtype, on whole row tiles; x and y in fp32. x: [..., K] -> [..., N]."""
     lead = x.shape[:-1]
     rows = operand(x.reshape(-1, x.shape[-1]), weight)
     bias = operand(bias, weight) if bias is not None else None
-    out = F.linear(pad_rows(rows, tile), operand(weight, weight), bias)[: rows.shape[0]]
+    if gpu_invariant(rows, tile):
+        from . import kernels  # Triton: only where a GPU runs the GEMM
+
+        out = kernels.matmul(rows, operand(weight, weight).t(), bias)  # rows independent: no padding needed
+    else:
+        out = F.linear(pad_rows(rows, tile), operand(weight, weight), bias)[: rows.shape[0]]
     return rounded(out, weight).view(*lead, weight.shape[0])
 
 
@@ -102,12 +116,18 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, self.row_tile)
 
 
-def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int], tile_group: torch.Tensor,
+               tile: Optional[int]) -> torch.Tensor:
     """rows [R, K] @ weights[g] for the rows of group g, the groups `sizes` rows long in order (R = their sum) -> [R, N].
 
-    One grouped GEMM (`torch._grouped_mm`) on CUDA for bf16 on Hopper and newer; elsewhere
-    the groups one after another (their sizes are already on the host: no sync).
+    `tile_group` names each `tile`-row tile's group. On CUDA with a row tile, the batch-invariant
+    Triton kernel; without one, `torch._grouped_mm` for bf16 on Hopper and newer; elsewhere the
+    groups one after another (their sizes are already on the host: no sync).
     """
+    if gpu_invariant(rows, tile):
+        from . import kernels
+
+        return kernels.grouped_matmul(rows, weights, tile_group.to(torch.int32), tile)
     if rows.is_cuda and rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0):
         ends = torch.tensor(sizes, device=rows.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(rows, weights, offs=ends)

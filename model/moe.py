@@ -137,15 +137,16 @@ class Experts(nn.Module):
         h = F.gelu(h, approximate="tanh") if h.requires_grad else torch.ops.aten.gelu_(h, approximate="tanh")
         return rounded(torch.addmm(operand(self.b2[e], self.w2), operand(h, self.w2), w2, out=out), self.w2)
 
-    def run_grouped(self, rows: torch.Tensor, sizes: list[int], tile: int) -> torch.Tensor:
+    def run_grouped(self, rows: torch.Tensor, sizes: list[int], row_tile: Optional[int]) -> torch.Tensor:
         """All experts at once on rows sorted into groups of whole tiles: rows [R, D], group e is
         sizes[e] rows long -> [R, D] (fp32). Biases are added per tile, each tile being one expert's."""
+        tile = row_tile or 1
         tile_expert = torch.arange(len(sizes), device=rows.device).repeat_interleave(
             torch.tensor([size // tile for size in sizes], device=rows.device), output_size=rows.shape[0] // tile)
-        h = grouped_mm(operand(rows, self.w1), operand(self.w1, self.w1), sizes)
+        h = grouped_mm(operand(rows, self.w1), operand(self.w1, self.w1), sizes, tile_expert, row_tile)
         h = h.view(-1, tile, h.shape[1]).add_(operand(self.b1, self.w1)[tile_expert].unsqueeze(1))
         h = operand(F.gelu(h, approximate="tanh"), self.w2).view(rows.shape[0], -1)
-        out = grouped_mm(h, operand(self.w2, self.w2), sizes)
+        out = grouped_mm(h, operand(self.w2, self.w2), sizes, tile_expert, row_tile)
         out = out.view(-1, tile, out.shape[1]).add_(operand(self.b2, self.w2)[tile_expert].unsqueeze(1))
         return rounded(out.view(rows.shape[0], -1), self.w2)
 
@@ -204,7 +205,7 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     starts = torch.tensor([0] + counts[:-1], device=x.device).cumsum(0)
     slot = (padded_starts - starts)[expert] + torch.arange(token.numel(), device=x.device)  # row in the buffer
     rows = x.new_zeros(sum(sizes), x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
-    y = experts.run_grouped(rows, sizes, tile).index_select(0, slot)  # [P, D]
+    y = experts.run_grouped(rows, sizes, row_tile).index_select(0, slot)  # [P, D]
     y.mul_(gate_values)
     for _, start, stop in groups(counts):  # expert by expert: see `sorted_dispatch`
         out.index_add_(0, token[start:stop], y[start:stop])
