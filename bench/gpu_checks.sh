@@ -5,14 +5,19 @@
 #   bash bench/gpu_checks.sh full    # the exactness tests and every GPU bench at full size
 #
 # Each step has its own time limit and log; a failing step does not stop the others. Logs go to
-# $LOGS (default bench/results/gpu-logs); the benches save to bench/results/ as usual, and
-# everything they wrote is packed into $LOGS/results.tgz at the end.
+# $LOGS (default bench/results/gpu-logs); the benches save to bench/results/ as usual; with
+# PACK=file.tgz, the logs and everything the benches wrote are packed there after every step.
 set -u
 phase=${1:-smoke}
 LOGS=${LOGS:-bench/results/gpu-logs}
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
 stamp=$(mktemp); touch "$stamp"
+
+pack() {  # everything the benches wrote so far, and the logs, into $PACK (when set): a cut-off run keeps what it had
+    [ -n "${PACK:-}" ] || return 0
+    find bench/results "$LOGS" -newer "$stamp" -type f ! -name '*.tgz' -print0 | tar czf "$PACK" --null -T -
+}
 
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
@@ -22,6 +27,7 @@ step() {  # step NAME SECONDS COMMAND...
     local rc=$?
     tail -n 25 "$LOGS/$name.log"
     echo "=== $name rc=$rc in $((SECONDS - start))s"
+    pack
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -33,19 +39,15 @@ if [ "$phase" = smoke ]; then
     step exactness 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_exactness.py -k cuda
     step engine-step-b2 90 python3 bench/engine_step.py --preset B/2 --rows 64 --repeats 5 --no-compile
     step moe-layer 120 python3 bench/moe_layer.py --device cuda --compile --repeats 10
-else
-    step kernels-b2 60 python3 bench/kernel_invariance.py --dim 768 --heads 12 --hidden 3072
-    step kernels-xl 60 python3 bench/kernel_invariance.py
-    step exactness 200 python3 -m pytest -q -p no:cacheprovider tests/test_exactness.py -k cuda
+else  # most wanted first: a lease can end before the last step
+    step exactness 150 python3 -m pytest -q -p no:cacheprovider tests/test_exactness.py -k cuda
+    step kernels-xl 45 python3 bench/kernel_invariance.py
+    step engine-step-b2 80 python3 bench/engine_step.py --preset B/2 --rows 64 256
+    step serve-b2 100 python3 bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64 \
+        --requests 48 --time-limit 12
+    step engine-step-xl2 100 python3 bench/engine_step.py --preset XL/2 --moe 4in32 --rows 64 256
+    step serve-xl2 130 python3 bench/serve_load.py --preset XL/2 --moe 4in32 --device cuda --concurrency 1 16 64 \
+        --requests 48 --time-limit 15
     step moe-layer 90 python3 bench/moe_layer.py --device cuda --compile --spec 4in32 --dim 1152 --tokens 16384
-    step engine-step-b2 120 python3 bench/engine_step.py --preset B/2 --rows 64 256
-    step engine-step-xl2 150 python3 bench/engine_step.py --preset XL/2 --moe 4in32 --rows 64 256
-    step invariance-b2 120 python3 bench/batch_invariance.py --preset B/2 --device cuda --dtypes bfloat16 \
-        --requests 64 --steps 10
-    step serve-b2 150 python3 bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64 \
-        --requests 64 --time-limit 20
-    step serve-xl2 200 python3 bench/serve_load.py --preset XL/2 --moe 4in32 --device cuda --concurrency 1 16 64 \
-        --requests 64 --time-limit 25
 fi
-find bench/results -newer "$stamp" -type f ! -path "$LOGS/*" -print0 | tar czf "$LOGS/results.tgz" --null -T -
-echo "packed: $(tar tzf "$LOGS/results.tgz" | tr '\n' ' ')"
+pack

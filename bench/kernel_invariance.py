@@ -4,7 +4,8 @@ For each kernel at a DiT's shapes: the first sample's rows computed alone and in
 2 to 128 samples, compared to the bit (bf16 and fp32), and the time of the largest batch.
 Kernels: cuBLAS (F.linear) and the Triton kernel of model/kernels.py for the linears; torch's
 grouped GEMM and the Triton grouped kernel for the experts (tile-padded groups, as served);
-SDPA on each attention backend.
+SDPA on each attention backend. The adaLN case has one row per sample (M = 1 to 128), where
+cuBLAS's choice of kernel (split-K for a short M) is likeliest to change with the batch.
 
     python bench/kernel_invariance.py [--dim 1152] [--heads 16] [--tokens 256] [--hidden 4608]
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, time_call  # noqa: E402
 
 from racedit.model import kernels  # noqa: E402
-from racedit.model.exact import ROW_TILE  # noqa: E402
+from racedit.model.exact import GPU_GROUP_TILE  # noqa: E402
 
 BATCHES = [1, 2, 3, 4, 8, 16, 32, 64, 128]
 
@@ -74,7 +75,7 @@ def main() -> None:
             flat, experts = x.reshape(-1, d), route[: x.shape[0]].reshape(-1)
             order = experts.argsort(stable=True)
             counts = experts.bincount(minlength=args.experts).tolist()
-            tile = ROW_TILE if invariant else 1
+            tile = GPU_GROUP_TILE if invariant else 1
             sizes = [c + (-c) % tile for c in counts]
             slot = torch.cat([torch.arange(c, device=device) + s for c, s in
                               zip(counts, [0, *torch.tensor(sizes).cumsum(0).tolist()][:-1])])
@@ -96,11 +97,18 @@ def main() -> None:
                     return F.scaled_dot_product_attention(q, q * 0.5, q)
             return fn
 
+        w_ada = (torch.randn(6 * d, d, device=device, generator=g) / d**0.5).to(dtype)  # adaLN: one row per sample
+
+        def conditions(b: int) -> torch.Tensor:
+            return torch.randn(b, d, device=device, generator=g).to(dtype)
+
         cases: dict[str, tuple[Callable, Callable]] = {
+            "adaLN linear (M = samples), cuBLAS": (lambda c: F.linear(c, w_ada), conditions),
+            "adaLN linear (M = samples), Triton fixed tiles": (lambda c: kernels.matmul(c, w_ada.t()), conditions),
             "linear, cuBLAS (F.linear)": (lambda x: F.linear(x, w, bias), tokens),
             "linear, Triton fixed tiles": (lambda x: kernels.matmul(x.reshape(-1, d), w.t(), bias).view(x.shape[0], n, -1),
                                            tokens),
-            "experts, Triton grouped, tiles of 32": (lambda x: grouped(x, True), tokens),
+            f"experts, Triton grouped, tiles of {GPU_GROUP_TILE}": (lambda x: grouped(x, True), tokens),
         }
         if dtype == torch.bfloat16:
             cases["experts, torch._grouped_mm"] = (lambda x: grouped(x, False), tokens)

@@ -149,11 +149,6 @@ def main() -> None:
         rounds = time_rounds(variants, args.repeats, cuda=cuda)
         faults = page_faults_per_call(variants)
         timings = {name: statistics.median(values) for name, values in rounds.items()}
-        if args.compile and cuda:
-            try:
-                timings.update(whole_step(device, dtype, args.repeats))
-            except Exception as error:  # torch.compile of the served step is best effort: say why not
-                print(f"whole step under torch.compile failed: {type(error).__name__}: {str(error)[:300]}")
     # "vs dense" is the median over rounds of the ratio within a round (this machine's load drifts
     # between rounds and moves every variant of a round alike), not a ratio of medians.
     rows = [{"variant": name, "ms": seconds * 1000,
@@ -175,9 +170,20 @@ def main() -> None:
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
     name = f"moe_layer-{device.type}" + ("-head-to-head" if args.head_to_head else "")
-    path = save(name, {"tokens": n, "dim": d, "spec": args.spec, "dtype": str(dtype).removeprefix("torch."), "expert_hidden": hidden, "row_tile": ROW_TILE,
-                       "ratios": ratios}, rows)
-    print(f"saved {path}")
+    header = {"tokens": n, "dim": d, "spec": args.spec, "dtype": str(dtype).removeprefix("torch."),
+              "expert_hidden": hidden, "row_tile": ROW_TILE, "ratios": ratios}
+    print(f"saved {save(name, header, rows)}", flush=True)
+    if args.compile and cuda:  # after the layer's figures are saved: compiling can take minutes
+        try:
+            with torch.no_grad():
+                for step_name, seconds in whole_step(device, dtype, args.repeats).items():
+                    rows.append({"variant": step_name, "ms": seconds * 1000, "vs dense": float("nan"),
+                                 "page faults per call": float("nan")})
+                    print(f"{step_name:45s} {seconds * 1000:8.3f} ms")
+        except Exception as error:  # torch.compile of the served step is best effort: say why not
+            header["whole_step_compile_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"whole step under torch.compile failed: {header['whole_step_compile_error']}")
+        save(name, header, rows)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ROW_TILE = 32  # rows per GEMM tile; a multiple of every micro-kernel height we know of (4..16)
+GPU_GROUP_TILE = 64  # rows per expert tile on a GPU: the grouped Triton kernel's BLOCK_M (one warpgroup's wgmma)
 
 
 def padded(count: int, tile: Optional[int]) -> int:
@@ -116,18 +117,13 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, self.row_tile)
 
 
-def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int], tile_group: torch.Tensor,
-               tile: Optional[int]) -> torch.Tensor:
+def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """rows [R, K] @ weights[g] for the rows of group g, the groups `sizes` rows long in order (R = their sum) -> [R, N].
 
-    `tile_group` names each `tile`-row tile's group. On CUDA with a row tile, the batch-invariant
-    Triton kernel; without one, `torch._grouped_mm` for bf16 on Hopper and newer; elsewhere the
-    groups one after another (their sizes are already on the host: no sync).
+    One grouped GEMM (`torch._grouped_mm`) on CUDA for bf16 on Hopper and newer; elsewhere
+    the groups one after another (their sizes are already on the host: no sync). Not batch-
+    invariant on a GPU: there `Experts.run_grouped` takes the Triton kernel when a row tile is set.
     """
-    if gpu_invariant(rows, tile):
-        from . import kernels
-
-        return kernels.grouped_matmul(rows, weights, tile_group.to(torch.int32), tile)
     if rows.is_cuda and rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0):
         ends = torch.tensor(sizes, device=rows.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(rows, weights, offs=ends)

@@ -17,16 +17,24 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N, BLOCK_K = 128, 64  # with BLOCK_M, fixed for every call: the point of the kernel
-DENSE_BLOCK_M = 64
+# One fixed configuration per (use, dtype) -- the point of the kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+# The grouped kernel's BLOCK_M is the experts' group tile (GPU_GROUP_TILE in model/exact.py).
+CONFIGS = {
+    ("dense", torch.bfloat16): (128, 256, 64, 8, 3),
+    ("dense", torch.float16): (128, 256, 64, 8, 3),
+    ("grouped", torch.bfloat16): (None, 128, 64, 4, 4),
+    ("grouped", torch.float16): (None, 128, 64, 4, 4),
+}
+FP32_CONFIG = (64, 64, 32, 4, 3)  # full-precision fp32 FMAs (no TF32): small tiles fit shared memory
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel whatever the row count
 def _tiled_mm(a_ptr, b_ptr, bias_ptr, c_ptr, tile_group_ptr, M, N, K: tl.constexpr,
               stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
-              HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, IEEE: tl.constexpr,
+              HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUPED: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C[m, n] = sum_k A[m, k] B[g, k, n] (+ bias[g, n]), g = tile_group[m // BLOCK_M] when GROUPED else 0."""
+    """C[m, n] = act(sum_k A[m, k] B[g, k, n] (+ bias[g, n])), g = tile_group[m // BLOCK_M] when GROUPED else 0,
+    act = GELU (tanh form) or none; rounded once to C's dtype."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if GROUPED:
         g = tl.load(tile_group_ptr + pid_m).to(tl.int64)
@@ -50,22 +58,28 @@ def _tiled_mm(a_ptr, b_ptr, bias_ptr, c_ptr, tile_group_ptr, M, N, K: tl.constex
         b += BLOCK_K * stride_bk
     if HAS_BIAS:
         acc += tl.load(bias_ptr + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if GELU:  # 0.5 z (1 + tanh(u)), tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = 0.5 * acc * (2.0 * tl.sigmoid(2.0 * u))
     c = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], tile_group: Optional[torch.Tensor],
-            block_m: int) -> torch.Tensor:
+            block_m: Optional[int], gelu: bool = False) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[-1]
     b3 = b if b.dim() == 3 else b.unsqueeze(0)  # [G, K, N]
+    config_m, block_n, block_k, warps, stages = CONFIGS.get(("grouped" if tile_group is not None else "dense", a.dtype),
+                                                            FP32_CONFIG)
+    block_m = block_m or config_m
     out = a.new_empty(m, n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _tiled_mm[grid](a, b3, bias if bias is not None else a, out, tile_group if tile_group is not None else a,
                     m, n, k, a.stride(0), a.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
                     out.stride(0), out.stride(1),
-                    HAS_BIAS=bias is not None, GROUPED=tile_group is not None, IEEE=a.dtype == torch.float32,
-                    BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3)
+                    HAS_BIAS=bias is not None, GELU=gelu, GROUPED=tile_group is not None, IEEE=a.dtype == torch.float32,
+                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -73,12 +87,39 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None
     """a [M, K] @ b [K, N] (+ bias [N]) in a's dtype, row by row the same for any M."""
     if bias is not None:
         bias = bias.contiguous()
-    return _launch(a, b, bias, None, DENSE_BLOCK_M)
+    return _launch(a, b, bias, None, None)
 
 
-def grouped_matmul(a: torch.Tensor, b: torch.Tensor, tile_group: torch.Tensor, tile: int) -> torch.Tensor:
-    """a [R, K] @ b[g] [K, N] for each `tile`-row tile of a, g = tile_group[tile index] (int32 [R / tile])."""
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, tile_group: torch.Tensor, tile: int,
+                   bias: Optional[torch.Tensor] = None, gelu: bool = False) -> torch.Tensor:
+    """a [R, K] @ b[g] [K, N] (+ bias[g] [N], then GELU if asked) for each `tile`-row tile of a,
+    g = tile_group[tile index] (int32 [R / tile]), in a's dtype."""
     if tile not in (16, 32, 64, 128) or a.shape[0] != tile_group.shape[0] * tile:
         raise ValueError(f"grouped rows must be whole tiles of 16, 32, 64 or 128 rows, got {a.shape[0]} rows "
                          f"for {tile_group.shape[0]} tiles of {tile}")
-    return _launch(a, b, None, tile_group, tile)
+    return _launch(a, b, bias.contiguous() if bias is not None else None, tile_group, tile, gelu)
+
+
+@triton.jit
+def _combine(y_ptr, row_ptr, gate_ptr, start_ptr, out_ptr, D, stride_y, stride_out, BLOCK_D: tl.constexpr):
+    """out[t] = sum of gate[p] * y[row[p]] over token t's pairs p = start[t] .. start[t+1]-1, in that order (fp32)."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    begin = tl.load(start_ptr + t)
+    end = tl.load(start_ptr + t + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for p in range(begin, end):
+        row = tl.load(row_ptr + p).to(tl.int64)
+        acc += tl.load(y_ptr + row * stride_y + cols, mask=cols < D, other=0.0) * tl.load(gate_ptr + p)
+    tl.store(out_ptr + t * stride_out + cols, acc, mask=cols < D)
+
+
+def combine(y: torch.Tensor, row: torch.Tensor, gate: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Each token's gated expert outputs summed in expert order: y [R, D] fp32 (the experts' rows), per pair
+    (sorted by token, then expert) its row of y and gate value, start [N + 1] each token's first pair -> [N, D]."""
+    tokens, dim = start.shape[0] - 1, y.shape[1]
+    out = y.new_empty(tokens, dim)
+    block_d = 256
+    _combine[(tokens, triton.cdiv(dim, block_d))](y, row, gate, start, out, dim, y.stride(0), out.stride(0),
+                                                  BLOCK_D=block_d, num_warps=4)
+    return out

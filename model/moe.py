@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .exact import ROW_TILE, Linear, gather_rows, gemm_dtype, grouped_mm, operand, pad_rows, padded, rounded
+from .exact import (GPU_GROUP_TILE, ROW_TILE, Linear, gather_rows, gemm_dtype, gpu_invariant, grouped_mm, operand,
+                    pad_rows, padded, rounded)
 
 
 # ---------------------------------------------------------------- gating ----
@@ -139,14 +140,22 @@ class Experts(nn.Module):
 
     def run_grouped(self, rows: torch.Tensor, sizes: list[int], row_tile: Optional[int]) -> torch.Tensor:
         """All experts at once on rows sorted into groups of whole tiles: rows [R, D], group e is
-        sizes[e] rows long -> [R, D] (fp32). Biases are added per tile, each tile being one expert's."""
+        sizes[e] rows long -> [R, D] (fp32). Biases are added per tile, each tile being one expert's.
+        On a GPU with a row tile: the batch-invariant Triton kernel, bias and GELU in its epilogue."""
         tile = row_tile or 1
-        tile_expert = torch.arange(len(sizes), device=rows.device).repeat_interleave(
+        tile_expert = torch.arange(len(sizes), device=rows.device, dtype=torch.int32).repeat_interleave(
             torch.tensor([size // tile for size in sizes], device=rows.device), output_size=rows.shape[0] // tile)
-        h = grouped_mm(operand(rows, self.w1), operand(self.w1, self.w1), sizes, tile_expert, row_tile)
+        if gpu_invariant(rows, row_tile):
+            from . import kernels  # Triton: only where a GPU runs the layer
+
+            h = kernels.grouped_matmul(operand(rows, self.w1), operand(self.w1, self.w1), tile_expert, tile,
+                                       bias=operand(self.b1, self.w1), gelu=True)
+            out = kernels.grouped_matmul(h, operand(self.w2, self.w2), tile_expert, tile, bias=operand(self.b2, self.w2))
+            return rounded(out, self.w2)
+        h = grouped_mm(operand(rows, self.w1), operand(self.w1, self.w1), sizes)
         h = h.view(-1, tile, h.shape[1]).add_(operand(self.b1, self.w1)[tile_expert].unsqueeze(1))
         h = operand(F.gelu(h, approximate="tanh"), self.w2).view(rows.shape[0], -1)
-        out = grouped_mm(h, operand(self.w2, self.w2), sizes, tile_expert, row_tile)
+        out = grouped_mm(h, operand(self.w2, self.w2), sizes)
         out = out.view(-1, tile, out.shape[1]).add_(operand(self.b2, self.w2)[tile_expert].unsqueeze(1))
         return rounded(out.view(rows.shape[0], -1), self.w2)
 
@@ -192,21 +201,29 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     """Only the selected pairs, all experts as one grouped GEMM per matrix. x: [N, D], weights and mask: [N, E] -> [N, D].
 
     Each expert's group starts at a whole tile of a padded buffer and is zero-padded to whole
-    tiles, so a row is computed by the same kernel whatever the group's size; each token sums
-    its gated expert outputs in expert order. A token with no expert receives zero.
+    tiles (on a GPU, tiles of the grouped kernel's height), so a row is computed by the same kernel
+    whatever the group's size; each token sums its gated expert outputs in expert order: on a GPU
+    in one kernel (`kernels.combine`), elsewhere one `index_add_` per expert. A token with no expert
+    receives zero.
     """
-    tile = row_tile or 1
+    tile = GPU_GROUP_TILE if gpu_invariant(x, row_tile) else row_tile or 1
     counts, expert, token, gate_values = sort_pairs(weights, mask)
-    out = torch.zeros_like(x, dtype=torch.float32)
     if not token.numel():
-        return out
+        return torch.zeros_like(x, dtype=torch.float32)
     sizes = [padded(c, tile) for c in counts]
     padded_starts = torch.tensor([0] + sizes[:-1], device=x.device).cumsum(0)
     starts = torch.tensor([0] + counts[:-1], device=x.device).cumsum(0)
     slot = (padded_starts - starts)[expert] + torch.arange(token.numel(), device=x.device)  # row in the buffer
     rows = x.new_zeros(sum(sizes), x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
-    y = experts.run_grouped(rows, sizes, row_tile).index_select(0, slot)  # [P, D]
-    y.mul_(gate_values)
+    y = experts.run_grouped(rows, sizes, tile if row_tile else None)  # [R, D]
+    if x.is_cuda:
+        from . import kernels  # Triton: only where a GPU runs the layer
+
+        by_token = token.argsort(stable=True)  # each token's pairs, still in expert order
+        first_pair = F.pad(mask.sum(1).cumsum(0), (1, 0))  # [N + 1]
+        return kernels.combine(y, slot[by_token], gate_values[by_token, 0], first_pair)
+    y = y.index_select(0, slot).mul_(gate_values)  # [P, D]
+    out = torch.zeros_like(x, dtype=torch.float32)
     for _, start, stop in groups(counts):  # expert by expert: see `sorted_dispatch`
         out.index_add_(0, token[start:stop], y[start:stop])
     return out
