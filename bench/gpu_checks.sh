@@ -42,12 +42,12 @@ if [ "$phase" = smoke ]; then
 else  # most wanted first: a lease can end before the last step
     step exactness 150 python3 -m pytest -q -p no:cacheprovider tests/test_exactness.py -k cuda
     step kernels-xl 45 python3 bench/kernel_invariance.py
+    step moe-layer 70 python3 bench/moe_layer.py --device cuda --compile --spec 4in32 --dim 1152 --tokens 16384
     step engine-step-b2 80 python3 bench/engine_step.py --preset B/2 --rows 64 256
     step serve-b2 100 python3 bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64 \
         --requests 48 --time-limit 12
     step engine-step-xl2 100 python3 bench/engine_step.py --preset XL/2 --moe 4in32 --rows 64 256
     step serve-xl2 130 python3 bench/serve_load.py --preset XL/2 --moe 4in32 --device cuda --concurrency 1 16 64 \
         --requests 48 --time-limit 15
-    step moe-layer 90 python3 bench/moe_layer.py --device cuda --compile --spec 4in32 --dim 1152 --tokens 16384
 fi
 pack
