@@ -40,14 +40,14 @@ if [ "$phase" = smoke ]; then
     step engine-step-b2 90 python3 bench/engine_step.py --preset B/2 --rows 64 --repeats 5 --no-compile
     step moe-layer 120 python3 bench/moe_layer.py --device cuda --compile --repeats 10
 else  # most wanted first: a lease can end before the last step
-    step exactness 150 python3 -m pytest -q -p no:cacheprovider tests/test_exactness.py -k cuda
-    step kernels-xl 45 python3 bench/kernel_invariance.py
-    step moe-layer 70 python3 bench/moe_layer.py --device cuda --compile --spec 4in32 --dim 1152 --tokens 16384
-    step engine-step-b2 80 python3 bench/engine_step.py --preset B/2 --rows 64 256
-    step serve-b2 100 python3 bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64 \
-        --requests 48 --time-limit 12
-    step engine-step-xl2 100 python3 bench/engine_step.py --preset XL/2 --moe 4in32 --rows 64 256
-    step serve-xl2 130 python3 bench/serve_load.py --preset XL/2 --moe 4in32 --device cuda --concurrency 1 16 64 \
-        --requests 48 --time-limit 15
+    step exactness 100 python3 -m pytest -q -p no:cacheprovider tests/test_exactness.py -k cuda
+    step engine-step-b2 70 python3 bench/engine_step.py --preset B/2 --rows 64 256
+    step serve-b2 90 python3 bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64 \
+        --requests 48 --time-limit 8
+    step moe-layer 45 python3 bench/moe_layer.py --device cuda --compile --spec 4in32 --dim 1152 --tokens 16384
+    step serve-xl2 120 python3 bench/serve_load.py --preset XL/2 --moe 4in32 --device cuda --concurrency 16 \
+        --requests 32 --time-limit 10
+    step engine-step-xl2 45 python3 bench/engine_step.py --preset XL/2 --moe 4in32 --rows 64 --no-compile
+    step kernels-xl 30 python3 bench/kernel_invariance.py
 fi
 pack

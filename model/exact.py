@@ -97,14 +97,14 @@ def gpu_invariant(t: torch.Tensor, tile: Optional[int]) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tile: Optional[int]) -> torch.Tensor:
     """y = x W^T + b in the weight's dtype, on whole row tiles; x and y in fp32. x: [..., K] -> [..., N]."""
     lead = x.shape[:-1]
-    rows = operand(x.reshape(-1, x.shape[-1]), weight)
     bias = operand(bias, weight) if bias is not None else None
-    if gpu_invariant(rows, tile):
+    if gpu_invariant(x, tile):  # rows are independent in the kernel: no padding; it rounds in and out itself
         from . import kernels  # Triton: only where a GPU runs the GEMM
 
-        out = kernels.matmul(rows, operand(weight, weight).t(), bias)  # rows independent: no padding needed
-    else:
-        out = F.linear(pad_rows(rows, tile), operand(weight, weight), bias)[: rows.shape[0]]
+        out = kernels.matmul(x.reshape(-1, x.shape[-1]), weight.t(), bias, out_dtype=torch.float32)
+        return out.view(*lead, weight.shape[0])
+    rows = operand(x.reshape(-1, x.shape[-1]), weight)
+    out = F.linear(pad_rows(rows, tile), operand(weight, weight), bias)[: rows.shape[0]]
     return rounded(out, weight).view(*lead, weight.shape[0])
 
 

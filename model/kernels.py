@@ -29,12 +29,16 @@ FP32_CONFIG = (64, 64, 32, 4, 3)  # full-precision fp32 FMAs (no TF32): small ti
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel whatever the row count
-def _tiled_mm(a_ptr, b_ptr, bias_ptr, c_ptr, tile_group_ptr, M, N, K: tl.constexpr,
+def _tiled_mm(a_ptr, a_index_ptr, b_ptr, bias_ptr, c_ptr, tile_group_ptr, M, N, K: tl.constexpr,
               stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
-              HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUPED: tl.constexpr, IEEE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C[m, n] = act(sum_k A[m, k] B[g, k, n] (+ bias[g, n])), g = tile_group[m // BLOCK_M] when GROUPED else 0,
-    act = GELU (tanh form) or none; rounded once to C's dtype."""
+              HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUPED: tl.constexpr, GATHER: tl.constexpr,
+              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[m, n] = act(sum_k A[r(m), k] B[g, k, n] (+ bias[g, n])), rounded to B's dtype, stored as C's.
+
+    g = tile_group[m // BLOCK_M] when GROUPED, else 0; r(m) = a_index[m] when GATHER (-1: a padding
+    row of zeros), else m; act = GELU (tanh form) or none. A is read in any float dtype and rounded
+    to B's, as `exact.operand` does; C may be fp32 holding B-dtype values, as `exact.rounded` gives.
+    """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if GROUPED:
         g = tl.load(tile_group_ptr + pid_m).to(tl.int64)
@@ -43,12 +47,18 @@ def _tiled_mm(a_ptr, b_ptr, bias_ptr, c_ptr, tile_group_ptr, M, N, K: tl.constex
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    a = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
+    if GATHER:
+        source = tl.load(a_index_ptr + rows, mask=rows < M, other=-1).to(tl.int64)
+        a_rows = source >= 0
+    else:
+        source = rows.to(tl.int64)
+        a_rows = rows < M
+    a = a_ptr + source[:, None] * stride_am + ks[None, :] * stride_ak
     b = b_ptr + g * stride_bg + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, tl.cdiv(K, BLOCK_K)):  # K is fixed per layer (constexpr): one kernel per width
         left = K - step * BLOCK_K
-        a_tile = tl.load(a, mask=(rows[:, None] < M) & (ks[None, :] < left), other=0.0)
+        a_tile = tl.load(a, mask=a_rows[:, None] & (ks[None, :] < left), other=0.0).to(b_ptr.dtype.element_ty)
         b_tile = tl.load(b, mask=(ks[:, None] < left) & (cols[None, :] < N), other=0.0)
         if IEEE:  # fp32 GEMMs in full fp32, as torch's default (no TF32)
             acc = tl.dot(a_tile, b_tile, acc, input_precision="ieee")
@@ -62,42 +72,49 @@ def _tiled_mm(a_ptr, b_ptr, bias_ptr, c_ptr, tile_group_ptr, M, N, K: tl.constex
         u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
         acc = 0.5 * acc * (2.0 * tl.sigmoid(2.0 * u))
     c = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+    out = acc.to(b_ptr.dtype.element_ty).to(c_ptr.dtype.element_ty)
+    tl.store(c, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], tile_group: Optional[torch.Tensor],
-            block_m: Optional[int], gelu: bool = False) -> torch.Tensor:
-    m, k = a.shape
+def _launch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: Optional[torch.dtype],
+            tile_group: Optional[torch.Tensor] = None, tile: Optional[int] = None,
+            a_index: Optional[torch.Tensor] = None, gelu: bool = False) -> torch.Tensor:
+    k = a.shape[1]
+    m = a_index.shape[0] if a_index is not None else a.shape[0]
     n = b.shape[-1]
     b3 = b if b.dim() == 3 else b.unsqueeze(0)  # [G, K, N]
-    config_m, block_n, block_k, warps, stages = CONFIGS.get(("grouped" if tile_group is not None else "dense", a.dtype),
+    config_m, block_n, block_k, warps, stages = CONFIGS.get(("grouped" if tile_group is not None else "dense", b.dtype),
                                                             FP32_CONFIG)
-    block_m = block_m or config_m
-    out = a.new_empty(m, n)
+    block_m = tile or config_m
+    out = a.new_empty(m, n, dtype=out_dtype or b.dtype)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _tiled_mm[grid](a, b3, bias if bias is not None else a, out, tile_group if tile_group is not None else a,
-                    m, n, k, a.stride(0), a.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
-                    out.stride(0), out.stride(1),
-                    HAS_BIAS=bias is not None, GELU=gelu, GROUPED=tile_group is not None, IEEE=a.dtype == torch.float32,
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    _tiled_mm[grid](a, a_index if a_index is not None else a, b3, bias.contiguous() if bias is not None else a, out,
+                    tile_group if tile_group is not None else a, m, n, k,
+                    a.stride(0), a.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), out.stride(0), out.stride(1),
+                    HAS_BIAS=bias is not None, GELU=gelu, GROUPED=tile_group is not None, GATHER=a_index is not None,
+                    IEEE=b.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                    num_warps=warps, num_stages=stages)
     return out
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a [M, K] @ b [K, N] (+ bias [N]) in a's dtype, row by row the same for any M."""
-    if bias is not None:
-        bias = bias.contiguous()
-    return _launch(a, b, bias, None, None)
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """a [M, K] (any float dtype, rounded to b's) @ b [K, N] (+ bias [N]), rounded to b's dtype and
+    returned as `out_dtype` (default b's) -- row by row the same for any M."""
+    return _launch(a, b, bias, out_dtype)
 
 
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor, tile_group: torch.Tensor, tile: int,
-                   bias: Optional[torch.Tensor] = None, gelu: bool = False) -> torch.Tensor:
-    """a [R, K] @ b[g] [K, N] (+ bias[g] [N], then GELU if asked) for each `tile`-row tile of a,
-    g = tile_group[tile index] (int32 [R / tile]), in a's dtype."""
-    if tile not in (16, 32, 64, 128) or a.shape[0] != tile_group.shape[0] * tile:
-        raise ValueError(f"grouped rows must be whole tiles of 16, 32, 64 or 128 rows, got {a.shape[0]} rows "
+                   bias: Optional[torch.Tensor] = None, gelu: bool = False, a_index: Optional[torch.Tensor] = None,
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """For each `tile`-row tile t of the rows: rows @ b[g] (+ bias[g], then GELU if asked), g = tile_group[t]
+    (int32 [R / tile]). The rows are a's, or with `a_index` [R] the rows a[a_index] (-1: a row of zeros),
+    gathered in the kernel. Rounded to b's dtype, returned as `out_dtype` (default b's)."""
+    rows = a_index.shape[0] if a_index is not None else a.shape[0]
+    if tile not in (16, 32, 64, 128) or rows != tile_group.shape[0] * tile:
+        raise ValueError(f"grouped rows must be whole tiles of 16, 32, 64 or 128 rows, got {rows} rows "
                          f"for {tile_group.shape[0]} tiles of {tile}")
-    return _launch(a, b, bias.contiguous() if bias is not None else None, tile_group, tile, gelu)
+    return _launch(a, b, bias, out_dtype, tile_group, tile, a_index, gelu)
 
 
 @triton.jit

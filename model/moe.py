@@ -138,26 +138,23 @@ class Experts(nn.Module):
         h = F.gelu(h, approximate="tanh") if h.requires_grad else torch.ops.aten.gelu_(h, approximate="tanh")
         return rounded(torch.addmm(operand(self.b2[e], self.w2), operand(h, self.w2), w2, out=out), self.w2)
 
-    def run_grouped(self, rows: torch.Tensor, sizes: list[int], row_tile: Optional[int]) -> torch.Tensor:
+    def run_grouped(self, rows: torch.Tensor, sizes: list[int], tile_expert: torch.Tensor, tile: int) -> torch.Tensor:
         """All experts at once on rows sorted into groups of whole tiles: rows [R, D], group e is
-        sizes[e] rows long -> [R, D] (fp32). Biases are added per tile, each tile being one expert's.
-        On a GPU with a row tile: the batch-invariant Triton kernel, bias and GELU in its epilogue."""
-        tile = row_tile or 1
-        tile_expert = torch.arange(len(sizes), device=rows.device, dtype=torch.int32).repeat_interleave(
-            torch.tensor([size // tile for size in sizes], device=rows.device), output_size=rows.shape[0] // tile)
-        if gpu_invariant(rows, row_tile):
-            from . import kernels  # Triton: only where a GPU runs the layer
-
-            h = kernels.grouped_matmul(operand(rows, self.w1), operand(self.w1, self.w1), tile_expert, tile,
-                                       bias=operand(self.b1, self.w1), gelu=True)
-            out = kernels.grouped_matmul(h, operand(self.w2, self.w2), tile_expert, tile, bias=operand(self.b2, self.w2))
-            return rounded(out, self.w2)
+        sizes[e] rows long, tile_expert [R / tile] each tile's expert -> [R, D] (fp32)."""
         h = grouped_mm(operand(rows, self.w1), operand(self.w1, self.w1), sizes)
         h = h.view(-1, tile, h.shape[1]).add_(operand(self.b1, self.w1)[tile_expert].unsqueeze(1))
         h = operand(F.gelu(h, approximate="tanh"), self.w2).view(rows.shape[0], -1)
         out = grouped_mm(h, operand(self.w2, self.w2), sizes)
         out = out.view(-1, tile, out.shape[1]).add_(operand(self.b2, self.w2)[tile_expert].unsqueeze(1))
         return rounded(out.view(rows.shape[0], -1), self.w2)
+
+    def run_tiled(self, x: torch.Tensor, source: torch.Tensor, tile_expert: torch.Tensor, tile: int) -> torch.Tensor:
+        """`run_grouped` on a GPU, batch-invariant: row r of the groups is token source[r] of x (-1: padding),
+        gathered, rounded, biased, activated and rounded again inside one Triton kernel per matrix. -> [R, D] (fp32)."""
+        from . import kernels  # Triton: only where a GPU runs the layer
+
+        h = kernels.grouped_matmul(x, self.w1, tile_expert, tile, bias=self.b1, gelu=True, a_index=source)
+        return kernels.grouped_matmul(h, self.w2, tile_expert, tile, bias=self.b2, out_dtype=torch.float32)
 
 
 @dataclass
@@ -204,28 +201,39 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     tiles (on a GPU, tiles of the grouped kernel's height), so a row is computed by the same kernel
     whatever the group's size; each token sums its gated expert outputs in expert order: on a GPU
     in one kernel (`kernels.combine`), elsewhere one `index_add_` per expert. A token with no expert
-    receives zero.
+    receives zero. Everything but the tokens per expert (the one host read) is derived on the device.
     """
+    num_experts = mask.shape[1]
     tile = GPU_GROUP_TILE if gpu_invariant(x, row_tile) else row_tile or 1
-    counts, expert, token, gate_values = sort_pairs(weights, mask)
-    if not token.numel():
+    counts = mask.sum(0)  # [E] tokens per expert
+    host_counts = counts.tolist()
+    if not sum(host_counts):
         return torch.zeros_like(x, dtype=torch.float32)
-    sizes = [padded(c, tile) for c in counts]
-    padded_starts = torch.tensor([0] + sizes[:-1], device=x.device).cumsum(0)
-    starts = torch.tensor([0] + counts[:-1], device=x.device).cumsum(0)
-    slot = (padded_starts - starts)[expert] + torch.arange(token.numel(), device=x.device)  # row in the buffer
-    rows = x.new_zeros(sum(sizes), x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
-    y = experts.run_grouped(rows, sizes, tile if row_tile else None)  # [R, D]
+    host_sizes = [padded(c, tile) for c in host_counts]
+    sizes = (counts + tile - 1) // tile * tile  # the same, on the device
+    # The pairs token-major (each token's experts in expert order), and each one's row in the buffer:
+    # its expert's first row + its rank among that expert's tokens.
+    pairs = torch.nonzero_static(mask.reshape(-1), size=sum(host_counts)).squeeze(1)  # flat (token, expert)
+    token = pairs // num_experts
+    row = (sizes.cumsum(0) - sizes + mask.cumsum(0) - 1).reshape(-1).index_select(0, pairs)  # [P]
+    gate_values = weights.reshape(-1).index_select(0, pairs).float()
+    tile_expert = torch.arange(num_experts, device=x.device, dtype=torch.int32).repeat_interleave(
+        sizes // tile, output_size=sum(host_sizes) // tile)
+    if gpu_invariant(x, row_tile):
+        source = torch.full((sum(host_sizes),), -1, device=x.device).index_copy_(0, row, token)
+        y = experts.run_tiled(x, source, tile_expert, tile)  # [R, D]
+    else:
+        rows = x.new_zeros(sum(host_sizes), x.shape[1]).index_copy_(0, row, x.index_select(0, token))
+        y = experts.run_grouped(rows, host_sizes, tile_expert, tile)
     if x.is_cuda:
         from . import kernels  # Triton: only where a GPU runs the layer
 
-        by_token = token.argsort(stable=True)  # each token's pairs, still in expert order
-        first_pair = F.pad(mask.sum(1).cumsum(0), (1, 0))  # [N + 1]
-        return kernels.combine(y, slot[by_token], gate_values[by_token, 0], first_pair)
-    y = y.index_select(0, slot).mul_(gate_values)  # [P, D]
+        return kernels.combine(y, row, gate_values, F.pad(mask.sum(1).cumsum(0), (1, 0)))
     out = torch.zeros_like(x, dtype=torch.float32)
-    for _, start, stop in groups(counts):  # expert by expert: see `sorted_dispatch`
-        out.index_add_(0, token[start:stop], y[start:stop])
+    by_expert = (pairs % num_experts).argsort(stable=True)
+    for _, start, stop in groups(host_counts):  # expert by expert: see `sorted_dispatch`
+        pick = by_expert[start:stop]
+        out.index_add_(0, token[pick], y.index_select(0, row[pick]).mul_(gate_values[pick].unsqueeze(1)))
     return out
 
 
