@@ -203,37 +203,34 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     in one kernel (`kernels.combine`), elsewhere one `index_add_` per expert. A token with no expert
     receives zero. Everything but the tokens per expert (the one host read) is derived on the device.
     """
-    num_experts = mask.shape[1]
     tile = GPU_GROUP_TILE if gpu_invariant(x, row_tile) else row_tile or 1
-    counts = mask.sum(0)  # [E] tokens per expert
-    host_counts = counts.tolist()
-    if not sum(host_counts):
+    counts, expert, token, gate_values = sort_pairs(weights, mask)
+    if not token.numel():
         return torch.zeros_like(x, dtype=torch.float32)
-    host_sizes = [padded(c, tile) for c in host_counts]
-    sizes = (counts + tile - 1) // tile * tile  # the same, on the device
-    # The pairs token-major (each token's experts in expert order), and each one's row in the buffer:
-    # its expert's first row + its rank among that expert's tokens.
-    pairs = torch.nonzero_static(mask.reshape(-1), size=sum(host_counts)).squeeze(1)  # flat (token, expert)
-    token = pairs // num_experts
-    row = (sizes.cumsum(0) - sizes + mask.cumsum(0) - 1).reshape(-1).index_select(0, pairs)  # [P]
-    gate_values = weights.reshape(-1).index_select(0, pairs).float()
-    tile_expert = torch.arange(num_experts, device=x.device, dtype=torch.int32).repeat_interleave(
+    host_sizes = [padded(c, tile) for c in counts]
+    device_counts = mask.sum(0)  # the same counts, on the device (bincount would read its max back)
+    sizes = (device_counts + tile - 1) // tile * tile
+    # Pair i (sorted by expert) sits at row i + (padding before its expert's group) of the buffer.
+    shift = (sizes - device_counts).cumsum(0) - (sizes - device_counts)
+    slot = torch.arange(token.numel(), device=x.device) + shift[expert]
+    tile_expert = torch.arange(mask.shape[1], device=x.device, dtype=torch.int32).repeat_interleave(
         sizes // tile, output_size=sum(host_sizes) // tile)
     if gpu_invariant(x, row_tile):
-        source = torch.full((sum(host_sizes),), -1, device=x.device).index_copy_(0, row, token)
+        source = torch.full((sum(host_sizes),), -1, device=x.device).index_copy_(0, slot, token)
         y = experts.run_tiled(x, source, tile_expert, tile)  # [R, D]
     else:
-        rows = x.new_zeros(sum(host_sizes), x.shape[1]).index_copy_(0, row, x.index_select(0, token))
+        rows = x.new_zeros(sum(host_sizes), x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
         y = experts.run_grouped(rows, host_sizes, tile_expert, tile)
     if x.is_cuda:
         from . import kernels  # Triton: only where a GPU runs the layer
 
-        return kernels.combine(y, row, gate_values, F.pad(mask.sum(1).cumsum(0), (1, 0)))
+        by_token = token.argsort(stable=True)  # each token's pairs, still in expert order
+        first_pair = F.pad(mask.sum(1).cumsum(0), (1, 0))  # [N + 1]
+        return kernels.combine(y, slot[by_token], gate_values[by_token, 0], first_pair)
+    y = y.index_select(0, slot).mul_(gate_values)  # [P, D]
     out = torch.zeros_like(x, dtype=torch.float32)
-    by_expert = (pairs % num_experts).argsort(stable=True)
-    for _, start, stop in groups(host_counts):  # expert by expert: see `sorted_dispatch`
-        pick = by_expert[start:stop]
-        out.index_add_(0, token[pick], y.index_select(0, row[pick]).mul_(gate_values[pick].unsqueeze(1)))
+    for _, start, stop in groups(counts):  # expert by expert: see `sorted_dispatch`
+        out.index_add_(0, token[start:stop], y[start:stop])
     return out
 
 

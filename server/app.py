@@ -151,7 +151,7 @@ def model_card(engine: Engine, name: str, backend: str) -> ModelCard:
         autoencoder=({"kind": engine.decoder.autoencoder.kind, "scaling_factor": engine.decoder.autoencoder.scaling_factor,
                       "shift_factor": engine.decoder.autoencoder.shift_factor} if engine.decoder is not None else None),
         routing=cfg.moe.__dict__ if cfg.moe else None, parameters_total=total, parameters_activated=activated,
-        thresholds=[float(layer.threshold) for layer in engine.model.moe_layers], backend=backend,
+        thresholds=engine.layer_thresholds, backend=backend,
         dtype=str(engine.dtype).removeprefix("torch."), batch_invariant=engine.batch_invariant,
         expert_budget_range=list(engine.budget_range or (1.0, 1.0)))
 

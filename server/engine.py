@@ -157,6 +157,8 @@ class Engine:
         # The compute dial: only the torch model takes per-row thresholds (external denoisers serve 1.0).
         self.budget_range = budget_range(getattr(model, "metadata", {})) if isinstance(model, RaceDiT) else None
         self.learned_thresholds = budget_thresholds(model, [1.0])[:, 0].to(device) if isinstance(model, RaceDiT) else None
+        # Read once here, so answering about the model never waits on the device the engine is using.
+        self.layer_thresholds = [float(layer.threshold) for layer in model.moe_layers]
         self.max_batch_rows, self.mode, self.static_wait_ms = max_batch_rows, mode, static_wait_ms
         self.max_queue = max_queue
         self.metrics = metrics or EngineMetrics()
