@@ -39,15 +39,17 @@ if [ "$phase" = smoke ]; then
     step exactness 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_exactness.py -k cuda
     step engine-step-b2 90 python3 bench/engine_step.py --preset B/2 --rows 64 --repeats 5 --no-compile
     step moe-layer 120 python3 bench/moe_layer.py --device cuda --compile --repeats 10
-else  # most wanted first: a lease can end before the last step
+else  # most wanted first (what the last lease left unmeasured leads): a lease can end before the last step
     step exactness 100 python3 -m pytest -q -p no:cacheprovider tests/test_exactness.py -k cuda
-    step engine-step-b2 70 python3 bench/engine_step.py --preset B/2 --rows 64 256
-    step serve-b2 90 python3 bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64 \
+    step engine-step-b2 120 python3 bench/engine_step.py --preset B/2 --rows 64 256
+    step serve-xl2 150 python3 bench/serve_load.py --preset XL/2 --moe 4in32 --device cuda --concurrency 16 64 \
+        --requests 48 --time-limit 10
+    step engine-step-xl2 120 python3 bench/engine_step.py --preset XL/2 --moe 4in32 --rows 64 256
+    step serve-b2 120 python3 bench/serve_load.py --preset B/2 --device cuda --concurrency 1 16 64 \
         --requests 48 --time-limit 8
-    step moe-layer 45 python3 bench/moe_layer.py --device cuda --compile --spec 4in32 --dim 1152 --tokens 16384
-    step serve-xl2 120 python3 bench/serve_load.py --preset XL/2 --moe 4in32 --device cuda --concurrency 16 \
-        --requests 32 --time-limit 10
-    step engine-step-xl2 45 python3 bench/engine_step.py --preset XL/2 --moe 4in32 --rows 64 --no-compile
+    step moe-layer 60 python3 bench/moe_layer.py --device cuda --compile --spec 4in32 --dim 1152 --tokens 16384
+    step invariance-b2 90 python3 bench/batch_invariance.py --preset B/2 --device cuda --dtypes bfloat16 \
+        --requests 64 --steps 10
     step kernels-xl 30 python3 bench/kernel_invariance.py
 fi
 pack
