@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .autoencoder import Autoencoder, AutoencoderError, copy_autoencoder
 from .config import ConfigError, ModelConfig
-from .dit import RaceDiT
+from .dit import RaceDiT, positions
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -107,9 +107,13 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: unreadable or truncated safetensors file ({exc})") from exc
-    model = RaceDiT(config)
+    with torch.device("meta"):  # shapes only: the file holds every weight (random init of XL/2 alone takes seconds)
+        model = RaceDiT(config)
     _check_state(model, state, weights_path)
-    model.load_state_dict(state, strict=True)
+    # Parameters in fp32 as a built model has them, whatever dtype the file stores (weights_dtype).
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                          strict=True, assign=True)
+    model.pos_embed = positions(config)  # the one buffer that is computed, not saved
     model.metadata = document.get("metadata", {})
     model.autoencoder = read_autoencoder(folder)
     return model.to(device).eval()

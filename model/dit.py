@@ -79,6 +79,11 @@ def sincos_pos_embed_2d(dim: int, grid: int, order: str = "row_col") -> torch.Te
     return torch.cat([axis(dim // 2, first), axis(dim // 2, second)], dim=1).float()
 
 
+def positions(config: ModelConfig) -> torch.Tensor:
+    """The model's fixed position table [1, L, D] (a buffer computed, never saved)."""
+    return sincos_pos_embed_2d(config.hidden_size, config.grid_size, config.position_order)[None]
+
+
 # ----------------------------------------------------------------- block ----
 def invariant_attention():
     """SDPA on the memory-efficient kernel: one program per (query block, head, sample) walks all
@@ -180,7 +185,7 @@ class RaceDiT(nn.Module):
         self.x_embedder = nn.Conv2d(c, d, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, config.grid_size, config.position_order)[None], persistent=False)
+        self.register_buffer("pos_embed", positions(config), persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(config)
         self.initialize_weights()
