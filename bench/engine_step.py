@@ -59,8 +59,8 @@ def main() -> None:
         for name, seconds in timings.items():
             rows.append({"rows": batch, "variant": name, "ms_per_step": seconds * 1000})
             print(f"rows {batch:4d}  {name:36s} {seconds * 1000:9.2f} ms")
-    save(f"engine_step-{args.preset.replace('/', '_')}{'-' + args.moe if args.moe else ''}-{device.type}",
-         {"preset": args.preset, "moe": args.moe, "dtype": str(dtype).removeprefix("torch.")}, rows)
+        save(f"engine_step-{args.preset.replace('/', '_')}{'-' + args.moe if args.moe else ''}-{device.type}",
+             {"preset": args.preset, "moe": args.moe, "dtype": str(dtype).removeprefix("torch.")}, rows)  # after each batch size
 
 
 if __name__ == "__main__":

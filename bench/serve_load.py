@@ -195,6 +195,12 @@ def main() -> None:
         args.checkpoint = random_checkpoint(args.preset, args.moe)
     if args.ray_replicas:
         return ray_scale_out(args)
+    name = "serve_load" + (f"-{args.preset.replace('/', '_')}{'-' + args.moe if args.moe else ''}-{args.device}"
+                           if args.preset else "") \
+        + ("-mixed" if len(args.steps) > 1 else "-uniform") + ("" if args.batch_invariant else "-not-invariant")
+    header = {"checkpoint": args.checkpoint, "preset": args.preset, "moe": args.moe, "device": args.device,
+              "dtype": args.dtype, "batch_invariant": args.batch_invariant, "steps": args.steps,
+              "max_batch_rows": args.max_batch_rows}
     saturation_requests = max(args.requests, 2 * max(args.concurrency))
     direct = direct_engine(args.checkpoint, args.max_batch_rows, args.steps, saturation_requests, args.device,
                            args.dtype, args.batch_invariant)
@@ -206,6 +212,7 @@ def main() -> None:
         try:
             def record(arrivals: str, concurrency: Optional[int], result: dict) -> None:
                 rows.append({"batching": batching, "arrivals": arrivals, "concurrency": concurrency, **result})
+                save(name, {**header, "summary": {"direct_engine_images_per_s": direct, "partial": True}}, rows)
                 print(f"{batching:6s} {arrivals}: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
                       f"p95 {result['p95_ms']:.0f} ms ({result['measured']} measured of {result['images']})")
 
@@ -232,12 +239,7 @@ def main() -> None:
         flops = flops_per_image(args.checkpoint, args.steps)
         summary["bf16_peak_share_at_saturation"] = step_top["images_per_s"] * flops / (args.peak_tflops * 1e12)
     print(summary)
-    name = "serve_load" + (f"-{args.preset.replace('/', '_')}{'-' + args.moe if args.moe else ''}-{args.device}"
-                           if args.preset else "") \
-        + ("-mixed" if len(args.steps) > 1 else "-uniform") + ("" if args.batch_invariant else "-not-invariant")
-    save(name, {"checkpoint": args.checkpoint, "preset": args.preset, "moe": args.moe, "device": args.device,
-                "dtype": args.dtype, "batch_invariant": args.batch_invariant, "steps": args.steps,
-                "max_batch_rows": args.max_batch_rows, "summary": summary}, rows)
+    save(name, {**header, "summary": summary}, rows)
 
 
 def run_closed(args: argparse.Namespace, url: str, concurrency: int) -> dict:
