@@ -89,9 +89,14 @@ def rounded(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.to(weight.dtype).float()
 
 
+def triton_device(t: torch.Tensor) -> bool:
+    """Whether kernels for this tensor run in Triton (model/kernels.py): on a CUDA device."""
+    return t.is_cuda
+
+
 def gpu_invariant(t: torch.Tensor, tile: Optional[int]) -> bool:
     """Whether this GEMM runs on the batch-invariant Triton kernel: on CUDA, with a row tile."""
-    return t.is_cuda and tile is not None
+    return triton_device(t) and tile is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tile: Optional[int]) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .exact import (GPU_GROUP_TILE, ROW_TILE, Linear, gather_rows, gemm_dtype, gpu_invariant, grouped_mm, operand,
-                    pad_rows, padded, rounded)
+                    pad_rows, padded, rounded, triton_device)
 
 
 # ---------------------------------------------------------------- gating ----
@@ -221,7 +221,7 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     else:
         rows = x.new_zeros(sum(host_sizes), x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
         y = experts.run_grouped(rows, host_sizes, tile_expert, tile)
-    if x.is_cuda:
+    if triton_device(x):
         from . import kernels  # Triton: only where a GPU runs the layer
 
         by_token = token.argsort(stable=True)  # each token's pairs, still in expert order

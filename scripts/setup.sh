@@ -31,4 +31,9 @@ fi
 # The SDK first: the service imports its wire models from it (racedit_client.models).
 $py -m pip install -q -e clients/python
 $py -m pip install -q -e ".${extras}"
+if [ -n "$extras" ] && $py -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then
+  # Without a GPU the tests run the GPU kernels (model/kernels.py) in Triton's interpreter, which
+  # needs Triton 3.9 or later; a CUDA build of torch brings its own Triton, and there they run compiled.
+  $py -m pip install -q "triton>=3.9"
+fi
 echo "racedit installed in .venv"
