@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, time_call  # noqa: E402
 
 from racedit.model import kernels  # noqa: E402
-from racedit.model.exact import GPU_GROUP_TILE  # noqa: E402
+from racedit.model.exact import GPU_GROUP_TILE, padded  # noqa: E402
 
 BATCHES = [1, 2, 3, 4, 8, 16, 32, 64, 128]
 
@@ -61,8 +61,8 @@ def main() -> None:
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
-        def tokens(b: int, width: int = d) -> torch.Tensor:
-            return torch.randn(b, n, width, device=device, generator=g).to(dtype)
+        def tokens(b: int) -> torch.Tensor:
+            return torch.randn(b, n, d, device=device, generator=g).to(dtype)
 
         w = (torch.randn(args.hidden, d, device=device, generator=g) / d**0.5).to(dtype)
         bias = torch.randn(args.hidden, device=device, generator=g).to(dtype)
@@ -76,16 +76,16 @@ def main() -> None:
             order = experts.argsort(stable=True)
             counts = experts.bincount(minlength=args.experts).tolist()
             tile = GPU_GROUP_TILE if invariant else 1
-            sizes = [c + (-c) % tile for c in counts]
+            sizes = [padded(c, tile) for c in counts]
             slot = torch.cat([torch.arange(c, device=device) + s for c, s in
                               zip(counts, [0, *torch.tensor(sizes).cumsum(0).tolist()][:-1])])
-            padded = flat.new_zeros(sum(sizes), d).index_copy_(0, slot, flat[order])
+            buffer = flat.new_zeros(sum(sizes), d).index_copy_(0, slot, flat[order])
             if invariant:
                 tile_group = torch.arange(args.experts, device=device).repeat_interleave(
                     torch.tensor(sizes, device=device) // tile).to(torch.int32)
-                y = kernels.grouped_matmul(padded, w_e, tile_group, tile)
+                y = kernels.grouped_matmul(buffer, w_e, tile_group, tile)
             else:
-                y = torch._grouped_mm(padded, w_e, offs=torch.tensor(sizes, device=device).cumsum(0).to(torch.int32))
+                y = torch._grouped_mm(buffer, w_e, offs=torch.tensor(sizes, device=device).cumsum(0).to(torch.int32))
             out = torch.empty(flat.shape[0], hidden_e, device=device, dtype=y.dtype)
             out[order] = y[slot]
             return out.view(x.shape[0], n, -1)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -103,10 +104,8 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         qkv = qkv.to(self.qkv.weight.dtype)  # attention's matmuls run in the parameters' dtype
-        if x.is_cuda and self.qkv.row_tile is not None:  # batch-invariant on a GPU: see `invariant_attention`
-            with invariant_attention():
-                out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        else:
+        exact_on_gpu = x.is_cuda and self.qkv.row_tile is not None  # batch-invariant on a GPU: see `invariant_attention`
+        with invariant_attention() if exact_on_gpu else nullcontext():
             out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, d_head], per sample
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 

@@ -169,19 +169,27 @@ class Workspace:
     out: torch.Tensor  # [R, D] in the GEMM dtype
 
 
-def sort_pairs(weights: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The selected pairs sorted by expert, each expert's tokens in token order.
+@dataclass
+class Pairs:
+    """The selected (token, expert) pairs of a layer call, sorted by expert, each expert's tokens in token order."""
 
-    Returns tokens per expert (on the host: the layer's one sync), and per pair its expert,
-    token and gate value. Read expert-major, the mask's nonzeros come out in that order (no
-    sort), and `nonzero_static` needs no sync of its own.
-    """
+    counts: list[int]  # tokens per expert, on the host (the layer's one sync)
+    device_counts: torch.Tensor  # [E] the same, on the device
+    expert: torch.Tensor  # [P] per pair
+    token: torch.Tensor  # [P]
+    gate_values: torch.Tensor  # [P, 1] fp32
+
+
+def sort_pairs(weights: torch.Tensor, mask: torch.Tensor) -> Pairs:
+    """The selected pairs sorted by expert. Read expert-major, the mask's nonzeros come out in that
+    order (no sort), and `nonzero_static` needs no sync of its own: the counts are the one host read."""
     num_tokens = mask.shape[0]
     by_expert = mask.t()  # [E, N]
-    counts = by_expert.sum(1).tolist()
+    device_counts = by_expert.sum(1)
+    counts = device_counts.tolist()
     pairs = torch.nonzero_static(by_expert.reshape(-1), size=sum(counts)).squeeze(1)  # flat (expert, token)
     gate_values = weights.t().reshape(-1).index_select(0, pairs).unsqueeze(1).float()
-    return counts, pairs // num_tokens, pairs % num_tokens, gate_values
+    return Pairs(counts, device_counts, pairs // num_tokens, pairs % num_tokens, gate_values)
 
 
 def groups(counts: list[int]) -> Iterator[tuple[int, int, int]]:
@@ -204,32 +212,32 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     receives zero. Everything but the tokens per expert (the one host read) is derived on the device.
     """
     tile = GPU_GROUP_TILE if gpu_invariant(x, row_tile) else row_tile or 1
-    counts, expert, token, gate_values = sort_pairs(weights, mask)
+    pairs = sort_pairs(weights, mask)
+    token = pairs.token
     if not token.numel():
         return torch.zeros_like(x, dtype=torch.float32)
-    host_sizes = [padded(c, tile) for c in counts]
-    device_counts = mask.sum(0)  # the same counts, on the device (bincount would read its max back)
-    sizes = (device_counts + tile - 1) // tile * tile
+    host_sizes = [padded(c, tile) for c in pairs.counts]
+    total = sum(host_sizes)  # rows of the tile-padded buffer
+    padding = (pairs.device_counts + tile - 1) // tile * tile - pairs.device_counts  # [E], on the device
     # Pair i (sorted by expert) sits at row i + (padding before its expert's group) of the buffer.
-    shift = (sizes - device_counts).cumsum(0) - (sizes - device_counts)
-    slot = torch.arange(token.numel(), device=x.device) + shift[expert]
+    slot = torch.arange(token.numel(), device=x.device) + (padding.cumsum(0) - padding)[pairs.expert]
     tile_expert = torch.arange(mask.shape[1], device=x.device, dtype=torch.int32).repeat_interleave(
-        sizes // tile, output_size=sum(host_sizes) // tile)
+        (pairs.device_counts + padding) // tile, output_size=total // tile)
     if gpu_invariant(x, row_tile):
-        source = torch.full((sum(host_sizes),), -1, device=x.device).index_copy_(0, slot, token)
+        source = torch.full((total,), -1, device=x.device).index_copy_(0, slot, token)
         y = experts.run_tiled(x, source, tile_expert, tile)  # [R, D]
     else:
-        rows = x.new_zeros(sum(host_sizes), x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
+        rows = x.new_zeros(total, x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
         y = experts.run_grouped(rows, host_sizes, tile_expert, tile)
     if triton_device(x):
         from . import kernels  # Triton: only where a GPU runs the layer
 
         by_token = token.argsort(stable=True)  # each token's pairs, still in expert order
         first_pair = F.pad(mask.sum(1).cumsum(0), (1, 0))  # [N + 1]
-        return kernels.combine(y, slot[by_token], gate_values[by_token, 0], first_pair)
-    y = y.index_select(0, slot).mul_(gate_values)  # [P, D]
+        return kernels.combine(y, slot[by_token], pairs.gate_values[by_token, 0], first_pair)
+    y = y.index_select(0, slot).mul_(pairs.gate_values)  # [P, D]
     out = torch.zeros_like(x, dtype=torch.float32)
-    for _, start, stop in groups(counts):  # expert by expert: see `sorted_dispatch`
+    for _, start, stop in groups(pairs.counts):  # expert by expert: see `sorted_dispatch`
         out.index_add_(0, token[start:stop], y[start:stop])
     return out
 
@@ -242,15 +250,15 @@ def sorted_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, 
     thread and cost 1.2x on two). The same single host sync; a token's experts are added in expert order,
     one `index_add_` per expert: within an expert a token appears once, so no call adds to a row twice
     and CUDA's atomic adds cannot make a sum of three or more experts follow thread timing."""
-    counts, _, token, gate_values = sort_pairs(weights, mask)
+    pairs = sort_pairs(weights, mask)
     out = torch.zeros_like(x, dtype=torch.float32)
     training = torch.is_grad_enabled() and (x.requires_grad or experts.w1.requires_grad)
-    workspace = None if training or not token.numel() else experts.workspace(x, padded(max(counts), row_tile))
-    for e, start, stop in groups(counts):
-        index = token[start:stop]
+    workspace = None if training or not pairs.token.numel() else experts.workspace(x, padded(max(pairs.counts), row_tile))
+    for e, start, stop in groups(pairs.counts):
+        index = pairs.token[start:stop]
         rows = gather_rows(x, index, row_tile, workspace.rows if workspace is not None else None)
         y = experts.run(e, rows, workspace)[:stop - start]
-        out.index_add_(0, index, y.mul_(gate_values[start:stop]))
+        out.index_add_(0, index, y.mul_(pairs.gate_values[start:stop]))
     return out
 
 
