@@ -127,36 +127,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 BUDGETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # racedit.model.calibrate.BUDGETS, without importing torch here
 
 
-def _dispatch(argv: list[str]) -> int:
-    # serve and export own their flags (typed settings); hand them the rest of the line.
-    if argv[:1] == ["serve"]:
-        return _serve(argv[1:])
-    if argv[:1] == ["export"]:
-        return _export(argv[1:])
+class _Help(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help, unless it is required, has no default, or says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and not action.required and action.default not in (None, argparse.SUPPRESS)
+                and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `racedit` command line; serve and export parse their own flags (`racedit serve --help`)."""
     parser = argparse.ArgumentParser(prog="racedit", description="Race-DiT training, evaluation, serving and export")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="serve a checkpoint over HTTP (racedit serve --help)")
-    sub.add_parser("export", help="export ONNX / AOTInductor / Triton (racedit export --help)")
-    p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", help="checkpoint folder of an earlier run to continue exactly")
-    p.add_argument("--init", help="start from this checkpoint's weights with a fresh optimizer (fine-tuning)")
-    p.set_defaults(func=_train)
-    p = sub.add_parser("eval", help="class fidelity, Frechet distance, sample grid and Fig. 6 plot")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, func=None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:], formatter_class=_Help)
+        p.set_defaults(func=func)
+        return p
+
+    command("serve", "serve a checkpoint over HTTP (racedit serve --help)")
+    command("export", "export ONNX / AOTInductor / Triton (racedit export --help)")
+    p = command("train", "train a model from a YAML config", _train)
+    p.add_argument("--config", required=True,
+                   help="YAML training config, or a pipeline of stages (configs/*.yaml; required)")
+    p.add_argument("--out", help="output folder (default: runs/<config name>)")
+    p.add_argument("--resume", help="checkpoint folder of an earlier run to continue exactly (default: start anew)")
+    p.add_argument("--init", help="start from this checkpoint's weights with a fresh optimizer, for fine-tuning "
+                                  "(default: random initialisation)")
+    p = command("eval", "class fidelity, Frechet distance, sample grid and Fig. 6 plot", _eval)
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the bundled shapes10 model)")
-    p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--cfg-scale", type=float, default=4.0)
-    p.add_argument("--num-steps", type=int, default=25)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--out", default="eval-out")
+    p.add_argument("--num-samples", type=int, default=500, help="samples to draw, the classes in turn")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the samples")
+    p.add_argument("--num-steps", type=int, default=25, help="Euler steps per sample")
+    p.add_argument("--batch-size", type=int, default=100, help="samples generated at once")
+    p.add_argument("--out", default="eval-out", help="folder for report.json and the figures")
     p.add_argument("--classifier", default=None, help="classifier folder (default: the bundled one)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="precision of the network's matmuls (thresholds, timesteps and latents stay fp32)")
-    p.set_defaults(func=_eval)
-    p = sub.add_parser("calibrate", help="re-estimate the learned thresholds on the checkpoint's own weights")
+    p = command("calibrate", "re-estimate the learned thresholds on the checkpoint's own weights", _calibrate)
     p.add_argument("checkpoint", help="checkpoint folder")
-    p.add_argument("--out", default=None, help="write here instead of updating the checkpoint in place")
+    p.add_argument("--out", default=None, help="write here (default: update the checkpoint in place)")
     p.add_argument("--num-images", type=int, default=40, help="calibration samples (classes in turn)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the calibration samples")
     p.add_argument("--num-steps", type=int, default=25, help="Euler steps: the time grid calibrated over")
@@ -164,27 +177,36 @@ def _dispatch(argv: list[str]) -> int:
                    help="passes towards the fixed point (0 keeps the thresholds, e.g. to add a budget table)")
     p.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS),
                    help="expert budgets of the compute-dial table (must include 1.0; none: no table)")
-    p.set_defaults(func=_calibrate)
-    p = sub.add_parser("import-dit", help="a racedit checkpoint from DiT weights (diffusers folder or DiT .pt)")
+    p = command("import-dit", "a racedit checkpoint from DiT weights (diffusers folder or DiT .pt)", _import_dit)
     p.add_argument("source", help="a diffusers DiTTransformer2DModel folder (safetensors) or a facebookresearch/DiT .pt")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (required)")
     p.add_argument("--moe", default=None, help="upcycle every MLP into experts, e.g. 2in8 (default: dense)")
     p.add_argument("--hidden-split", type=int, default=1,
                    help="1: each expert a copy of the dense MLP; S > 1: experts are slices of its width / S")
-    p.add_argument("--gating", default="identity", choices=["identity", "sigmoid", "softmax"])
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads (a .pt of none of DiT's sizes)")
-    p.add_argument("--autoencoder", default=None, help="VAE folder (save_pretrained) to carry, e.g. sd-vae-ft-ema")
-    p.set_defaults(func=_import_dit)
-    p = sub.add_parser("pack", help="copy a checkpoint for shipping: weights only, parameters in float16")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.set_defaults(func=_pack)
-    p = sub.add_parser("train-classifier", help="train the shapes10 classifier used by eval")
-    p.add_argument("--out", default=None)
-    p.add_argument("--steps", type=int, default=600)
-    p.set_defaults(func=_train_classifier)
-    args = parser.parse_args(argv)
+    p.add_argument("--gating", default="identity", choices=["identity", "sigmoid", "softmax"],
+                   help="gate of the upcycled routers")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (default: from the width, for DiT's sizes; needed for a .pt of other sizes)")
+    p.add_argument("--autoencoder", default=None,
+                   help="VAE folder (save_pretrained) to carry, e.g. sd-vae-ft-ema (default: none, a pixel model)")
+    p = command("pack", "copy a checkpoint for shipping: weights only, parameters in float16", _pack)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder to copy (required)")
+    p.add_argument("--out", required=True, help="folder to write (required)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="type of the stored parameters (buffers such as thresholds stay exact)")
+    p = command("train-classifier", "train the shapes10 classifier used by eval", _train_classifier)
+    p.add_argument("--out", default=None, help="classifier folder (default: the bundled one, replaced)")
+    p.add_argument("--steps", type=int, default=600, help="training steps")
+    return parser
+
+
+def _dispatch(argv: list[str]) -> int:
+    # serve and export own their flags (typed settings); hand them the rest of the line.
+    if argv[:1] == ["serve"]:
+        return _serve(argv[1:])
+    if argv[:1] == ["export"]:
+        return _export(argv[1:])
+    args = parser().parse_args(argv)
     from racedit.model.autoencoder import AutoencoderError
     from racedit.model.checkpoint import CheckpointError
     from racedit.model.config import ConfigError

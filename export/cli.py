@@ -1,4 +1,7 @@
-"""`racedit export onnx|aot|triton --checkpoint PATH --out DIR [--dtype] [--opset]`."""
+"""`racedit export onnx|aot|triton [--checkpoint PATH] --out DIR [--dtype] [--opset] [--device]`.
+
+torch and the exporters are imported after the flags are parsed, so `--help` answers at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,27 +9,33 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from racedit.model import DEFAULT_CHECKPOINT, CheckpointError, load
 
-from .onnx_export import DTYPES, ExportError
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="racedit export", description="Export a checkpoint for other runtimes")
-    parser.add_argument("format", choices=["onnx", "aot", "triton"])
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (16..20)")
+    parser.add_argument("format", choices=["onnx", "aot", "triton"],
+                        help="onnx: model.onnx; aot: model.pt2 (torch.export + AOTInductor); triton: a model repository")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint folder (default: the bundled shapes10 model)")
+    parser.add_argument("--out", required=True, help="output folder (required)")
+    parser.add_argument("--dtype", default="float32",
+                        help="onnx, aot: precision of the exported network, float32 or float16 (default: %(default)s)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 16..20 (default: %(default)s)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="aot: compile for this device; triton: the denoiser's instance kind (KIND_CPU or "
                              "KIND_GPU) (default: %(default)s)")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        from .onnx_export import check_opset
+    return parser
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from racedit.model import CheckpointError, bundled, load
+
+    from .onnx_export import ExportError, check_opset
+
+    checkpoint = args.checkpoint or bundled()
+    try:
         check_opset(args.opset)
-        model = load(args.checkpoint)
+        model = load(checkpoint)
         out = Path(args.out)
         if args.format == "onnx":
             from .onnx_export import export_onnx
@@ -39,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             from .triton_repo import build_triton_repo
 
-            path = build_triton_repo(model, args.checkpoint, out, opset=args.opset, device=args.device)
+            path = build_triton_repo(model, checkpoint, out, opset=args.opset, device=args.device)
     except (ExportError, CheckpointError) as exc:
         print(f"racedit export: error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,11 @@ from .dit import ForwardStats, RaceDiT
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "racedit-shapes10"
 
 
+def bundled() -> Path:
+    """The shapes10 model shipped inside the package: `load(bundled())` works from any directory."""
+    return DEFAULT_CHECKPOINT
+
+
 def build(config: Union[str, ModelConfig, dict[str, Any]] = "shapes10", **overrides: Any) -> RaceDiT:
     """A freshly initialised model from a preset name, a ModelConfig or a config dict."""
     if isinstance(config, str):
@@ -50,7 +55,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "build", "load", "save", "generate", "read_config", "count_parameters", "parameter_counts",
+    "build", "bundled", "load", "save", "generate", "read_config", "count_parameters", "parameter_counts",
     "RaceDiT", "ModelConfig", "MoEConfig", "ForwardStats", "PRESETS", "preset_config",
     "ConfigError", "CheckpointError", "DEFAULT_CHECKPOINT",
 ]

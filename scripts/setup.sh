@@ -30,7 +30,9 @@ if [ -n "$extras" ] && { ! command -v docker-compose >/dev/null 2>&1 || ! comman
 fi
 # The SDK first: the service imports its wire models from it (racedit_client.models).
 $py -m pip install -q -e clients/python
-$py -m pip install -q -e ".${extras}"
+# setuptools notes every editable install through an import hook ("Editable installation."): a
+# note about editable installs in general, not about this project, so it is not shown.
+PYTHONWARNINGS="ignore:Editable installation" $py -m pip install -q -e ".${extras}"
 if [ -n "$extras" ] && $py -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then
   # Without a GPU the tests run the GPU kernels (model/kernels.py) in Triton's interpreter, which
   # needs Triton 3.9 or later; a CUDA build of torch brings its own Triton, and there they run compiled.

@@ -12,19 +12,19 @@ from typing import Literal, Optional, Sequence
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from .settings import ServeSettings
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="racedit serve",
         description="Serve a Race-DiT checkpoint over HTTP. Every flag is also an environment variable "
                     "RACEDIT_<FLAG> (e.g. RACEDIT_MAX_BATCH_ROWS=128); flags win over variables.")
     for name, field in ServeSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        default = field.default if not callable(field.default) else None
-        help_text = f"{field.description} (env RACEDIT_{name.upper()}, default {default})"
+        help_text = f"{field.description} (env RACEDIT_{name.upper()}{_default(field)})"
         choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else None
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
@@ -35,8 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default(field: FieldInfo) -> str:
+    """", default X" for the help line; nothing where the description already says it in words."""
+    if field.default_factory is not None or "default:" in (field.description or ""):
+        return ""
+    value = field.default
+    return ", default " + ({None: "none", True: "on", False: "off"}.get(value, str(value))
+                           if isinstance(value, (bool, type(None))) else str(value))
+
+
 def settings_from_args(argv: Sequence[str]) -> ServeSettings:
-    args = _parser().parse_args(list(argv))
+    args = parser().parse_args(list(argv))
     given = {k: v for k, v in vars(args).items() if v is not None}
     return ServeSettings(**given)
 

@@ -7,13 +7,20 @@ from typing import Literal, Optional
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from racedit.model import DEFAULT_CHECKPOINT
+
+
+def _bundled() -> Path:
+    # Imported when settings are made, not when this module is: `racedit serve --help` needs no torch.
+    from racedit.model import bundled
+
+    return bundled()
 
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RACEDIT_", extra="forbid", env_ignore_empty=True)
 
-    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint folder (safetensors + config.json)")
+    checkpoint: Path = Field(default_factory=_bundled, description="checkpoint folder (safetensors + config.json; "
+                                                                   "default: the bundled shapes10 model)")
     model_name: Optional[str] = Field(None, description="model id in /v1/models and KServe routes (default: from the checkpoint)")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0 picks a free one)")
