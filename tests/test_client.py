@@ -120,15 +120,20 @@ def test_the_served_schema_is_the_sdk_models_plus_the_servers_limits(server):
 
 def test_cli_writes_decodable_pngs(server, tmp_path):
     result = subprocess.run([sys.executable, "-m", "racedit_client.cli", "--url", server.url, "generate",
-                             "--class", "star", "--cfg", "4", "--steps", "5", "--seed", "1", "-n", "3",
+                             "--class", "Star", "--cfg", "4", "--steps", "5", "--seed", "1", "-n", "3",
                              "-o", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     files = sorted(tmp_path.glob("*.png"))
-    assert [f.name for f in files] == ["star-1.png", "star-2.png", "star-3.png"]
+    assert [f.name for f in files] == ["star-1.png", "star-2.png", "star-3.png"]  # the class's own name
     for f in files:
         with Image.open(f) as im:
             assert im.format == "PNG" and im.size == (16, 16)
-    assert "experts per token" in result.stdout and "per layer" in result.stdout
+    assert "3 image(s)" in result.stdout and "experts per token" in result.stdout and "per layer" in result.stdout
+    arrays = subprocess.run([sys.executable, "-m", "racedit_client.cli", "--url", server.url, "generate", "--class", "6",
+                             "--steps", "2", "--seed", "5", "-n", "2", "--format", "npy", "-o", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert arrays.returncode == 0, arrays.stderr
+    assert "2 array(s)" in arrays.stdout and sorted(f.name for f in tmp_path.glob("*.npy")) == ["star-5.npy", "star-6.npy"]
     models = subprocess.run([sys.executable, "-m", "racedit_client.cli", "--url", server.url, "models"],
                             capture_output=True, text=True, timeout=60)
     assert models.returncode == 0 and "racedit-tiny" in models.stdout

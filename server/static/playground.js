@@ -19,6 +19,13 @@ async function call(path, options = {}) {
   }
 }
 
+// The page's state, for people (the button, the texts) and for scripts (body[data-state]):
+// loading -> ready -> generating -> done | failed; a failed model card leaves it "failed".
+function setState(state) {
+  document.body.dataset.state = state;
+  $("generate").disabled = state === "loading" || state === "generating" || !card;
+}
+
 function showError(message) {
   $("error").textContent = message;
   $("error").hidden = !message;
@@ -43,6 +50,9 @@ async function loadModel() {
     Object.assign($("budget"), { min: budget.minimum, max: budget.maximum });
     $("budget").disabled = budget.minimum === budget.maximum;
   }).catch(() => {});
+  $("model-info").removeAttribute("aria-busy");
+  $("progress-text").textContent = "ready";
+  setState("ready");
 }
 
 // A viridis-like colour map: the value's place between lo and hi -> [r, g, b].
@@ -173,19 +183,22 @@ function onEvent(name, data) {
       `cfg ${data.request.cfg_scale}, ${data.request.num_steps} steps, seed ${data.request.seed}; ` +
       `${data.expert_usage.mean_experts_per_token.toFixed(3)} experts per token (k = ${data.expert_usage.nominal_k})`;
     showImages(data.images, data.expert_usage.token_map);
+    setState("done");
     showUsage(data.expert_usage);
     const t = data.timing;
     $("timing").textContent = `queue ${t.queue_ms.toFixed(0)} ms, inference ${t.inference_ms.toFixed(0)} ms, ` +
       `total ${t.total_ms.toFixed(0)} ms (request ${data.id})`;
   } else if (name === "error") {
     showError(`${data.status}: ${describe(data.detail)}`);
+    $("progress-text").textContent = "failed";
+    setState("failed");
   }
 }
 
 async function generate(event) {
   event.preventDefault();
   showError("");
-  $("generate").disabled = true;
+  setState("generating");
   $("progress-bar").style.width = "0";
   $("progress-text").textContent = "queued";
   const body = {
@@ -210,11 +223,11 @@ async function generate(event) {
       if (done) break;
       buffer = parseEvents(buffer + decoder.decode(value, { stream: true }), onEvent);
     }
+    if (document.body.dataset.state === "generating") throw new Error("the stream ended without a result");
   } catch (error) {
     showError(error.message);
     $("progress-text").textContent = "failed";
-  } finally {
-    $("generate").disabled = false;
+    setState("failed");
   }
 }
 
@@ -223,4 +236,10 @@ $("heatmap-toggle").addEventListener("change", () => {
   $("legend").hidden = !$("heatmap-toggle").checked || !document.querySelector("canvas.heatmap");
 });
 $("controls").addEventListener("submit", generate);
-loadModel().catch((error) => showError(error.message));
+loadModel().catch((error) => {
+  $("model-info").removeAttribute("aria-busy");
+  $("model-info").textContent = "the model card could not be loaded";
+  $("progress-text").textContent = "failed";
+  showError(error.message);
+  setState("failed");
+});

@@ -17,7 +17,8 @@ SPARK = " .:-=+*#%@"
 def usage_summary(result: GenerateResult) -> str:
     u = result.expert_usage
     lines = [
-        f"request {result.id}: {len(result.images)} image(s), seeds {result.seeds}, "
+        f"request {result.id}: {len(result.arrays or result.images)} {'array' if result.arrays else 'image'}(s), "
+        f"seeds {result.seeds}, "
         f"{result.timing.total_ms:.0f} ms (queue {result.timing.queue_ms:.0f} ms)",
         f"experts per token: {u.mean_experts_per_token:.3f} (nominal k = {u.nominal_k} of {u.num_experts}); "
         f"pairs computed {u.activated_pairs} / {u.nominal_pairs} nominal = {u.compute_ratio:.3f}",
@@ -100,8 +101,9 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extension = {"png": "png", "jpeg": "jpg", "webp": "webp", "npy": "npy"}[args.format]
+    name = result.request.class_name if result.request else args.class_label  # `--class Star` or `6`: star-<seed>
     for item, seed in zip(result.arrays or result.images, result.seeds):
-        path = out / f"{args.class_label}-{seed}.{extension}"
+        path = out / f"{name}-{seed}.{extension}"
         if args.format == "npy":
             import numpy as np
 
