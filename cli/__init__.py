@@ -2,7 +2,8 @@
 
 It lives outside the three packages it dispatches to (racedit.model, racedit.server,
 racedit.export), so none of them depends on another through it. Each subcommand imports
-its code lazily: `racedit serve --help` does not load torch's training code.
+its code when it runs, so no `--help` imports torch and each answers at once
+(tests/test_cli_help.py).
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -34,7 +35,9 @@ def export_aot(model: RaceDiT, path: Union[str, os.PathLike], dtype: str = "floa
         raise ExportError("device cuda requested but no CUDA device is available")
     path = prepare_output(path)
     program = export_program(model, dtype, device)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own pickling of the program's tree specs trips torch's own deprecation: nothing to change here.
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     path.with_name(path.name + ".json").write_text(json.dumps(contents(model, dtype, device), indent=2) + "\n")
     return path

@@ -75,8 +75,10 @@ class Autoencoder:
         self.check()
         AutoencoderKL = require_diffusers()
         try:
+            # low_cpu_mem_usage=False: the plain load, which needs no `accelerate` (without it diffusers
+            # falls back to this anyway, with a paragraph on every load).
             vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True, use_safetensors=True,
-                                                torch_dtype=torch.float32)
+                                                torch_dtype=torch.float32, low_cpu_mem_usage=False)
         except Exception as exc:  # diffusers raises many kinds for a broken folder
             raise AutoencoderError(f"{self.path}: cannot load the VAE ({type(exc).__name__}: {exc})") from exc
         return vae.to(device).eval().requires_grad_(False)

@@ -246,7 +246,7 @@ def vae_encoder(vae: Union[torch.nn.Module, str, os.PathLike], scale: Optional[f
         path = Path(vae)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not an AutoencoderKL folder (no config.json); write one with save_pretrained")
-        vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)  # as Autoencoder.load
     vae = vae.eval()
     config = getattr(vae, "config", None)
     if scale is None:

@@ -119,7 +119,7 @@ class Runner:
         self.groups.append(proc)
         return proc, log
 
-    def run(self, block: Block, first: bool) -> str:
+    def run(self, block: Block, first: bool) -> None:
         started = time.monotonic()
         proc, log = self.start(block)
         if block.server:
@@ -131,7 +131,6 @@ class Runner:
                 code = f"still running after {SETUP_S if first else BLOCK_S} s"
             assert code == 0, f"{block} failed ({code}):\n{block.body}\n--- output ---\n{log.read_text()[-4000:]}"
         self.seconds[str(block)] = round(time.monotonic() - started, 1)
-        return log.read_text()
 
     def wait_ready(self, block: Block, proc: subprocess.Popen, log: Path, limit: float) -> None:
         deadline = time.monotonic() + limit
@@ -193,22 +192,21 @@ def test_every_block_of_the_readme_runs_as_written(tmp_path):
     logs.mkdir()
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=300)
     runner = Runner(clone, elsewhere, logs)
-    outputs = {}
     started = time.monotonic()
     try:
         for index, block in enumerate(b for b in blocks if not b.skip):
-            outputs[block.line] = runner.run(block, first=index == 0)
-        first_block = outputs[blocks[0].line]
-        noise = [line for line in first_block.splitlines()
-                 if re.search(r"warn|deprecat", line, re.I) and not MACHINE_NOTE.match(line)]
-        assert noise == [], "setup and serve should print no warnings:\n" + "\n".join(noise[:40])
+            runner.run(block, first=index == 0)
         card = httpx.get("http://127.0.0.1:8002/v1/models", timeout=10).json()["data"][0]
         assert card["backend"] == "onnxruntime", card  # the ONNX server is the one on its port
     finally:
         runner.stop_all()
         print(json.dumps({"seconds": runner.seconds, "total": round(time.monotonic() - started, 1)}, indent=1))
+    outputs = {log.name: log.read_text() for log in sorted(logs.glob("*.log"))}  # the servers' to their end
     everything = "\n".join(outputs.values())
     assert "Traceback" not in everything, everything[-4000:]
+    noise = [f"{name}: {line}" for name, output in outputs.items() for line in output.splitlines()
+             if re.search(r"warn|deprecat|accelerate", line, re.I) and not MACHINE_NOTE.match(line)]
+    assert noise == [], "setup, the servers and the commands should print no warnings:\n" + "\n".join(noise[:40])
 
     # What the blocks say they make, they made.
     assert sorted(p.name for p in (clone / "out").glob("star-*.png")) == [f"star-{i}.png" for i in range(1, 5)]
