@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,3 +226,4 @@ def test_every_block_of_the_readme_runs_as_written(tmp_path):
         assert image.size == (32, 32) and image.mode == "RGB"
     for exported in ("onnx/model.onnx", "aot/model.pt2", "triton/racedit_denoiser/config.pbtxt"):
         assert (clone / "exports" / exported).is_file(), exported
+    shutil.rmtree(clone / ".venv")  # a GB or two that pytest would otherwise keep for its last three runs
