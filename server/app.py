@@ -1,6 +1,7 @@
 """The HTTP layer (FastAPI). It validates, submits to the engine, and encodes results; nothing more."""
 import asyncio
 import base64
+import dataclasses
 import hmac
 import io
 import logging
@@ -25,13 +26,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .calls import engine_error, run_on_engine
+from racedit.model.usage import UsageSummary
+
 from .engine import Engine, EngineError, GenerationRequest, GenerationResult, StepProgress
 from . import schemas
 from .kserve import kserve_router
-from .schemas import (ErrorBody, GenerateResponse, Health, ModelCard, ModelList, PreviewEvent, ProgressEvent,
+from .schemas import (ErrorBody, ExpertUsage, GenerateResponse, Health, ModelCard, ModelList, PreviewEvent, ProgressEvent,
                       ResolvedRequest, StreamError)
 from .settings import ServeSettings
-from .validation import Limits, build_request, request_model
+from .validation import Limits, ServedModel, build_request, request_model
 
 log = logging.getLogger("racedit.server")
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
@@ -138,22 +141,25 @@ async def _send_json(send: Send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-def model_card(engine: Engine, name: str, backend: str) -> ModelCard:
+def model_card(engine: Engine, name: str, backend: str, limits: Limits) -> ModelCard:
     from racedit.model import parameter_counts
 
-    cfg = engine.model.config
+    runner = engine.runner
+    cfg = runner.config
     total, activated = parameter_counts(cfg)
+    decoder = runner.decoder
     return ModelCard(
         id=name, classes=class_names_of(cfg),
         image_size=cfg.image_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
-        image_shape=list(engine.output_shape),
-        latent_shape=list(engine.image_shape) if engine.decoder is not None else None,
-        autoencoder=({"kind": engine.decoder.autoencoder.kind, "scaling_factor": engine.decoder.autoencoder.scaling_factor,
-                      "shift_factor": engine.decoder.autoencoder.shift_factor} if engine.decoder is not None else None),
+        image_shape=list(runner.output_shape),
+        latent_shape=list(runner.image_shape) if decoder is not None else None,
+        autoencoder=({"kind": decoder.autoencoder.kind, "scaling_factor": decoder.autoencoder.scaling_factor,
+                      "shift_factor": decoder.autoencoder.shift_factor} if decoder is not None else None),
         routing=cfg.moe.__dict__ if cfg.moe else None, parameters_total=total, parameters_activated=activated,
-        thresholds=engine.layer_thresholds, backend=backend,
-        dtype=str(engine.dtype).removeprefix("torch."), batch_invariant=engine.batch_invariant,
-        expert_budget_range=list(engine.budget_range or (1.0, 1.0)))
+        thresholds=runner.layer_thresholds, backend=backend,
+        dtype=str(runner.dtype).removeprefix("torch."), batch_invariant=engine.batch_invariant,
+        expert_budget_range=list(runner.budget_range), samplers=list(limits.samplers),
+        default_sampler=limits.default_sampler)
 
 
 def build_engine(settings: ServeSettings) -> Engine:
@@ -175,16 +181,16 @@ def build_engine(settings: ServeSettings) -> Engine:
         model = load(settings.checkpoint)
     autoencoder = read_autoencoder(settings.checkpoint)
     decoder = Decoder(autoencoder, device) if autoencoder is not None else None
-    return Engine(model, device, dtype, max_batch_rows=settings.max_batch_rows, max_queue=settings.max_queue,
-                  mode=settings.batching, static_wait_ms=settings.static_wait_ms, metrics=EngineMetrics(),
-                  batch_invariant=settings.batch_invariant, decoder=decoder)
+    return Engine.build(model, device, dtype, max_batch_rows=settings.max_batch_rows, max_queue=settings.max_queue,
+                        mode=settings.batching, static_wait_ms=settings.static_wait_ms, metrics=EngineMetrics(),
+                        batch_invariant=settings.batch_invariant, decoder=decoder)
 
 
 # --------------------------------------------------------------------- app ----
 def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine] = None) -> FastAPI:
     settings = settings or ServeSettings()
     state: dict[str, Any] = {"engine": engine}
-    limits = Limits.from_settings(settings, *_served_model(settings, engine))
+    limits = Limits.from_settings(settings, served_model(settings, engine))
     GenerateRequest = request_model(limits)  # noqa: N806 -- the wire models, with this server's ranges
     GenerateStreamRequest = request_model(limits, schemas.GenerateStreamRequest)  # noqa: N806
 
@@ -198,7 +204,7 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
         app.state.engine = eng
         app.state.model_name = settings.model_name or _default_name(settings)
         app.state.limits = limits
-        log.info("racedit ready: model %s on %s", app.state.model_name, eng.device)
+        log.info("racedit ready: model %s on %s", app.state.model_name, eng.runner.device)
         yield
         await run_in_threadpool(eng.stop, True, settings.drain_timeout_s)
 
@@ -268,7 +274,7 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)], tags=["models"])
     async def models(request: Request) -> ModelList:
-        return ModelList(data=[model_card(request.app.state.engine, request.app.state.model_name, settings.backend)])
+        return ModelList(data=[model_card(request.app.state.engine, request.app.state.model_name, settings.backend, limits)])
 
     def answer(request: Request, body: GenerateRequest, job: GenerationRequest, result: GenerationResult,
                encoded: list[bytes]) -> GenerateResponse:
@@ -277,10 +283,11 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
             id=request.state.request_id, model=request.app.state.model_name, seed=job.seed,
             request=ResolvedRequest(class_label=job.class_label, class_name=limits.class_names[job.class_label],
                                     cfg_scale=job.cfg_scale, num_steps=job.num_steps, num_images=job.num_images,
-                                    seed=job.seed, expert_budget=job.expert_budget, output_format=body.output_format),
+                                    seed=job.seed, expert_budget=job.expert_budget, sampler=job.sampler,
+                                    output_format=body.output_format),
             images=[{"seed": s, "mime_type": MIME[body.output_format], "data": base64.b64encode(b).decode()}
                     for s, b in zip(result.seeds, encoded)],
-            expert_usage=result.expert_usage,
+            expert_usage=expert_usage(result.expert_usage),
             timing={"queue_ms": result.queue_ms, "inference_ms": result.inference_ms, "total_ms": result.total_ms,
                     "decode_ms": result.decode_ms})
 
@@ -382,19 +389,27 @@ def class_names_of(config: Any) -> list[str]:
     return list(config.class_names or [str(i) for i in range(config.num_classes)])
 
 
-def _served_model(settings: ServeSettings, engine: Optional[Engine]) -> tuple[list[str], Optional[tuple[float, float]]]:
-    """The served model's class names and budget range, known before it loads (the request schema
-    names its ranges). An ONNX denoiser has no compute dial."""
+def served_model(settings: ServeSettings, engine: Optional[Engine]) -> ServedModel:
+    """What the request schema needs of the served model, known before it loads. An ONNX denoiser
+    has no compute dial."""
     from racedit.model import read_config
+    from racedit.model.budget import BudgetTable, budget_range
     from racedit.model.config import ModelConfig
+    from racedit.model.samplers import DEFAULT_SAMPLER, SAMPLERS
 
     if engine is not None:
-        return class_names_of(engine.model.config), engine.budget_range
-    from racedit.model.calibrate import budget_range
+        config, budgets = engine.config, engine.runner.budget_range
+    else:
+        document = read_config(settings.checkpoint)
+        config = ModelConfig.from_dict(document["model"])
+        table = BudgetTable.from_metadata(document.get("metadata", {})) if settings.backend == "torch" else None
+        budgets = budget_range(table)
+    return ServedModel(class_names_of(config), budgets, tuple(SAMPLERS), DEFAULT_SAMPLER)
 
-    document = read_config(settings.checkpoint)
-    budgets = budget_range(document.get("metadata", {})) if settings.backend == "torch" else None
-    return class_names_of(ModelConfig.from_dict(document["model"])), budgets
+
+def expert_usage(summary: UsageSummary) -> ExpertUsage:
+    """The engine's usage accounting as the wire's `expert_usage` (its one conversion)."""
+    return ExpertUsage.model_validate(dataclasses.asdict(summary))
 
 
 def _default_name(settings: ServeSettings) -> str:

@@ -5,8 +5,9 @@ from typing import Optional
 
 from fastapi import Request
 
-from .engine import (DeadlineExceeded, DuplicateRequest, Engine, GenerationRequest, GenerationResult, QueueFull,
-                     ShuttingDown, StepFailed)
+from .engine import Engine
+from .requests import (DeadlineExceeded, DuplicateRequest, GenerationRequest, GenerationResult, QueueFull,
+                       ShuttingDown, StepFailed)
 
 
 def engine_error(exc: Exception, retry_after: int) -> tuple[int, str, dict[str, str]]:

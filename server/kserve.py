@@ -132,7 +132,7 @@ def kserve_router(require_key: Callable, settings: ServeSettings, request_model:
     async def model_metadata(name: str, request: Request, version: Optional[str] = None) -> Any:
         if (missing := check_model(request, name)) is not None:
             return missing
-        _, height, width = request.app.state.engine.output_shape  # decoded pictures for latent models
+        _, height, width = request.app.state.engine.runner.output_shape  # decoded pictures for latent models
         return {"name": name, "versions": ["1"], "platform": "racedit",
                 "inputs": [{"name": n, "datatype": d, "shape": [-1]} for n, d in INPUTS],
                 "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, height, width, 3]},
@@ -192,7 +192,7 @@ def kserve_router(require_key: Callable, settings: ServeSettings, request_model:
         if any(r is None for r in results):
             return Response(status_code=499)
         images = np.concatenate([r.images for r in results])
-        ept = np.array([r.expert_usage["mean_experts_per_token"] for r in results], dtype=np.float32)
+        ept = np.array([r.expert_usage.mean_experts_per_token for r in results], dtype=np.float32)
         seeds = np.array([job.seed for job in jobs], dtype=np.int64)
         try:
             return encode_outputs(document, {"image": ("UINT8", images), "mean_experts_per_token": ("FP32", ept),
