@@ -1,7 +1,6 @@
 """The HTTP layer (FastAPI). It validates, submits to the engine, and encodes results; nothing more."""
 import asyncio
 import base64
-import hmac
 import io
 import logging
 import uuid
@@ -11,7 +10,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -22,12 +21,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .calls import engine_error, run_on_engine
 from .engine import Engine, EngineError, GenerationRequest, GenerationResult, StepProgress
 from . import schemas
 from .kserve import kserve_router
+from .middleware import REQUEST_ID_MAX, RequireKey, error_document, send_error
 from .schemas import (ErrorBody, GenerateResponse, Health, ModelCard, ModelList, PreviewEvent, ProgressEvent,
                       ResolvedRequest, StreamError)
 from .settings import ServeSettings
@@ -36,7 +37,7 @@ from .validation import Limits, build_request, request_model
 log = logging.getLogger("racedit.server")
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
 STATIC = Path(__file__).resolve().parent / "static"
-PUBLIC_PATHS = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
+REFUSALS = (400, 401, 408, 413, 422, 431)  # what any route may answer before it runs (README: Errors)
 
 
 def encode_npy(sample: np.ndarray) -> bytes:
@@ -85,24 +86,34 @@ def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
 
 # -------------------------------------------------------------- middleware ----
 class BodyLimit:
-    """Refuse bodies above `max_bytes` with 413, whether or not Content-Length is sent."""
+    """Refuse bodies above `max_bytes` with 413, whether or not Content-Length is sent, and bodies that do
+    not arrive within `timeout_s` of the head with 408 (a slow sender holds no handler for long). What is
+    read after the body (a disconnect) has no deadline."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _send_json(send, 413, {"detail": f"request body exceeds {self.max_bytes} bytes"})
-        seen = 0
+            return await send_error(scope, send, 413, f"request body exceeds {self.max_bytes} bytes")
+        seen, complete = 0, False
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"request body not received within {self.timeout_s:g} s",
+                                    headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise HTTPException(413, f"request body exceeds {self.max_bytes} bytes")
             return message
@@ -111,16 +122,28 @@ class BodyLimit:
 
 
 class RequestId:
-    """`request.state.request_id` from X-Request-ID (or a new one), echoed on the answer. Plain ASGI, not
-    BaseHTTPMiddleware, which cancels a streaming answer whose body waits (the stream route's)."""
+    """`request.state.request_id` from X-Request-ID (or a new one), echoed on every answer. An id longer
+    than REQUEST_ID_MAX (431) or with other than visible ASCII characters (400), and a head larger than
+    `max_head_bytes` (431, a head h11 got whole in one read) are refused, answered under a new id: a
+    client's value is never echoed unchecked. Plain ASGI, not BaseHTTPMiddleware, which cancels a
+    streaming answer whose body waits (the stream route's)."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
+    def __init__(self, app: ASGIApp, max_head_bytes: int):
+        self.app, self.max_head_bytes = app, max_head_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        head = len(scope.get("raw_path") or b"") + len(scope["query_string"]) + sum(
+            len(name) + len(value) + 4 for name, value in scope["headers"])
+        refusal = (
+            (431, f"request head (request line and headers) exceeds {self.max_head_bytes} bytes")
+            if head > self.max_head_bytes else
+            (431, f"X-Request-ID is longer than {REQUEST_ID_MAX} characters") if len(given) > REQUEST_ID_MAX else
+            (400, "X-Request-ID must be visible ASCII characters (no spaces)")
+            if given and not all(0x21 <= c <= 0x7E for c in given) else None)
+        rid = given.decode("ascii") if given and refusal is None else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:
@@ -128,14 +151,9 @@ class RequestId:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
+        if refusal is not None:
+            return await send_error(scope, send_with_id, *refusal)
         await self.app(scope, receive, send_with_id)
-
-
-async def _send_json(send: Send, status: int, body: dict) -> None:
-    data = JSONResponse(body).body
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
 
 
 def model_card(engine: Engine, name: str, backend: str) -> ModelCard:
@@ -199,6 +217,9 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
         app.state.model_name = settings.model_name or _default_name(settings)
         app.state.limits = limits
         log.info("racedit ready: model %s on %s", app.state.model_name, eng.device)
+        if settings.api_key is None:
+            log.warning("serving WITHOUT authentication: no API key is set (--api-key or RACEDIT_API_KEY), so "
+                        "anyone who reaches %s:%s can generate", settings.host, settings.port)
         yield
         await run_in_threadpool(eng.stop, True, settings.drain_timeout_s)
 
@@ -220,33 +241,35 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
                                    swagger_favicon_url="static/swagger/favicon-32x32.png")
     app.state.settings = settings
 
-    async def require_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        expected = settings.api_key.get_secret_value()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
-            raise HTTPException(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    app.add_middleware(RequestId)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # The last added runs first: the request id, then the key (from the headers alone), then the body limit.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.read_timeout_s)
+    if settings.api_key is not None:
+        app.add_middleware(RequireKey, key=settings.api_key)
+    app.add_middleware(RequestId, max_head_bytes=settings.max_header_bytes)
     http_registry = CollectorRegistry()  # HTTP series; the engine keeps its own racedit_* registry
     Instrumentator(excluded_handlers=["/metrics"], registry=http_registry).instrument(app)
 
     def error(request: Request, status: int, detail: Any, headers: Optional[dict] = None) -> JSONResponse:
-        rid = getattr(request.state, "request_id", None)
-        return JSONResponse(ErrorBody(detail=detail, request_id=rid).model_dump(), status_code=status, headers=headers)
+        """Every error answer of the routes: the request id in the body (and, from RequestId, the header)."""
+        document = error_document(request.url.path, detail, getattr(request.state, "request_id", None))
+        return JSONResponse(document, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [{"loc": list(e.get("loc", [])), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         return error(request, 422, details)
 
-    @app.exception_handler(HTTPException)
-    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and the router's own 404/405
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(request, exc.status_code, exc.detail, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        """An unexpected error: answered by Starlette's outermost middleware, outside RequestId, so the id
+        header is set here."""
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        rid = getattr(request.state, "request_id", None)
+        return error(request, 500, f"internal error: {type(exc).__name__}", {"X-Request-ID": rid} if rid else None)
 
     @app.exception_handler(EngineError)
     async def on_engine(request: Request, exc: EngineError) -> JSONResponse:
@@ -266,9 +289,10 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
             return error(request, 503, state, {"Retry-After": str(settings.retry_after_s)})
         return Health(status="ready")
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)], tags=["models"])
+    @app.get("/v1/models", response_model=ModelList, tags=["models"])
     async def models(request: Request) -> ModelList:
-        return ModelList(data=[model_card(request.app.state.engine, request.app.state.model_name, settings.backend)])
+        return ModelList(data=[model_card(request.app.state.engine, request.app.state.model_name, settings.backend)],
+                         authentication="none" if settings.api_key is None else "bearer")
 
     def answer(request: Request, body: GenerateRequest, job: GenerationRequest, result: GenerationResult,
                encoded: list[bytes]) -> GenerateResponse:
@@ -284,21 +308,22 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
             timing={"queue_ms": result.queue_ms, "inference_ms": result.inference_ms, "total_ms": result.total_ms,
                     "decode_ms": result.decode_ms})
 
-    @app.post("/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)], tags=["generate"],
-              responses={code: {"model": ErrorBody} for code in (401, 409, 413, 422, 429, 500, 503, 504)})
+    @app.post("/generate", response_model=GenerateResponse, tags=["generate"],
+              responses={code: {"model": ErrorBody} for code in (*REFUSALS, 409, 429, 500, 503, 504)})
     async def generate(body: GenerateRequest, request: Request) -> Any:
         job = build_request(limits, body)
         job.request_id = request.state.request_id  # errors from the engine name the id the client sees
-        result = await run_on_engine(request.app.state.engine, job, request)
-        if result is None:
+        results = await run_on_engine(request.app.state.engine, [job], request)
+        if results is None:
             return Response(status_code=499)  # client closed the connection; nobody reads this
+        result = results[0]
         return answer(request, body, job, result, await run_in_threadpool(encode_result, result, body.output_format))
 
-    @app.post("/generate/stream", dependencies=[Depends(require_key)], tags=["generate"],
+    @app.post("/generate/stream", tags=["generate"],
               responses={200: {"content": {"text/event-stream": {}},
                                "description": "events progress, preview, then result (the /generate answer) or "
                                               "error; errors known before the stream starts are plain answers"},
-                         **{code: {"model": ErrorBody} for code in (401, 409, 413, 422, 429, 503)}})
+                         **{code: {"model": ErrorBody} for code in (*REFUSALS, 409, 429, 503)}})
     async def generate_stream(body: GenerateStreamRequest, request: Request) -> StreamingResponse:
         job = build_request(limits, body)
         job.request_id = request.state.request_id
@@ -345,12 +370,12 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_key)])
+    @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
         body = generate_latest(http_registry) + generate_latest(request.app.state.engine.metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(kserve_router(require_key, settings, GenerateRequest))
+    app.include_router(kserve_router(settings, GenerateRequest))
     document_stream_events(app)
     return app
 

@@ -18,7 +18,15 @@ that end to end on this host and reports it as `Engine.batch_invariant`.
 Robustness: an exception in any phase of an iteration fails only the requests it
 concerns; if the worker thread dies anyway, every waiting request is answered at
 once and `ready` turns false. Submission and `stop()` share one lock, so nothing
-is accepted after the final sweep.
+is accepted after the final sweep. A job is answered exactly once: whoever takes it
+out of the table of unanswered jobs (under the lock) answers it, so `cancel()`, the
+worker and `stop()`'s final sweep can race for a job without answering or counting
+it twice.
+
+Ids: one id per request, however many jobs it has (a KServe request with N rows is
+N jobs under its one id, `submit_all`): a second request with an id in flight is
+refused before any of its jobs is queued, and `cancel(id)` reaches only the jobs of
+the request that holds it.
 
 The engine knows nothing of HTTP: it takes `GenerationRequest`s and resolves
 `concurrent.futures.Future`s with `GenerationResult`s or engine errors.
@@ -32,7 +40,7 @@ import uuid
 from concurrent.futures import Future
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -165,7 +173,7 @@ class Engine:
         self.batch_invariant = False  # verified by start() on this host
         self._queue: deque[_Job] = deque()  # waiting, in arrival order; the head waits for room
         self._active: list[_Job] = []
-        self._jobs: dict[str, _Job] = {}  # every request not yet answered
+        self._jobs: dict[str, list[_Job]] = {}  # the unanswered jobs of every request in flight, by its id
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # a job arrived, or stop
         self._idle = threading.Condition(self._lock)  # a job was answered
@@ -243,7 +251,7 @@ class Engine:
         """The final sweep: fail every unanswered request. Submission is closed (same lock)."""
         with self._lock:
             self._accepting = False
-            leftover = list(self._jobs.values())
+            leftover = [job for jobs in self._jobs.values() for job in jobs]
             self._queue.clear()
         for job in leftover:
             self._fail(job, error)
@@ -252,46 +260,56 @@ class Engine:
     # ------------------------------------------------------------ submit ----
     def submit(self, request: GenerationRequest) -> Future:
         """Queue a request; the future resolves to a GenerationResult or fails with an EngineError."""
-        if request.rows > self.max_batch_rows:
-            raise ValueError(f"request needs {request.rows} rows per step but max_batch_rows is {self.max_batch_rows}")
-        low, high = self.budget_range or (1.0, 1.0)
-        if not low <= request.expert_budget <= high:
-            raise ValueError(f"expert_budget {request.expert_budget:g} is outside this model's range {low:g}..{high:g}")
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: Sequence[GenerationRequest]) -> list[Future]:
+        """Queue the jobs of one request (all under its one id, e.g. a KServe request's rows): all of them
+        or, on an error (ShuttingDown, DuplicateRequest, QueueFull), none."""
+        request_id = requests[0].request_id
+        for request in requests:
+            if request.request_id != request_id:
+                raise ValueError(f"the jobs of one request share its id: {request.request_id!r} != {request_id!r}")
+            if request.rows > self.max_batch_rows:
+                raise ValueError(f"request needs {request.rows} rows per step but max_batch_rows is {self.max_batch_rows}")
+            low, high = self.budget_range or (1.0, 1.0)
+            if not low <= request.expert_budget <= high:
+                raise ValueError(f"expert_budget {request.expert_budget:g} is outside this model's range {low:g}..{high:g}")
         now = time.monotonic()
-        job = _Job(request, Future(), now, now + request.timeout_s if request.timeout_s else None)
+        jobs = [_Job(r, Future(), now, now + r.timeout_s if r.timeout_s else None) for r in requests]
         with self._lock:
             if not self._accepting:
                 self.metrics.rejected.labels(reason="draining").inc()
                 raise ShuttingDown("the server is shutting down and admits no new requests")
-            if request.request_id in self._jobs:
-                raise DuplicateRequest(f"a request with id {request.request_id!r} is already in flight")
-            expired = self._take_expired_queued(now) if len(self._queue) >= self.max_queue else []
-            full = len(self._queue) >= self.max_queue
+            if request_id in self._jobs:
+                raise DuplicateRequest(f"a request with id {request_id!r} is already in flight")
+            room = lambda: len(self._queue) + len(jobs) <= self.max_queue  # noqa: E731
+            expired = self._take_expired_queued(now) if not room() else []
+            full = not room()
             if not full:
-                self._queue.append(job)
-                self._jobs[request.request_id] = job
+                self._queue.extend(jobs)
+                self._jobs[request_id] = list(jobs)
                 self._work.notify()
         self._fail_expired(expired)
         if full:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
         self._update_gauges()
-        return job.future
+        return [job.future for job in jobs]
 
     def cancel(self, request_id: str) -> bool:
-        """The client went away: a queued request leaves the queue now, a running one at the next step."""
+        """The client went away: a request's queued jobs leave the queue now, its running ones at the next step."""
         with self._lock:
-            job = self._jobs.get(request_id)
-            if job is None:
-                return False
-            job.cancelled = True
-            queued = job in self._queue
-            if queued:
+            jobs = list(self._jobs.get(request_id, ()))
+            queued = [job for job in jobs if job in self._queue]
+            for job in jobs:
+                job.cancelled = True
+            for job in queued:
                 self._queue.remove(job)
-        if queued:
+        for job in queued:
             self._fail(job, Cancelled("client disconnected"))
+        if queued:
             self._update_gauges()
-        return True
+        return bool(jobs)
 
     def queue_depth(self) -> int:
         """Requests waiting for rows, the head that waits for room included."""
@@ -511,8 +529,8 @@ class Engine:
                                                     f"{type(exc).__name__}: {exc}"))
                 continue
             self._active.remove(job)
-            self._forget(job)
-            job.future.set_result(result)
+            if self._forget(job):  # else the final sweep of stop() answered it already
+                job.future.set_result(result)
         self._update_gauges()
 
     def _finish_failed(self, job: _Job, error: EngineError) -> None:
@@ -521,18 +539,26 @@ class Engine:
         self._fail(job, error)
 
     def _fail(self, job: _Job, error: EngineError) -> None:
+        """Answer `job` with `error`, unless another path (cancel, the worker, the final sweep) answered it."""
+        if not self._forget(job):
+            return
         self.metrics.request_errors.labels(kind=type(error).__name__).inc()
         if isinstance(error, Cancelled):
             self.metrics.cancelled.inc()
-        self._forget(job)
-        if not job.future.done():
-            if job.future.running() or job.future.set_running_or_notify_cancel():
-                job.future.set_exception(error)
+        if job.future.running() or job.future.set_running_or_notify_cancel():
+            job.future.set_exception(error)
 
-    def _forget(self, job: _Job) -> None:
+    def _forget(self, job: _Job) -> bool:
+        """Take `job` out of the unanswered jobs; True for the one caller that did, who answers it."""
         with self._idle:
-            self._jobs.pop(job.request.request_id, None)
-            self._idle.notify_all()
+            jobs = self._jobs.get(job.request.request_id, [])
+            mine = job in jobs  # by identity (_Job has eq=False)
+            if mine:
+                jobs.remove(job)
+                if not jobs:
+                    del self._jobs[job.request.request_id]
+                self._idle.notify_all()
+            return mine
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from racedit.model import generate, load
-from racedit.server.engine import (Cancelled, DeadlineExceeded, Engine, GenerationRequest, QueueFull, ShuttingDown,
-                                   StepFailed)
+from racedit.server.engine import (Cancelled, DeadlineExceeded, DuplicateRequest, Engine, GenerationRequest,
+                                   QueueFull, ShuttingDown, StepFailed)
 
 
 def traced(engine: Engine) -> list[list[str]]:
@@ -219,3 +219,54 @@ def test_nothing_is_accepted_after_the_final_sweep_of_stop(tiny_checkpoint):
     assert accepted and all(f.done() for f in accepted)  # every accepted request got an answer
     with pytest.raises(ShuttingDown):
         engine.submit(GenerationRequest(class_label=1, num_steps=2))
+
+
+def test_cancel_and_the_final_sweep_answer_a_queued_job_once(tiny_checkpoint):
+    """cancel() has taken a queued job out of the queue and is about to answer it when stop()'s final sweep
+    answers it: the job is answered and counted once. The interleaving is forced with events around this
+    engine's `_fail` (wrapped on the instance by the test), not with sleeps."""
+    engine, running = busy_engine(tiny_checkpoint)
+    queued = engine.submit(GenerationRequest(class_label=1, num_steps=2, request_id="queued"))
+    errors = engine.metrics.request_errors
+    before = {kind: errors.labels(kind=kind)._value.get() for kind in ("ShuttingDown", "Cancelled")}
+    taken, swept = threading.Event(), threading.Event()
+    real_fail = engine._fail
+
+    def fail(job, error):
+        if threading.current_thread().name == "canceller" and not taken.is_set():
+            taken.set()  # cancel() holds the job, out of the queue, not yet answered ...
+            assert swept.wait(timeout=30)  # ... until the final sweep has run
+        real_fail(job, error)
+
+    engine._fail = fail
+    canceller = threading.Thread(target=engine.cancel, args=("queued",), name="canceller")
+    canceller.start()
+    try:
+        assert taken.wait(timeout=30)
+        engine.stop(drain=False)
+    finally:
+        swept.set()
+        canceller.join(timeout=30)
+    assert not canceller.is_alive()
+    assert isinstance(queued.exception(timeout=5), ShuttingDown) and isinstance(running.exception(timeout=5), ShuttingDown)
+    after = {kind: errors.labels(kind=kind)._value.get() for kind in before}
+    assert after == {"ShuttingDown": before["ShuttingDown"] + 2, "Cancelled": before["Cancelled"]}
+    assert engine.metrics.cancelled._value.get() == 0
+
+
+def test_the_jobs_of_one_request_share_its_id_all_or_none(tiny_checkpoint):
+    """A KServe request's rows are jobs under its one id: a second request with that id is refused whole
+    before anything of it is queued, and cancelling the id reaches only the owner's jobs."""
+    engine, running = busy_engine(tiny_checkpoint, max_queue=3)
+    try:
+        rows = [GenerationRequest(class_label=c, num_steps=2, request_id="k") for c in (1, 2)]
+        owner = engine.submit_all(rows)
+        with pytest.raises(DuplicateRequest):
+            engine.submit_all([GenerationRequest(class_label=3, num_steps=2, request_id="k")])
+        with pytest.raises(QueueFull):  # two more rows do not fit the one place left: none is queued
+            engine.submit_all([GenerationRequest(class_label=3, num_steps=2, request_id="j") for _ in range(2)])
+        assert engine.queue_depth() == 2
+        assert engine.cancel("k") and all(isinstance(f.exception(timeout=5), Cancelled) for f in owner)
+        assert not engine.cancel("k") and not running.done()
+    finally:
+        engine.stop(drain=False)
