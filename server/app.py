@@ -265,9 +265,8 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
-        """An unexpected error: answered by Starlette's outermost middleware, outside RequestId, so the id
-        header is set here."""
-        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        """An unexpected error (uvicorn logs its traceback): answered by Starlette's outermost middleware,
+        outside RequestId, so the id header is set here."""
         rid = getattr(request.state, "request_id", None)
         return error(request, 500, f"internal error: {type(exc).__name__}", {"X-Request-ID": rid} if rid else None)
 

@@ -114,7 +114,7 @@ def parse_infer(body: bytes, header_length: Optional[str], max_rows: int) -> tup
     try:
         document = InferRequest.model_validate_json(head)
     except ValidationError as exc:
-        raise InferError(f"request: {describe(exc)}") from None
+        raise InferError(describe(exc)) from None
     tensors, offset, rows = {}, 0, None
     for item in document.inputs:
         name = item.name
