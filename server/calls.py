@@ -54,6 +54,6 @@ async def run_on_engine(engine: Engine, jobs: Sequence[GenerationRequest],
     finally:
         watcher.cancel()
         if not all(future.done() for future in futures):
-            engine.cancel(jobs[0].request_id)
-            for future in futures:  # consumed: the engine answers Cancelled
-                future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            engine.cancel(jobs[0].request_id)  # this request's other jobs: their rows leave at the next step
+        for future in futures:  # every outcome consumed (cancelled jobs answer Cancelled)
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())

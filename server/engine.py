@@ -265,6 +265,8 @@ class Engine:
     def submit_all(self, requests: Sequence[GenerationRequest]) -> list[Future]:
         """Queue the jobs of one request (all under its one id, e.g. a KServe request's rows): all of them
         or, on an error (ShuttingDown, DuplicateRequest, QueueFull), none."""
+        if not requests:
+            raise ValueError("a request has at least one job")
         request_id = requests[0].request_id
         for request in requests:
             if request.request_id != request_id:
@@ -282,9 +284,8 @@ class Engine:
                 raise ShuttingDown("the server is shutting down and admits no new requests")
             if request_id in self._jobs:
                 raise DuplicateRequest(f"a request with id {request_id!r} is already in flight")
-            room = lambda: len(self._queue) + len(jobs) <= self.max_queue  # noqa: E731
-            expired = self._take_expired_queued(now) if not room() else []
-            full = not room()
+            expired = self._take_expired_queued(now) if len(self._queue) + len(jobs) > self.max_queue else []
+            full = len(self._queue) + len(jobs) > self.max_queue
             if not full:
                 self._queue.extend(jobs)
                 self._jobs[request_id] = list(jobs)
@@ -292,7 +293,8 @@ class Engine:
         self._fail_expired(expired)
         if full:
             self.metrics.rejected.labels(reason="queue_full").inc()
-            raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
+            raise QueueFull(f"queue full ({self.max_queue} places" + (f"; this request's {len(jobs)} rows take "
+                                                                     f"{len(jobs)})" if len(jobs) > 1 else ")"))
         self._update_gauges()
         return [job.future for job in jobs]
 
