@@ -272,10 +272,12 @@ class Engine:
             if request.request_id != request_id:
                 raise ValueError(f"the jobs of one request share its id: {request.request_id!r} != {request_id!r}")
             if request.rows > self.max_batch_rows:
-                raise ValueError(f"request needs {request.rows} rows per step but max_batch_rows is {self.max_batch_rows}")
+                raise ValueError(f"request needs {request.rows} rows per step but max_batch_rows is "
+                                 f"{self.max_batch_rows}")
             low, high = self.budget_range or (1.0, 1.0)
             if not low <= request.expert_budget <= high:
-                raise ValueError(f"expert_budget {request.expert_budget:g} is outside this model's range {low:g}..{high:g}")
+                raise ValueError(f"expert_budget {request.expert_budget:g} is outside this model's range "
+                                 f"{low:g}..{high:g}")
         now = time.monotonic()
         jobs = [_Job(r, Future(), now, now + r.timeout_s if r.timeout_s else None) for r in requests]
         with self._lock:

@@ -173,7 +173,8 @@ def build_jobs(tensors: dict[str, np.ndarray], request_model: type[GenerateReque
     return jobs
 
 
-def encode_outputs(document: InferRequest, outputs: dict[str, tuple[str, np.ndarray]], model: str, rid: str) -> Response:
+def encode_outputs(document: InferRequest, outputs: dict[str, tuple[str, np.ndarray]], model: str,
+                   rid: str) -> Response:
     """Answer with the requested outputs, in binary where the request asked for it."""
     wanted = document.outputs or [InferOutput(name=n) for n in outputs]
     all_binary = bool(document.parameters is not None and document.parameters.binary_data_output)
@@ -188,7 +189,8 @@ def encode_outputs(document: InferRequest, outputs: dict[str, tuple[str, np.ndar
         else:
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
-    head = json.dumps({"model_name": model, "model_version": "1", "id": document.id or rid, "outputs": entries}).encode()
+    head = json.dumps({"model_name": model, "model_version": "1", "id": document.id or rid,
+                       "outputs": entries}).encode()
     if not blobs:
         return Response(head, media_type="application/json")
     return Response(head + b"".join(blobs), media_type="application/octet-stream",
@@ -202,7 +204,8 @@ def kserve_router(settings: ServeSettings, request_model: type[GenerateRequest])
 
     def check_model(request: Request, name: str) -> None:
         if name != request.app.state.model_name:
-            raise HTTPException(404, f"unknown model {name[:64]!r}; this server serves {request.app.state.model_name!r}")
+            raise HTTPException(404, f"unknown model {name[:64]!r}; this server serves "
+                                     f"{request.app.state.model_name!r}")
 
     @router.get("/v2/health/live")
     async def live() -> dict:

@@ -38,7 +38,7 @@ def error_document(path: str, detail: Any, request_id: Optional[str]) -> dict[st
     return {"detail": detail, "request_id": request_id}
 
 
-def error_bytes(status: int, document: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()) -> tuple[list, bytes]:
+def error_bytes(document: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()) -> tuple[list, bytes]:
     """(headers, body) of a JSON error answer."""
     body = json.dumps(document, separators=(",", ":")).encode()
     return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers], body
@@ -48,7 +48,7 @@ async def send_error(scope: Scope, send: Send, status: int, detail: Any,
                      headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """Answer from an ASGI middleware, before the routes, in the shape the routes use."""
     document = error_document(scope["path"], detail, scope.get("state", {}).get("request_id"))
-    head, body = error_bytes(status, document, headers)
+    head, body = error_bytes(document, headers)
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
 
@@ -141,7 +141,7 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm_head_timer()
         self._refused = True
         request_id = uuid.uuid4().hex
-        headers, body = error_bytes(status, {"detail": detail, "request_id": request_id},
+        headers, body = error_bytes({"detail": detail, "request_id": request_id},
                                     [(b"x-request-id", request_id.encode()), (b"connection", b"close")])
         head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode() + b"".join(
             name + b": " + value + b"\r\n" for name, value in headers)

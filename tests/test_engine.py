@@ -248,7 +248,8 @@ def test_cancel_and_the_final_sweep_answer_a_queued_job_once(tiny_checkpoint):
         swept.set()
         canceller.join(timeout=30)
     assert not canceller.is_alive()
-    assert isinstance(queued.exception(timeout=5), ShuttingDown) and isinstance(running.exception(timeout=5), ShuttingDown)
+    assert isinstance(queued.exception(timeout=5), ShuttingDown)
+    assert isinstance(running.exception(timeout=5), ShuttingDown)
     after = {kind: errors.labels(kind=kind)._value.get() for kind in before}
     assert after == {"ShuttingDown": before["ShuttingDown"] + 2, "Cancelled": before["Cancelled"]}
     assert engine.metrics.cancelled._value.get() == 0
