@@ -131,10 +131,9 @@ def test_the_key_covers_everything_but_the_probes_and_the_page(keyed, server):
     # The key comes before the body: malformed JSON, or a body too large that is never sent, is a 401 at once.
     r = httpx.post(keyed.url + "/generate", content=b'{"class_label": 1,', headers={"content-type": "application/json"})
     assert r.status_code == 401
-    started = time.monotonic()
     status, _, _ = parse(exchange(keyed.port, b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\n"
                                   b"Content-Length: 10000000\r\n\r\n", timeout=5))
-    assert status == 401 and time.monotonic() - started < 1.5  # not 413, and no wait for the body
+    assert status == 401  # not 413, nor a 408 after waiting for the body
     key = {"Authorization": "Bearer k"}
     assert httpx.get(keyed.url + "/v1/models", headers=key).json()["authentication"] == "bearer"
     assert httpx.get(keyed.url + "/openapi.json", headers=key).status_code == 200
