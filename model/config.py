@@ -69,7 +69,7 @@ def parse_section(cls: type[Section], data: Any, prefix: str = "") -> Section:
             expected = error["ctx"]["expected"].replace("'", "")
         elif kind in _BOUNDS:  # a Field bound: ">= 1"
             bound = next(iter(error["ctx"].values()))
-            expected = f"{_BOUNDS[kind]} {bound}"
+            expected = f"{_BOUNDS[kind]} {bound:g}"
         else:
             expected = _EXPECTED.get(kind, error["msg"].lower())
         raise ConfigError(f"{key} must be {expected}, got {error['input']!r}") from None

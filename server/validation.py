@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import Field, StrictInt, ValidationError, create_model, field_validator, model_validator
 from racedit_client.models import GenerateRequest, StrictFloat

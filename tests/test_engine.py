@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from racedit.model import generate, load
-from racedit.server.engine import (Cancelled, DeadlineExceeded, Engine, GenerationRequest, QueueFull, ShuttingDown,
-                                   StepFailed)
+from racedit.server.engine import (Cancelled, DeadlineExceeded, DuplicateRequest, Engine, GenerationRequest,
+                                   QueueFull, ShuttingDown, StepFailed)
 from racedit.server.metrics import EngineMetrics
 from racedit.server.runner import Runner
 from racedit.server.scheduler import Scheduler, policy
@@ -287,3 +287,21 @@ def test_cancel_and_the_final_sweep_answer_a_queued_request_once(tiny_checkpoint
     stopper.join(30)
     assert isinstance(queued.exception(timeout=1), Cancelled)
     assert errors.counts == {"Cancelled": 1, "ShuttingDown": 1}
+
+
+def test_the_jobs_of_one_request_share_its_id_all_or_none(tiny_checkpoint):
+    """A KServe request's rows are jobs under its one id: a second request with that id is refused whole
+    before anything of it is queued, and cancelling the id reaches only the owner's jobs."""
+    engine, running = busy_engine(tiny_checkpoint, max_queue=3)
+    try:
+        rows = [GenerationRequest(class_label=c, num_steps=2, request_id="k") for c in (1, 2)]
+        owner = engine.submit_all(rows)
+        with pytest.raises(DuplicateRequest):
+            engine.submit_all([GenerationRequest(class_label=3, num_steps=2, request_id="k")])
+        with pytest.raises(QueueFull):  # two more rows do not fit the one place left: none is queued
+            engine.submit_all([GenerationRequest(class_label=3, num_steps=2, request_id="j") for _ in range(2)])
+        assert engine.queue_depth() == 2
+        assert engine.cancel("k") and all(isinstance(f.exception(timeout=5), Cancelled) for f in owner)
+        assert not engine.cancel("k") and not running.done()
+    finally:
+        engine.stop(drain=False)

@@ -28,7 +28,7 @@ from .data import Shapes10, ShapesStyle
 from ..samplers import time_grid
 from ..sampling import generate
 
-DEFAULT_CLASSIFIER = Path(__file__).resolve().parent / "weights" / "shapes10-classifier"
+DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[1] / "weights" / "shapes10-classifier"  # in model/weights
 
 
 class ShapesClassifier(nn.Module):

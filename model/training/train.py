@@ -20,7 +20,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -327,7 +327,7 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
             record = {**run_record, "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "to_step": step,
                       "wall_seconds": round(time.time() - start, 1), "final_terms": terms}
             # The EMA inherits the live model's thresholds; re-estimate them on the EMA weights it ships
-            # (model/calibrate.py). The next step copies the live thresholds back, so training is unchanged.
+            # (model/training/calibrate.py). The next step copies the live thresholds back, so training is unchanged.
             calibration = calibrate_thresholds(ema, config.calibration)
             metadata = {"train_config": config.to_dict(), "step": step, "history": history + [record],
                         "threshold_calibration": calibration}

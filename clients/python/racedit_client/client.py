@@ -179,7 +179,7 @@ def error_for(status: int, detail: Any, request_id: Optional[str], message: str,
               retry_after: Optional[float] = None) -> errors.RaceditError:
     """The typed error of an HTTP status (one mapping for answers and stream `error` events)."""
     kind: type[errors.RaceditError]
-    if status in (400, 413, 422):
+    if status in (400, 413, 422, 431):
         kind = errors.ValidationError
     elif status in (401, 403):
         kind = errors.AuthError

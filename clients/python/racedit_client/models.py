@@ -158,6 +158,9 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    authentication: Optional[Literal["bearer", "none"]] = Field(
+        None, description="'bearer': every route but the health probes and the playground page needs the API key; "
+                          "'none': this server runs without authentication (no key set)")
 
 
 class ErrorBody(BaseModel):
