@@ -106,7 +106,8 @@ def last_metrics(metrics_csv: Path) -> dict:
 def run_one(name: str, steps: int, seed: int, num_samples: int) -> dict:
     import torch
 
-    from racedit.model.train import parse_config, train
+    from racedit.model.training.config import parse_config
+    from racedit.model.training.train import train
 
     torch.set_num_threads(1)
     tag = run_tag(name, seed)
@@ -140,7 +141,7 @@ def _job(args: tuple) -> dict:
 
 def evaluation(name: str, mode: str, num_samples: int) -> dict:
     """The `mode` evaluation of a trained run (its tag): what evaluate reports, as saved in its result."""
-    from racedit.model.evaluate import evaluate
+    from racedit.model.training.evaluate import evaluate
 
     checkpoint = RUNS_DIR / name / "checkpoint"
     report = evaluate(with_inference(checkpoint, mode), num_samples, cfg_scale=4.0, num_steps=25,

@@ -28,7 +28,7 @@ from racedit.server.engine import Engine, GenerationRequest, pick_device
 def run(checkpoint: str, device: str, dtype: str, batch_invariant: bool, requests: int, steps: int,
         max_batch_rows: int) -> dict:
     torch_device, torch_dtype = pick_device(device, dtype)
-    engine = Engine(load(checkpoint), torch_device, torch_dtype, max_batch_rows=max_batch_rows,
+    engine = Engine.build(load(checkpoint), torch_device, torch_dtype, max_batch_rows=max_batch_rows,
                     max_queue=requests + 1, batch_invariant=batch_invariant).start()
     try:
         batch = [GenerationRequest(class_label=i % 10, cfg_scale=4.0, num_steps=steps, seed=i, request_id=f"r{i}")

@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save, time_interleaved  # noqa: E402
 
 from racedit.model import DEFAULT_CHECKPOINT, generate, load
-from racedit.model.calibrate import budget_range
-from racedit.model.data import Shapes10
-from racedit.model.evaluate import classify, frechet_distance, load_classifier, reference_style
+from racedit.model.training.data import Shapes10
+from racedit.model.training.evaluate import classify, frechet_distance, load_classifier, reference_style
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PARTS = RESULTS / "compute_curve"  # one file per budget's quality pass
@@ -40,7 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per budget (round-robin)")
     args = parser.parse_args()
     model = load(args.checkpoint)
-    if budget_range(model.metadata) is None:
+    if model.budget_table is None:
         sys.exit(f"{args.checkpoint} has no budget table: run `racedit calibrate {args.checkpoint}` first")
     k = model.config.moe.k
     # Quality: one budget at a time, each saved as it ends (an interrupted run resumes).
@@ -93,17 +92,18 @@ def quality(model, budget: float, num_samples: int, batch_size: int) -> dict:
 @torch.no_grad()
 def step_seconds(model, budgets: list[float], batch_size: int, repeats: int) -> dict[float, float]:
     """Median seconds of one cfg-4 denoiser step of `batch_size` images (2 rows each) per budget."""
-    from racedit.model.calibrate import budget_thresholds
-    from racedit.model.sampling import guided_velocity
+    from racedit.model.budget import thresholds_for
+    from racedit.model.sampling import guided_prediction
 
-    model.set_execution()
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
     t = torch.full((batch_size,), 0.5)
     y = torch.arange(batch_size) % cfg.num_classes
     s = torch.full((batch_size,), 4.0)
-    steps = {budget: (lambda th=budget_thresholds(model, [budget] * batch_size): guided_velocity(model, x, t, y, s, th))
+    learned = model.learned_thresholds()
+    steps = {budget: (lambda th=thresholds_for(model.budget_table, learned, [budget] * batch_size):
+                      guided_prediction(model, x, t, y, s, th))
              for budget in budgets}
     return time_interleaved(steps, repeats=repeats, warmup=1)
 

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, time_interleaved  # noqa: E402
 
-from racedit.model import build
+from racedit.model import SERVING, Execution, build
 from racedit.server.engine import pick_device
 
 
@@ -43,9 +43,10 @@ def main() -> None:
                 torch.rand(8, device=device), torch.randint(0, cfg.num_classes, (8,), device=device))
     moe.eval().set_precision(dtype)
     # The baseline is a plain dense DiT: the library's own kernels (cuBLAS, FlashAttention on a GPU), no row tiles.
-    dense = build(args.preset, moe=None).to(device).eval().set_precision(dtype).set_execution(row_tile=None)
-    variants = {"Race-DiT served forward": lambda x, t, y: moe.set_execution()(x, t, y),
-                "Race-DiT forward, not batch-invariant": lambda x, t, y: moe.set_execution(row_tile=None)(x, t, y),
+    plain = Execution(row_tile=None)
+    dense = build(args.preset, moe=None).to(device).eval().set_precision(dtype).with_execution(plain)
+    variants = {"Race-DiT served forward": lambda x, t, y: moe.with_execution(SERVING)(x, t, y),
+                "Race-DiT forward, not batch-invariant": lambda x, t, y: moe.with_execution(plain)(x, t, y),
                 "dense DiT (equal activated FLOPs)": dense}
     if args.compile:
         variants["dense DiT, torch.compile"] = torch.compile(dense)

@@ -33,8 +33,8 @@ from common import median_ratio, save, time_call, time_rounds  # noqa: E402
 
 from racedit.model.config import MoEConfig
 from racedit.server.engine import pick_device
-from racedit.model.exact import ROW_TILE
-from racedit.model.moe import (Experts, MoELayer, expert_race, grouped_dispatch, loop_dispatch, served_dispatch,
+from racedit.model.exact import ROW_TILE, Execution
+from racedit.model.moe import (Experts, MoELayer, expert_race, grouped_dispatch, loop_dispatch,
                                sorted_dispatch)
 
 
@@ -125,7 +125,7 @@ def main() -> None:
     dense_x = flat_x.to(dtype)  # the dense MLPs and the DiT-MoE loop take activations in `dtype`
     assert int(flat_m.sum()) == n * k
     dense_name = "dense MLP (equal activated FLOPs)"
-    served = ("grouped dispatch, row tiles (served on CUDA)" if served_dispatch(device) == "grouped"
+    served = ("grouped dispatch, row tiles (served on CUDA)" if Execution().resolve(device).dispatch == "grouped"
               else "sorted dispatch, row tiles (served on CPU)")
     with torch.no_grad():
         variants = {

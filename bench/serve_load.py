@@ -156,7 +156,7 @@ def direct_engine(checkpoint: str, max_batch_rows: int, steps: list[int], reques
     from racedit.server.engine import Engine, GenerationRequest, pick_device
 
     torch_device, torch_dtype = pick_device(device, dtype)
-    engine = Engine(load(checkpoint), torch_device, torch_dtype, max_batch_rows=max_batch_rows, max_queue=requests + 1,
+    engine = Engine.build(load(checkpoint), torch_device, torch_dtype, max_batch_rows=max_batch_rows, max_queue=requests + 1,
                     batch_invariant=batch_invariant).start()
     start = time.monotonic()
     futures = [engine.submit(GenerationRequest(**request_body(i, steps))) for i in range(requests)]

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 
 def _train(args: argparse.Namespace) -> int:
     from racedit.model.config import ConfigError
-    from racedit.model.train import is_pipeline, load_config, load_pipeline, train, train_pipeline
+    from racedit.model.training.config import is_pipeline, load_config, load_pipeline
+    from racedit.model.training.train import train, train_pipeline
 
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     if is_pipeline(args.config):
@@ -48,7 +49,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from racedit.model.calibrate import Calibration, budget_table, calibrate_thresholds
+    from racedit.model.training.calibrate import budget_table, calibrate_thresholds
+    from racedit.model.training.config import Calibration
     from racedit.model.checkpoint import load, read_config, save
 
     model = load(args.checkpoint)
@@ -73,7 +75,7 @@ def _import_dit(args: argparse.Namespace) -> int:
 
     from racedit.model.checkpoint import save
     from racedit.model.config import MoEConfig
-    from racedit.model.import_dit import import_dit, upcycle, upcycling_report
+    from racedit.model.training.import_dit import import_dit, upcycle, upcycling_report
 
     moe = None
     if args.moe:
@@ -92,13 +94,13 @@ def _import_dit(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from racedit.model.evaluate import main as evaluate_main
+    from racedit.model.training.evaluate import main as evaluate_main
 
     return evaluate_main(args)
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
-    from racedit.model.evaluate import train_classifier_main
+    from racedit.model.training.evaluate import train_classifier_main
 
     return train_classifier_main(args)
 
@@ -125,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
-BUDGETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # racedit.model.calibrate.BUDGETS, without importing torch here
+BUDGETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # racedit.model.training.calibrate.BUDGETS, without importing torch here
 
 
 class _Help(argparse.HelpFormatter):

@@ -1,5 +1,5 @@
-"""Denoisers that run outside PyTorch (onnxruntime, Triton BLS) but look like RaceDiT to the
-samplers and the engine: same call, same routing statistics. The serving loop stays one code path.
+"""Denoisers that run outside PyTorch (onnxruntime, Triton BLS) and meet the same `Denoiser` contract
+as RaceDiT: same call, same routing statistics. The serving loop stays one code path.
 """
 from __future__ import annotations
 
@@ -9,46 +9,50 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from torch import nn
 
 from racedit.model import ModelConfig, read_config
-from racedit.model.dit import ForwardStats
+from racedit.model.budget import BudgetTable
+from racedit.model.denoiser import DenoiserOutput, ForwardStats
+from racedit.model.exact import Execution
 
 
-class ThresholdView(nn.Module):
-    """What the engine reads of an MoE layer it does not run: its learned threshold."""
-
-    def __init__(self, value: float, num_experts: int, k: int):
-        super().__init__()
-        self.register_buffer("threshold", torch.tensor(float(value)))
-        self.num_experts, self.k = num_experts, k
-
-
-class ExternalDenoiser(nn.Module):
+class ExternalDenoiser:
     """Base: subclasses implement `run(x, t, y)` on numpy arrays, returning (v, experts_per_token, expert_load)
-    with the routing arrays laid out [n_moe_layers, B, ...]."""
+    with the routing arrays laid out [n_moe_layers, B, ...]. A `Denoiser` (model/denoiser.py) without
+    the compute dial: the graph routes by the learned thresholds it was exported with."""
 
     def __init__(self, config: ModelConfig, thresholds: list[float]):
-        super().__init__()
         self.config = config
-        moe = config.moe
-        self.moe_layers = nn.ModuleList(ThresholdView(v, moe.num_experts, moe.k) for v in thresholds) if moe else nn.ModuleList()
+        self.thresholds = list(thresholds)
+        self.budget_table: Optional[BudgetTable] = None  # per-row thresholds are not an input of the graph
 
     @property
     def null_class(self) -> int:
         return self.config.num_classes
 
+    def learned_thresholds(self) -> list[float]:
+        return self.thresholds
+
+    def prepare(self, device: torch.device, dtype: torch.dtype, execution: Execution) -> "ExternalDenoiser":
+        """Nothing to move: the runtime fixes its own device and precision."""
+        return self
+
+    def eval(self) -> "ExternalDenoiser":
+        return self
+
     def run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_stats: bool = False):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, thresholds: Optional[torch.Tensor] = None,
+                 return_stats: bool = False) -> DenoiserOutput:
+        if thresholds is not None:
+            raise ValueError("this backend routes by its exported thresholds only (expert_budget 1.0)")
         v, ept, load = self.run(x.detach().float().cpu().numpy(), t.detach().float().cpu().numpy(),
                                 y.detach().cpu().numpy().astype(np.int64))
         v = torch.from_numpy(np.ascontiguousarray(v)).to(x.device, x.dtype)
-        if not return_stats:
-            return v
-        return v, ForwardStats(experts_per_token=torch.from_numpy(np.ascontiguousarray(ept)),
-                               expert_load=torch.from_numpy(np.ascontiguousarray(load)), routing=[])
+        stats = ForwardStats(experts_per_token=torch.from_numpy(np.ascontiguousarray(ept)),
+                             expert_load=torch.from_numpy(np.ascontiguousarray(load)), routing=[]) if return_stats else None
+        return DenoiserOutput(v, stats)
 
     @classmethod
     def config_of(cls, checkpoint: Union[str, os.PathLike]) -> tuple[ModelConfig, list[float]]:

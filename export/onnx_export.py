@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from racedit.model.dit import RaceDiT
+from racedit.model.exact import EXPORT
 
 MIN_OPSET, MAX_OPSET = 16, 20  # 16: ScatterElements with reduction; 20: newest the exporter writes
 INPUT_NAMES = ["x", "t", "y"]
@@ -40,11 +41,11 @@ class ServedDenoiser(nn.Module):
         super().__init__()
         # Traced graphs stay shape-generic: no row padding, and the per-expert NonZero loop
         # (data-dependent group sizes, no host sync) instead of the grouped GEMM.
-        self.model, self.batch_first = model.eval().set_execution(row_tile=None, dispatch="loop"), batch_first
+        self.model, self.batch_first = model.eval().with_execution(EXPORT), batch_first
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-        v, stats = self.model(x, t, y, return_stats=True)
-        v = v.to(x.dtype)
+        out = self.model(x, t, y, return_stats=True)
+        v, stats = out.prediction.to(x.dtype), out.stats
         if self.batch_first:
             return v, stats.experts_per_token.transpose(0, 1), stats.expert_load.transpose(0, 1)
         return v, stats.experts_per_token, stats.expert_load

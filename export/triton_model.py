@@ -103,7 +103,7 @@ class TritonPythonModel:
                                           num_steps=int(count), seeds=seeds[rows].tolist(), as_float=True)
                     pictures = self._decode(out.numpy()) if self.decoder else out.numpy()
                     images[rows] = to_uint8(torch.from_numpy(pictures)).permute(0, 2, 3, 1).numpy()
-                    experts[rows] = [u["mean_experts_per_token"] for u in usage]
+                    experts[rows] = [u.mean_experts_per_token for u in usage]
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("image", images), pb_utils.Tensor("mean_experts_per_token", experts),
                     pb_utils.Tensor("seed", seeds)]))

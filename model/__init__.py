@@ -1,4 +1,4 @@
-"""racedit.model: the Race-DiT network, routing, losses, sampling, data, training and checkpoints."""
+"""racedit.model: the Race-DiT network, routing, sampling and checkpoints (training: racedit.model.training)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,9 @@ import torch
 
 from .checkpoint import CheckpointError, load, read_config, save
 from .config import ConfigError, ModelConfig, MoEConfig, PRESETS, preset_config
-from .dit import ForwardStats, RaceDiT
+from .denoiser import Denoiser, DenoiserOutput, ForwardStats
+from .dit import RaceDiT
+from .exact import EXPORT, SERVING, Execution
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "racedit-shapes10"
 
@@ -56,6 +58,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "build", "bundled", "load", "save", "generate", "read_config", "count_parameters", "parameter_counts",
-    "RaceDiT", "ModelConfig", "MoEConfig", "ForwardStats", "PRESETS", "preset_config",
+    "RaceDiT", "Denoiser", "DenoiserOutput", "Execution", "SERVING", "EXPORT", "ModelConfig", "MoEConfig",
+    "ForwardStats", "PRESETS", "preset_config",
     "ConfigError", "CheckpointError", "DEFAULT_CHECKPOINT",
 ]

@@ -11,9 +11,9 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
-from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
 # Field types of every config dataclass: strict, so YAML's "32" or `true` is not taken for 32.
 # A float field takes an integer (lr: 1 is 1.0); nothing else is converted.
@@ -21,13 +21,15 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 Str = Annotated[str, Strict()]
 Bool = Annotated[bool, Strict()]
+Positive = Annotated[int, Field(strict=True, ge=1)]
+Fraction = Annotated[float, Field(strict=True, ge=0, lt=1)]  # in [0, 1)
 FORBID_UNKNOWN = ConfigDict(extra="forbid")
 
-ROUTINGS = ("token_choice", "expert_choice", "expert_race")
-GATINGS = ("identity", "sigmoid", "softmax")
-ROUTERS = ("linear", "mlp")
-INFERENCE_MODES = ("threshold", "topk")
-OBJECTIVES = ("rectified_flow", "ddpm_eps")
+Routing = Literal["token_choice", "expert_choice", "expert_race"]
+Gating = Literal["identity", "sigmoid", "softmax"]
+RouterKind = Literal["linear", "mlp"]
+InferenceMode = Literal["threshold", "topk"]
+Objective = Literal["rectified_flow", "ddpm_eps"]
 
 SHAPES10_CLASSES = [
     "circle", "square", "triangle", "diamond", "pentagon",
@@ -43,6 +45,7 @@ Section = TypeVar("Section")
 _EXPECTED = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
              "bool_type": "true or false", "dict_type": "a mapping", "dataclass_type": "a mapping",
              "list_type": "a list", "int_from_float": "an integer"}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
 def parse_section(cls: type[Section], data: Any, prefix: str = "") -> Section:
@@ -64,6 +67,9 @@ def parse_section(cls: type[Section], data: Any, prefix: str = "") -> Section:
             raise ConfigError(f"{key} is missing") from None
         if kind == "literal_error":  # one of a fixed set of words: name them as a reader writes them
             expected = error["ctx"]["expected"].replace("'", "")
+        elif kind in _BOUNDS:  # a Field bound: ">= 1"
+            bound = next(iter(error["ctx"].values()))
+            expected = f"{_BOUNDS[kind]} {bound:g}"
         else:
             expected = _EXPECTED.get(kind, error["msg"].lower())
         raise ConfigError(f"{key} must be {expected}, got {error['input']!r}") from None
@@ -95,13 +101,13 @@ class MoEConfig:
     __pydantic_config__ = FORBID_UNKNOWN
 
     spec: Str = "2in8"
-    hidden_split: Optional[Int] = None
-    routing: Str = "expert_race"
-    gating: Str = "identity"
-    router: Str = "mlp"
+    hidden_split: Optional[Positive] = None
+    routing: Routing = "expert_race"
+    gating: Gating = "identity"
+    router: RouterKind = "mlp"
     shared_expert: Bool = False
-    threshold_momentum: Float = 0.99
-    inference: Str = "threshold"
+    threshold_momentum: Fraction = 0.99
+    inference: InferenceMode = "threshold"
 
     @property
     def num_experts(self) -> int:
@@ -116,17 +122,10 @@ class MoEConfig:
         return self.hidden_split or self.k
 
     def validate(self) -> None:
+        """What the field types cannot say: the spec's k and E."""
         k, e = _parse_spec(self.spec)
         if not 1 <= k <= e:
             raise ConfigError(f"moe.spec {self.spec!r}: need 1 <= k <= E")
-        _check_choice("moe.routing", self.routing, ROUTINGS)
-        _check_choice("moe.gating", self.gating, GATINGS)
-        _check_choice("moe.router", self.router, ROUTERS)
-        _check_choice("moe.inference", self.inference, INFERENCE_MODES)
-        if self.hidden_split is not None and self.hidden_split < 1:
-            raise ConfigError("moe.hidden_split must be a positive integer")
-        if not 0.0 <= self.threshold_momentum < 1.0:
-            raise ConfigError("moe.threshold_momentum must be in [0, 1)")
 
 
 @dataclass
@@ -135,27 +134,27 @@ class ModelConfig:
 
     __pydantic_config__ = FORBID_UNKNOWN
 
-    image_size: Int = 32
-    in_channels: Int = 3
-    patch_size: Int = 4
-    hidden_size: Int = 192
-    depth: Int = 6
-    num_heads: Int = 6
+    image_size: Positive = 32
+    in_channels: Positive = 3
+    patch_size: Positive = 4
+    hidden_size: Positive = 192
+    depth: Positive = 6
+    num_heads: Positive = 6
     mlp_ratio: Float = 4.0
-    num_classes: Int = 10
-    class_dropout_prob: Float = 0.1
+    num_classes: Positive = 10
+    class_dropout_prob: Fraction = 0.1
     moe: Optional[MoEConfig] = field(default_factory=MoEConfig)
     class_names: Optional[list[Str]] = None
     # What the network predicts: "rectified_flow" (velocity; racedit trains and samples it) or
     # "ddpm_eps" (DDPM noise, as DiT's published weights do; `racedit train --init` converts it).
-    objective: Str = "rectified_flow"
+    objective: Objective = "rectified_flow"
     # DiT compatibility (`racedit import-dit`): a second output half (DiT's learned variance, dropped
     # by forward), the timestep-frequency divisor half - shift (diffusers' DiT uses 1), the eps of
     # the LayerNorm before the MLP (diffusers' DiT uses 1e-5) and DiT's order of position axes.
     learn_sigma: Bool = False
     timestep_freq_shift: Int = 0
     mlp_norm_eps: Float = 1e-6
-    position_order: Str = "row_col"  # which axis the first half of the sin-cos positions encodes; DiT: "col_row"
+    position_order: Literal["row_col", "col_row"] = "row_col"  # which axis the first half of the sin-cos positions encodes; DiT: "col_row"
 
     @property
     def out_channels(self) -> int:
@@ -170,11 +169,18 @@ class ModelConfig:
     def num_tokens(self) -> int:
         return self.grid_size**2
 
+    @property
+    def num_moe_layers(self) -> int:
+        """Every block's MLP is an MoE layer when the model has MoE (a dense DiT has none)."""
+        return self.depth if self.moe is not None else 0
+
     def validate(self) -> None:
-        for name in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        """Every field's type and range (a config built in code has not been parsed), then what the
+        types cannot say."""
+        parse_section(ModelConfig, self.to_dict(), "model")
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size {self.image_size} is not divisible by model.patch_size {self.patch_size}"
@@ -185,10 +191,6 @@ class ModelConfig:
             )
         if self.hidden_size % 2:
             raise ConfigError("model.hidden_size must be even (2-D sin-cos position embedding)")
-        _check_choice("model.objective", self.objective, OBJECTIVES)
-        _check_choice("model.position_order", self.position_order, ("row_col", "col_row"))
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ConfigError("model.class_dropout_prob must be in [0, 1)")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ConfigError(
                 f"model.class_names has {len(self.class_names)} names but num_classes is {self.num_classes}"
@@ -202,7 +204,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         config = parse_section(cls, data, "model")
-        config.validate()
+        config._check_shapes()
         return config
 
 
@@ -211,11 +213,6 @@ def _parse_spec(spec: str) -> tuple[int, int]:
     if not match:
         raise ConfigError(f"moe.spec {spec!r} is not of the form '{{k}}in{{E}}', e.g. '2in8'")
     return int(match.group(1)), int(match.group(2))
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
 
 # Presets. Paper sizes follow Race-DiT Table 4 on 256x256 ImageNet latents (32x32x4).

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .budget import BudgetTable
 from .config import ModelConfig
-from .exact import ROW_TILE, Linear, linear
-from .moe import DISPATCH, MoELayer, Routing
+from .denoiser import DenoiserOutput, ForwardStats
+from .exact import SERVING, Execution, Linear, linear
+from .moe import MoELayer, Routing
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -44,10 +45,10 @@ class TimestepEmbedder(nn.Module):
         args = t.float()[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
         # Flow-matching time lives in [0, 1]; scale to DiT's 0..1000 range for the frequencies.
         freq = self.sinusoid(t * 1000.0, self.frequency_dim, shift=self.freq_shift)
-        return self.mlp(freq)
+        return self.mlp[2](F.silu(self.mlp[0](freq, tile)), tile)
 
 
 class LabelEmbedder(nn.Module):
@@ -86,11 +87,11 @@ def positions(config: ModelConfig) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- block ----
-def invariant_attention():
-    """SDPA on the memory-efficient kernel: one program per (query block, head, sample) walks all
-    keys, where FlashAttention may split the keys over programs when a batch is too small to fill
-    the GPU -- a reduction order that then follows the batch size."""
-    return sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)
+def attention_backend(kind: str):
+    """`efficient`: SDPA on the memory-efficient kernel, one program per (query block, head, sample)
+    walking all keys, where FlashAttention may split the keys over programs when a batch is too small
+    to fill the GPU -- a reduction order that then follows the batch size. `default`: PyTorch's choice."""
+    return sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION) if kind == "efficient" else nullcontext()
 
 
 class Attention(nn.Module):
@@ -100,14 +101,13 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, 3 * dim)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, exe: Execution) -> torch.Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x, exe.row_tile).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         qkv = qkv.to(self.qkv.weight.dtype)  # attention's matmuls run in the parameters' dtype
-        exact_on_gpu = x.is_cuda and self.qkv.row_tile is not None  # batch-invariant on a GPU: see `invariant_attention`
-        with invariant_attention() if exact_on_gpu else nullcontext():
+        with attention_backend(exe.attention):
             out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, d_head], per sample
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.proj(out.transpose(1, 2).reshape(b, n, d), exe.row_tile)
 
 
 class MLP(nn.Module):
@@ -117,8 +117,8 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor, exe: Execution) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x, exe.row_tile), approximate="tanh"), exe.row_tile)
 
 
 class Block(nn.Module):
@@ -135,16 +135,17 @@ class Block(nn.Module):
                     else MLP(d, int(d * config.mlp_ratio)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, predict_target: bool,
+    def forward(self, x: torch.Tensor, c: torch.Tensor, exe: Execution, predict_target: bool,
                 thresholds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[Routing]]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        modulation = self.adaLN_modulation[1](F.silu(c), exe.row_tile)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), exe)
         h = modulate(self.norm2(x), shift2, scale2)
         routing = None
         if isinstance(self.mlp, MoELayer):
-            h, routing = self.mlp(h, predict_target, thresholds)
+            h, routing = self.mlp(h, exe, predict_target, thresholds)
         else:
-            h = self.mlp(h)
+            h = self.mlp(h, exe)
         return x + gate2.unsqueeze(1) * h, routing
 
 
@@ -156,28 +157,20 @@ class FinalLayer(nn.Module):
         self.linear = Linear(d, config.patch_size**2 * config.out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 2 * d))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
-
-
-# ----------------------------------------------------------------- stats ----
-@dataclass
-class ForwardStats:
-    """Routing of one forward. Integer counts are cheap to collect (no extra expert work)."""
-
-    experts_per_token: torch.Tensor  # int [n_moe_layers, B, L]
-    expert_load: torch.Tensor  # int [n_moe_layers, B, E]: tokens each expert took, per sample
-    routing: list[Routing]  # per MoE layer, for the training losses
+    def forward(self, x: torch.Tensor, c: torch.Tensor, exe: Execution) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation[1](F.silu(c), exe.row_tile).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale), exe.row_tile)
 
 
 # ----------------------------------------------------------------- model ----
 class RaceDiT(nn.Module):
+    """The network, and a `Denoiser` (model/denoiser.py): what the samplers and the engine call."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
         self.config = config
-        self.row_tile: Optional[int] = ROW_TILE  # set_execution
+        self.execution: Execution = SERVING  # how forwards run: `with_execution`, never per module
         self.metadata: dict = {}  # a loaded checkpoint's metadata (calibration, budget table, history)
         self.autoencoder = None  # a latent checkpoint's VAE (model/autoencoder.py), set by load
         c, p, d = config.in_channels, config.patch_size, config.hidden_size
@@ -197,19 +190,24 @@ class RaceDiT(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
-    def set_execution(self, row_tile: Optional[int] = ROW_TILE, dispatch: str = "auto") -> "RaceDiT":
-        """How GEMMs run. Serving: whole row tiles, experts by sorted groups (`auto`: one grouped GEMM
-        on CUDA, group after group on a CPU; batch-invariant, model/exact.py). Exports:
-        `row_tile=None, dispatch="loop"` keep the traced graph shape-generic."""
-        if dispatch != "auto" and dispatch not in DISPATCH:
-            raise ValueError(f"dispatch must be auto or one of {', '.join(DISPATCH)}, got {dispatch!r}")
-        self.row_tile = row_tile
-        for module in self.modules():
-            if isinstance(module, (Linear, MoELayer)):
-                module.row_tile = row_tile
-            if isinstance(module, MoELayer):
-                module.dispatch = dispatch
+    def learned_thresholds(self) -> list[float]:
+        """Each MoE layer's routing threshold (one host read per layer: read once, at start)."""
+        return [float(layer.threshold) for layer in self.moe_layers]
+
+    @property
+    def budget_table(self) -> Optional[BudgetTable]:
+        """The compute dial's table loaded with the checkpoint, if it has one."""
+        return BudgetTable.from_metadata(self.metadata)
+
+    def with_execution(self, execution: Execution) -> "RaceDiT":
+        """How forwards run from now on (model/exact.py): serving's batch-invariant row tiles
+        (`SERVING`, the default) or exports' shape-generic graph (`EXPORT`)."""
+        self.execution = execution
         return self
+
+    def prepare(self, device: torch.device, dtype: torch.dtype, execution: Execution) -> "RaceDiT":
+        """Ready to serve: on `device`, matmuls in `dtype`, `execution` resolved for the device, eval mode."""
+        return self.to(device).eval().set_precision(dtype).with_execution(execution.resolve(device))
 
     def set_precision(self, dtype: torch.dtype) -> "RaceDiT":
         """Run the matmuls in `dtype`: only the parameters are cast. `Module.to(dtype)` would also cast
@@ -258,33 +256,31 @@ class RaceDiT(nn.Module):
         x = x.view(x.shape[0], g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_stats: bool = False,
-        thresholds: Optional[torch.Tensor] = None,
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, ForwardStats]]:
-        """Velocity v(x_t, t, y) (or DiT's noise, `config.objective`). x: [B, C, H, W], t: [B] in [0, 1]
-        (x 1000 = DiT's timestep), y: [B] int (null class allowed).
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, thresholds: Optional[torch.Tensor] = None,
+                return_stats: bool = False) -> DenoiserOutput:
+        """The prediction for (x_t, t, y): velocity, or DiT's noise (`config.objective`), and with
+        `return_stats` the routing statistics. x: [B, C, H, W], t: [B] in [0, 1] (x 1000 = DiT's
+        timestep), y: [B] int (null class allowed).
         `thresholds` [n_moe_layers, B]: per-row routing thresholds instead of the learned ones (the
-        compute dial, `calibrate.budget_thresholds`); each row's routing still depends on it alone."""
+        compute dial, `BudgetTable.thresholds`); each row's routing still depends on it alone."""
+        exe = self.execution.resolve(x.device)
         c_in = self.config.in_channels
         x = x.float()  # inputs, timesteps and the residual stream are fp32 in every precision
         # The patch embedding is a GEMM over flattened patches (a stride-p conv, but convolution kernels
         # follow the batch size on a CPU), so it runs on row tiles like every other GEMM.
         w = self.x_embedder.weight  # [D, C, p, p]
-        h = linear(self.patches(x), w.reshape(w.shape[0], -1), self.x_embedder.bias, self.row_tile)
+        h = linear(self.patches(x), w.reshape(w.shape[0], -1), self.x_embedder.bias, exe.row_tile)
         h = h + self.pos_embed  # [B, L, D]
-        c = self.t_embedder(t.float()) + self.y_embedder(y)  # [B, D]
+        c = self.t_embedder(t.float(), exe.row_tile) + self.y_embedder(y)  # [B, D]
         routings: list[Routing] = []
         for block in self.blocks:
             layer_thresholds = None if thresholds is None or not isinstance(block.mlp, MoELayer) \
                 else thresholds[len(routings)].float()
-            h, routing = block(h, c, predict_target=self.training, thresholds=layer_thresholds)
+            h, routing = block(h, c, exe, predict_target=self.training, thresholds=layer_thresholds)
             if routing is not None:
                 routings.append(routing)
-        v = self.unpatchify(self.final_layer(h, c))[:, :c_in]  # a DiT's variance half is dropped
-        if not return_stats:
-            return v
-        return v, self.stats(routings, x.shape[0])
+        prediction = self.unpatchify(self.final_layer(h, c, exe))[:, :c_in]  # a DiT's variance half is dropped
+        return DenoiserOutput(prediction, self.stats(routings, x.shape[0]) if return_stats else None)
 
     def stats(self, routings: list[Routing], batch: int) -> ForwardStats:
         if not routings:

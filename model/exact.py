@@ -29,7 +29,8 @@ because no library documents these kernel choices as a contract.
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -114,12 +115,47 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) computed by `linear`: batch-invariant, fp32 in and out."""
+    """nn.Linear (same parameters and state-dict keys) computed by `linear`: batch-invariant on whole
+    row tiles (`tile`, from the model's `Execution`), fp32 in and out."""
+
+    def forward(self, x: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, tile)
+
+
+Dispatch = Literal["grouped", "sorted", "loop"]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How one forward runs, decided once and handed down the network (never stored in its modules).
+
+    row_tile: GEMMs on whole tiles of this many rows (batch-invariant); None: plain GEMMs whose
+        kernels may follow the batch (exports keep a shape-generic graph that way).
+    dispatch: how the experts run (model/moe.py); "auto" resolves by device: one grouped GEMM on
+        CUDA, sorted groups one after another on a CPU; "loop" for exports.
+    attention: "efficient" pins SDPA's memory-efficient kernel (batch-invariant on a GPU: no split-KV);
+        "default" lets PyTorch choose; "auto" resolves to "efficient" on CUDA with a row tile.
+    """
 
     row_tile: Optional[int] = ROW_TILE
+    dispatch: Literal["auto", "grouped", "sorted", "loop"] = "auto"
+    attention: Literal["auto", "efficient", "default"] = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.row_tile)
+    @property
+    def batch_invariant(self) -> bool:
+        return self.row_tile is not None
+
+    def resolve(self, device: torch.device) -> "Execution":
+        """The concrete setting on `device` (no "auto" left)."""
+        cuda = device.type == "cuda"
+        dispatch = self.dispatch if self.dispatch != "auto" else ("grouped" if cuda else "sorted")
+        attention = self.attention if self.attention != "auto" else (
+            "efficient" if cuda and self.batch_invariant else "default")
+        return replace(self, dispatch=dispatch, attention=attention)
+
+
+SERVING = Execution()  # batch-invariant; what training and `generate` use too
+EXPORT = Execution(row_tile=None, dispatch="loop")  # shape-generic graphs, true sparse compute
 
 
 def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .exact import (GPU_GROUP_TILE, ROW_TILE, Linear, gather_rows, gemm_dtype, gpu_invariant, grouped_mm, operand,
-                    pad_rows, padded, rounded, triton_device)
+from .exact import (GPU_GROUP_TILE, ROW_TILE, Execution, Linear, gather_rows, gemm_dtype, gpu_invariant, grouped_mm,
+                    operand, pad_rows, padded, rounded, triton_device)
 
 
 # ---------------------------------------------------------------- gating ----
@@ -99,12 +99,13 @@ class Router(nn.Module):
             self.gate_head = Linear(dim, num_experts)
             self.target_head = None
 
-    def forward(self, x: torch.Tensor, predict_target: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, tile: Optional[int], predict_target: bool
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.kind == "mlp":
-            h = F.gelu(self.hidden(x))
-            target = self.target_head(h) if predict_target else None
-            return self.gate_head(h), target
-        return self.gate_head(x), None
+            h = F.gelu(self.hidden(x, tile))
+            target = self.target_head(h, tile) if predict_target else None
+            return self.gate_head(h, tile), target
+        return self.gate_head(x, tile), None
 
 
 # --------------------------------------------------------------- experts ----
@@ -281,11 +282,6 @@ def loop_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, ex
 DISPATCH = {"grouped": grouped_dispatch, "sorted": sorted_dispatch, "loop": loop_dispatch}
 
 
-def served_dispatch(device: torch.device) -> str:
-    """The serving default: one grouped GEMM on a GPU, sorted groups one after another on a CPU."""
-    return "grouped" if device.type == "cuda" else "sorted"
-
-
 # -------------------------------------------------------------- MoE layer ----
 @dataclass
 class Routing:
@@ -306,7 +302,6 @@ class MoELayer(nn.Module):
         self.num_experts, self.k = config.num_experts, config.k
         self.expert_hidden = int(mlp_ratio * dim / config.split)
         self.router = Router(dim, self.num_experts, config.router, target_dim)
-        self.dispatch, self.row_tile = "auto", ROW_TILE  # set by RaceDiT.set_execution
         self.experts = Experts(self.num_experts, dim, self.expert_hidden)
         self.shared_expert = (
             nn.Sequential(Linear(dim, self.expert_hidden), nn.GELU(approximate="tanh"),
@@ -338,16 +333,17 @@ class MoELayer(nn.Module):
         self.threshold.mul_(m).add_((1.0 - m) * kth.float())
         self.threshold_updates.add_(1)
 
-    def forward(self, x: torch.Tensor, predict_target: bool = False,
+    def forward(self, x: torch.Tensor, exe: Execution, predict_target: bool = False,
                 thresholds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
+        """x [B, L, D] -> [B, L, D] and the routing; `exe` resolved (model/exact.py)."""
         batch, seq_len, dim = x.shape
-        logits, target = self.router(x, predict_target)  # [B, L, E]
+        logits, target = self.router(x, exe.row_tile, predict_target)  # [B, L, E]
         scores = gate(logits, self.config.gating)
         mask = self.select(scores, thresholds)
-        dispatch = served_dispatch(x.device) if self.dispatch == "auto" else self.dispatch
-        out = DISPATCH[dispatch](x.reshape(-1, dim), scores.reshape(-1, self.num_experts),
-                                      mask.reshape(-1, self.num_experts), self.experts, self.row_tile)
+        out = DISPATCH[exe.dispatch](x.reshape(-1, dim), scores.reshape(-1, self.num_experts),
+                                     mask.reshape(-1, self.num_experts), self.experts, exe.row_tile)
         out = out.view(batch, seq_len, dim)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
+            first, _, second = self.shared_expert
+            out = out + second(F.gelu(first(x, exe.row_tile), approximate="tanh"), exe.row_tile)
         return out, Routing(scores=scores, mask=mask, target=target, logits=logits)

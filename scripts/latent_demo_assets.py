@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from racedit.model.data import Shapes10
+from racedit.model.training.data import Shapes10
 
 CLASSES = ("circle", "square", "star")
 

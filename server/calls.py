@@ -1,12 +1,25 @@
-"""Calls into the engine shared by every route (the HTTP routes and the KServe v2 routes):
-submit and wait with disconnect handling, and one mapping from engine errors to statuses."""
+"""The one path every generating route takes, from decoded bodies to engine requests to results:
+`/generate` (one body), `/generate/stream` (one body, with a progress listener) and KServe v2's infer
+(one body per row, all under the request's one id). Also the one mapping from engine errors to statuses."""
 import asyncio
-from typing import Optional
+from typing import Optional, Sequence
 
 from fastapi import Request
+from racedit_client.models import GenerateRequest
 
-from .engine import (DeadlineExceeded, DuplicateRequest, Engine, GenerationRequest, GenerationResult, QueueFull,
-                     ShuttingDown, StepFailed)
+from .engine import Engine
+from .requests import (DeadlineExceeded, DuplicateRequest, GenerationRequest, GenerationResult, QueueFull,
+                       ShuttingDown, StepFailed)
+from .validation import Limits, build_request
+
+
+def engine_jobs(limits: Limits, bodies: Sequence[GenerateRequest], request_id: str) -> list[GenerationRequest]:
+    """Validated bodies as engine requests under the request's one id (errors from the engine name the
+    id the client sees)."""
+    jobs = [build_request(limits, body) for body in bodies]
+    for job in jobs:
+        job.request_id = request_id
+    return jobs
 
 
 def engine_error(exc: Exception, retry_after: int) -> tuple[int, str, dict[str, str]]:
@@ -24,12 +37,15 @@ def engine_error(exc: Exception, retry_after: int) -> tuple[int, str, dict[str, 
     return 500, f"internal error: {type(exc).__name__}", {}
 
 
-async def run_on_engine(engine: Engine, job: GenerationRequest, request: Request) -> Optional[GenerationResult]:
-    """Submit and wait; if the client disconnects first, cancel so its rows leave at the next step.
+async def run_on_engine(engine: Engine, jobs: Sequence[GenerationRequest],
+                        request: Request) -> Optional[list[GenerationResult]]:
+    """Submit the jobs of one request (under its one id: all or none) and wait for all of them.
 
-    Returns None when the client is gone (nobody to answer).
+    If one fails, or the client disconnects, or this handler is cancelled (a shutdown past its grace), the
+    request's other jobs are cancelled so their rows leave at the next step; only this request's id is
+    cancelled, which no other request can hold while it is in flight. Returns None when the client is gone.
     """
-    future = asyncio.wrap_future(engine.submit(job))
+    futures = [asyncio.wrap_future(f) for f in engine.submit_all(jobs)]  # 409/429/503 here: nothing queued
 
     async def client_gone() -> None:
         while True:
@@ -38,12 +54,19 @@ async def run_on_engine(engine: Engine, job: GenerationRequest, request: Request
                 return
 
     watcher = asyncio.ensure_future(client_gone())
+    pending: set[asyncio.Future] = {*futures, watcher}
     try:
-        done, _ = await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        while pending != {watcher}:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                return None
+            for future in done:
+                if future.exception() is not None:
+                    raise future.exception()
+        return [future.result() for future in futures]
     finally:
         watcher.cancel()
-    if future in done:
-        return future.result()
-    engine.cancel(job.request_id)
-    future.add_done_callback(lambda f: f.exception())  # consumed: the engine answers Cancelled
-    return None
+        if not all(future.done() for future in futures):
+            engine.cancel(jobs[0].request_id)  # this request's other jobs: their rows leave at the next step
+        for future in futures:  # every outcome consumed (cancelled jobs answer Cancelled)
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -64,26 +64,43 @@ def port_in_use(host: str, port: int) -> Optional[str]:
     return None
 
 
-class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: stop admission (new requests get 503), let in-flight requests finish, then exit.
+ANSWER_GRACE_S = 5  # after the engine's final sweep, how long connections get to send their answers
 
-    A second signal exits at once.
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: stop admission (new requests get 503), let in-flight and queued requests finish
+    for up to `drain_timeout_s`, then answer those left 503 with Retry-After (streams: an `error` event),
+    take their jobs out of the engine and stop it, and exit once the answers are out (ANSWER_GRACE_S).
+
+    A second signal does the same at once; a third is uvicorn's forced exit.
     """
 
     def handle_exit(self, sig: int, frame) -> None:  # type: ignore[override]
         engine = getattr(self.config.app.state, "engine", None) if hasattr(self.config.app, "state") else None
-        if engine is None or getattr(self, "_draining", False):
+        signals = getattr(self, "_signals", 0)
+        self._signals = signals + 1
+        if engine is None or signals >= 2:
             return super().handle_exit(sig, frame)
-        self._draining = True
+        log = logging.getLogger("racedit.server")
+        if signals == 1:
+            log.warning("signal %s again: answering every unfinished request 503 and exiting now", sig)
+            threading.Thread(target=self._stop_now, args=(engine,), name="racedit-stop", daemon=True).start()
+            return
         engine.begin_drain()
         timeout = self.config.app.state.settings.drain_timeout_s
-        logging.getLogger("racedit.server").info("signal %s: draining (up to %.0f s)", sig, timeout)
+        log.info("signal %s: draining (up to %.0f s)", sig, timeout)
 
         def finish() -> None:
-            engine.wait_idle(timeout)
-            self.should_exit = True
+            if not engine.wait_idle(timeout):
+                log.warning("drain timeout (%.0f s) passed; answering every unfinished request 503", timeout)
+            self._stop_now(engine)
 
         threading.Thread(target=finish, name="racedit-drain", daemon=True).start()
+
+    def _stop_now(self, engine) -> None:
+        """The engine's final sweep (every unanswered job fails with ShuttingDown: 503 + Retry-After), then exit."""
+        engine.stop(drain=False)
+        self.should_exit = True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -122,9 +139,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return run(settings)
     from .app import create_app
+    from .middleware import GuardedH11Protocol
 
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
+                            http=GuardedH11Protocol.with_read_timeout(settings.read_timeout_s),
+                            h11_max_incomplete_event_size=settings.max_header_bytes,
+                            timeout_graceful_shutdown=ANSWER_GRACE_S)
     DrainingServer(config).run()
     return 0

@@ -1,9 +1,12 @@
 """Prometheus series of the engine (`racedit_*`), in a registry the HTTP layer also exposes."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from racedit.model.usage import UsageSummary
 
 
 class EngineMetrics:
@@ -38,8 +41,8 @@ class EngineMetrics:
         for kind in ("DeadlineExceeded", "StepFailed", "Cancelled", "ShuttingDown"):
             self.request_errors.labels(kind=kind)
 
-    def record_usage(self, usage: dict) -> None:
-        for layer_index, layer in enumerate(usage["per_layer"]):
-            for expert, tokens in enumerate(layer["expert_load"]):
+    def record_usage(self, usage: "UsageSummary") -> None:
+        for layer_index, layer in enumerate(usage.per_layer):
+            for expert, tokens in enumerate(layer.expert_load):
                 if tokens:
                     self.expert_tokens.labels(layer=str(layer_index), expert=str(expert)).inc(tokens)

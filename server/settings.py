@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,9 +40,16 @@ class ServeSettings(BaseSettings):
     max_images: int = Field(8, ge=1, description="largest num_images accepted")
     max_cfg_scale: float = Field(20.0, gt=0, description="largest cfg_scale accepted")
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of a request; later gives 504")
-    drain_timeout_s: float = Field(120.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
-    max_body_bytes: int = Field(65536, ge=1024, description="largest request body")
-    api_key: Optional[SecretStr] = Field(None, description="bearer key required on every route but health")
+    drain_timeout_s: float = Field(120.0, ge=0, description="on SIGTERM, how long in-flight and queued requests may "
+                                                           "take; then those left are answered 503 and the process exits")
+    max_body_bytes: int = Field(65536, ge=1024, description="largest request body (413)")
+    max_header_bytes: int = Field(32768, ge=4096, le=1048576,
+                                  description="largest request head, request line and headers together (431)")
+    read_timeout_s: float = Field(10.0, gt=0, description="a request's head must arrive within this long of the "
+                                                          "connection opening or of the previous answer, and its body "
+                                                          "within this long of its head (else 408, connection closed)")
+    api_key: Optional[SecretStr] = Field(None, description="bearer key required on every route but the health "
+                                                           "probes and the playground page (unset: no authentication)")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503")
     log_level: str = Field("info", description="uvicorn log level")
     ray: bool = Field(False, description="serve on Ray Serve (racedit[ray]): one engine per replica behind Ray's "
@@ -52,6 +59,15 @@ class ServeSettings(BaseSettings):
     replica_metrics_port: Optional[int] = Field(
         None, ge=1, le=65535, description="with --ray: each replica also serves its engine's racedit_* series on "
                                           "this port + its rank on its node, for Prometheus to scrape")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_is_not_blank(cls, key: Optional[SecretStr]) -> Optional[SecretStr]:
+        """An empty key would let an empty bearer token in; no authentication is asked for by leaving the key
+        out (an empty RACEDIT_API_KEY counts as unset), never by an empty key."""
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("the API key is empty; give a key, or leave --api-key out to serve without authentication")
+        return key
 
     @model_validator(mode="after")
     def _dtype_applies_to_torch(self) -> "ServeSettings":

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import Field, StrictInt, ValidationError, create_model, field_validator, model_validator
 from racedit_client.models import GenerateRequest, StrictFloat
 
-from .engine import GenerationRequest
+from .requests import GenerationRequest
 from .settings import ServeSettings
 
 MAX_SEED = 2**63 - 1
@@ -24,12 +24,24 @@ class Limits:
     max_batch_rows: int
     timeout_s: float
     budget_range: tuple[float, float] = (1.0, 1.0)  # the checkpoint's budget table, or 1.0 alone
+    samplers: tuple[str, ...] = ("euler",)  # what a request may name
+    default_sampler: str = "euler"
 
     @classmethod
-    def from_settings(cls, settings: ServeSettings, class_names: list[str],
-                      budget_range: Optional[tuple[float, float]] = None) -> "Limits":
-        return cls(class_names, settings.max_steps, settings.max_images, settings.max_cfg_scale,
-                   settings.max_batch_rows, settings.request_timeout_s, budget_range or (1.0, 1.0))
+    def from_settings(cls, settings: ServeSettings, model: "ServedModel") -> "Limits":
+        return cls(model.class_names, settings.max_steps, settings.max_images, settings.max_cfg_scale,
+                   settings.max_batch_rows, settings.request_timeout_s, model.budget_range, model.samplers,
+                   model.default_sampler)
+
+
+@dataclass
+class ServedModel:
+    """What the request schema needs of the model, known before it loads."""
+
+    class_names: list[str]
+    budget_range: tuple[float, float]
+    samplers: tuple[str, ...]
+    default_sampler: str
 
 
 def resolve_class(value: Union[int, str], class_names: list[str]) -> int:
@@ -83,6 +95,7 @@ def request_model(limits: Limits, base: type[GenerateRequest] = GenerateRequest)
         num_images=(StrictInt, Field(1, ge=1, le=limits.max_images, description=field["num_images"].description)),
         expert_budget=(StrictFloat, Field(1.0, allow_inf_nan=False, description=field["expert_budget"].description,
                                           json_schema_extra={"minimum": low, "maximum": high})),
+        sampler=(Optional[Literal[limits.samplers]], Field(None, description=field["sampler"].description)),
         __validators__={"known_class": field_validator("class_label")(known_class),
                         "calibrated_budget": field_validator("expert_budget")(calibrated_budget),
                         "fits": model_validator(mode="after")(fits)},
@@ -95,7 +108,7 @@ def build_request(limits: Limits, body: GenerateRequest) -> GenerationRequest:
     return GenerationRequest(class_label=resolve_class(body.class_label, limits.class_names),
                              cfg_scale=float(body.cfg_scale), num_steps=body.num_steps, seed=seed,
                              num_images=body.num_images, timeout_s=limits.timeout_s,
-                             expert_budget=float(body.expert_budget))
+                             expert_budget=float(body.expert_budget), sampler=body.sampler or limits.default_sampler)
 
 
 def describe(exc: ValidationError) -> str:

@@ -4,7 +4,14 @@ import torch
 
 from conftest import tiny_model
 from racedit.model import generate
-from racedit.model.calibrate import Calibration, budget_range, budget_table, budget_thresholds
+from racedit.model.budget import budget_range, thresholds_for
+from racedit.model.training.calibrate import budget_table
+from racedit.model.training.config import Calibration
+
+
+def budget_thresholds(model, budgets):
+    """The thresholds the engine and generate() route by for these budgets."""
+    return thresholds_for(model.budget_table, model.learned_thresholds(), budgets)
 
 CALIBRATION = Calibration(num_images=8, num_steps=6)
 
@@ -18,7 +25,7 @@ def dialled():
 
 def test_the_table_orders_thresholds_and_compute(dialled):
     model, record = dialled
-    assert record["budgets"] == [0.5, 1.0, 1.5] and budget_range(model.metadata) == (0.5, 1.5)
+    assert record["budgets"] == [0.5, 1.0, 1.5] and budget_range(model.budget_table) == (0.5, 1.5)
     low, one, high = torch.tensor(record["thresholds"])  # [n_layers] each
     assert torch.equal(one, torch.tensor([float(layer.threshold) for layer in model.moe_layers]))
     assert (low > one).all() and (one > high).all()  # fewer experts need a higher bar
@@ -44,7 +51,7 @@ def test_mixed_budgets_in_one_batch_give_each_image_what_it_gets_alone(dialled):
                                       expert_budget=budget)
         assert together[i].numpy().tobytes() == alone[0].numpy().tobytes()
         assert usage[i] == alone_usage[0]
-    assert usage[0]["mean_experts_per_token"] < usage[1]["mean_experts_per_token"] < usage[2]["mean_experts_per_token"]
+    assert usage[0].mean_experts_per_token < usage[1].mean_experts_per_token < usage[2].mean_experts_per_token
 
 
 def test_budgets_outside_the_table_are_refused(dialled):

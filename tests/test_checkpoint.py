@@ -23,7 +23,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     for (k1, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k1 == k2 and torch.equal(a, b)
     x, t, y = batch(model, 3)
-    assert torch.equal(model(x, t, y), loaded(x, t, y))
+    assert torch.equal(model(x, t, y).prediction, loaded(x, t, y).prediction)
     doc = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert doc["metadata"] == {"steps": 1} and doc["class_names"][6] == "star"
     assert doc["thresholds"] == [float(layer.threshold) for layer in model.moe_layers]

@@ -30,7 +30,7 @@ def test_sync_generate_models_health(server):
         assert result.expert_usage.num_experts == 4 and len(result.expert_usage.per_step) == 5
         assert 0 < result.expert_usage.compute_ratio and result.timing.total_ms > 0
         assert result.request.model_dump() == {"class_label": 6, "class_name": "star", "cfg_scale": 3.0,
-                                               "num_steps": 5, "num_images": 2, "seed": 7, "expert_budget": 1.0,
+                                               "num_steps": 5, "num_images": 2, "seed": 7, "expert_budget": 1.0, "sampler": "euler",
                                                "output_format": "png"}
         drawn = client.generate(1, num_steps=2)  # defaults and the random seed are echoed
         assert drawn.request.class_name == "square" and drawn.request.cfg_scale == 4.0
@@ -100,7 +100,8 @@ def test_retries_on_429_honour_retry_after(server_factory):
 
 def test_the_served_schema_is_the_sdk_models_plus_the_servers_limits(server):
     """One definition of the wire format: the served OpenAPI components are the SDK's models, whole
-    (types, defaults, descriptions, limits), with only the ranges that are runtime settings added."""
+    (types, defaults, descriptions, limits), with only the ranges that are runtime settings (and the
+    served model's samplers) added."""
     served = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
     limits = {"cfg_scale": (0.0, 20.0), "num_steps": (1, 100_000), "num_images": (1, 8),  # the fixture's settings
               "expert_budget": (1.0, 1.0)}  # the tiny checkpoint has no budget table
@@ -115,6 +116,7 @@ def test_the_served_schema_is_the_sdk_models_plus_the_servers_limits(server):
         if issubclass(model, GenerateRequest):  # and the stream's request
             for name, (low, high) in limits.items():
                 mine["properties"][name].update(minimum=low, maximum=high)
+            mine["properties"]["sampler"]["anyOf"][0]["enum"] = ["euler", "heun"]  # the served model's samplers
         assert theirs == mine, model.__name__
 
 

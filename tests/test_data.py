@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from racedit.model.data import ImageFolder, Shapes10, ShapesStyle, vae_encoder
+from racedit.model.training.data import ImageFolder, Shapes10, ShapesStyle, vae_encoder
 
 
 def test_shapes10_items_and_classes():

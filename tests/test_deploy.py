@@ -87,3 +87,17 @@ def test_dashboard_queries_name_metrics_the_service_exposes(server_factory):
         assert names, panel["title"]
         missing = names - scraped
         assert not missing, (panel["title"], missing)
+
+
+def test_compose_grace_period_covers_the_default_drain_timeout():
+    """Docker kills the container stop_grace_period after SIGTERM; the server needs the drain timeout, at
+    most one engine step and its answers' grace (ANSWER_GRACE_S) before it exits."""
+    from racedit.server.cli import ANSWER_GRACE_S
+    from racedit.server.settings import ServeSettings
+
+    needed = ServeSettings.model_fields["drain_timeout_s"].default + ANSWER_GRACE_S + 5
+    for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
+        for service in yaml.safe_load((ROOT / name).read_text())["services"].values():
+            if "stop_grace_period" in service:
+                minutes, seconds = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", service["stop_grace_period"]).groups()
+                assert int(minutes or 0) * 60 + int(seconds or 0) >= needed, (name, service["stop_grace_period"])

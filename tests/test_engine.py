@@ -1,4 +1,9 @@
-"""The engine in-process: row cap, admission order, static mode (no HTTP)."""
+"""The engine in-process over a real checkpoint: row cap, admission order, static mode, failures (no HTTP).
+
+Scheduling decisions alone are tested with fake jobs in test_scheduler.py; here the engine is
+assembled from a real runner and scheduler, and tests observe or break it through subclasses of
+those two parts, never through the engine's private methods.
+"""
 import threading
 import time
 
@@ -7,21 +12,30 @@ import pytest
 import torch
 
 from racedit.model import generate, load
-from racedit.server.engine import (Cancelled, DeadlineExceeded, Engine, GenerationRequest, QueueFull, ShuttingDown,
-                                   StepFailed)
+from racedit.server.engine import (Cancelled, DeadlineExceeded, DuplicateRequest, Engine, GenerationRequest,
+                                   QueueFull, ShuttingDown, StepFailed)
+from racedit.server.metrics import EngineMetrics
+from racedit.server.runner import Runner
+from racedit.server.scheduler import Scheduler, policy
 
 
-def traced(engine: Engine) -> list[list[str]]:
-    """Record which requests each engine step ran."""
-    steps: list[list[str]] = []
-    original = engine._step
+class TracingRunner(Runner):
+    """Records which requests each step ran."""
 
-    def step(jobs):
-        steps.append([job.request.request_id for job in jobs])
-        return original(jobs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps: list[list[str]] = []
 
-    engine._step = step
-    return steps
+    def step(self, states):
+        self.steps.append([state.request.request_id for state in states])
+        return super().step(states)
+
+
+def engine_for(checkpoint, runner: type[Runner] = Runner, scheduler: type[Scheduler] = Scheduler,
+               max_batch_rows: int = 64, max_queue: int = 256, mode: str = "step", static_wait_ms: float = 20.0,
+               metrics=None) -> Engine:
+    return Engine(runner(load(checkpoint), torch.device("cpu")),
+                  scheduler(max_batch_rows, max_queue, policy(mode, static_wait_ms)), metrics)
 
 
 def requests() -> list[GenerationRequest]:
@@ -31,8 +45,8 @@ def requests() -> list[GenerationRequest]:
 
 @pytest.mark.parametrize("mode", ["step", "static"])
 def test_row_cap_first_come_first_served_and_same_pixels(tiny_checkpoint, mode):
-    engine = Engine(load(tiny_checkpoint), torch.device("cpu"), max_batch_rows=4, mode=mode, static_wait_ms=200)
-    steps = traced(engine)
+    engine = engine_for(tiny_checkpoint, TracingRunner, max_batch_rows=4, mode=mode, static_wait_ms=200)
+    steps = engine.runner.steps
     batch = requests()  # two rows each under guidance: at most two requests per step
     engine.start()
     try:
@@ -53,8 +67,8 @@ def test_row_cap_first_come_first_served_and_same_pixels(tiny_checkpoint, mode):
 
 
 def test_new_requests_join_a_running_batch_at_the_next_step(tiny_checkpoint):
-    engine = Engine(load(tiny_checkpoint), torch.device("cpu"), max_batch_rows=64)
-    steps = traced(engine)
+    engine = engine_for(tiny_checkpoint, TracingRunner, max_batch_rows=64)
+    steps = engine.runner.steps
     engine.start()
     try:
         long = engine.submit(GenerationRequest(class_label=0, num_steps=400, request_id="long"))
@@ -79,7 +93,7 @@ def wait_until(condition, timeout: float = 10.0) -> None:
 
 def busy_engine(checkpoint, **kw) -> tuple[Engine, object]:
     """An engine whose two rows are taken by a long request, so what comes next waits in the queue."""
-    engine = Engine(load(checkpoint), torch.device("cpu"), max_batch_rows=2, **kw).start()
+    engine = engine_for(checkpoint, max_batch_rows=2, **kw).start()
     running = engine.submit(GenerationRequest(class_label=0, num_steps=100_000, request_id="running"))
     wait_until(lambda: engine.active_rows() == 2)
     return engine, running
@@ -122,13 +136,15 @@ def test_abandoned_and_overdue_queued_requests_free_their_places_at_once(tiny_ch
         engine.stop()
 
 
-def test_an_exception_while_starting_a_request_fails_only_that_request(tiny_checkpoint, monkeypatch):
-    import racedit.server.engine as engine_module
+class RunnerOutOfMemoryForSeed13(Runner):
+    def start(self, request):
+        if request.seed == 13:
+            raise MemoryError("no room")
+        return super().start(request)
 
-    real = engine_module.initial_noise
-    monkeypatch.setattr(engine_module, "initial_noise",
-                        lambda seed, shape: (_ for _ in ()).throw(MemoryError("no room")) if seed == 13 else real(seed, shape))
-    engine = Engine(load(tiny_checkpoint), torch.device("cpu")).start()
+
+def test_an_exception_while_starting_a_request_fails_only_that_request(tiny_checkpoint):
+    engine = engine_for(tiny_checkpoint, RunnerOutOfMemoryForSeed13).start()
     try:
         bad = engine.submit(GenerationRequest(class_label=1, num_steps=3, seed=13, request_id="bad"))
         good = engine.submit(GenerationRequest(class_label=1, num_steps=3, seed=14, request_id="good"))
@@ -140,13 +156,15 @@ def test_an_exception_while_starting_a_request_fails_only_that_request(tiny_chec
         engine.stop()
 
 
-def test_an_exception_while_finishing_a_request_fails_only_that_request(tiny_checkpoint, monkeypatch):
-    import racedit.server.engine as engine_module
+class RunnerFailingOnThreeImages(Runner):
+    def result(self, state, image, submitted, decode_ms):
+        if image is not None and image.shape[0] == 3:
+            raise ValueError("bad pixels")
+        return super().result(state, image, submitted, decode_ms)
 
-    real = engine_module.to_uint8
-    monkeypatch.setattr(engine_module, "to_uint8",
-                        lambda x: (_ for _ in ()).throw(ValueError("bad pixels")) if x.shape[0] == 3 else real(x))
-    engine = Engine(load(tiny_checkpoint), torch.device("cpu")).start()
+
+def test_an_exception_while_finishing_a_request_fails_only_that_request(tiny_checkpoint):
+    engine = engine_for(tiny_checkpoint, RunnerFailingOnThreeImages).start()
     try:
         bad = engine.submit(GenerationRequest(class_label=1, num_steps=3, num_images=3, request_id="three"))
         good = engine.submit(GenerationRequest(class_label=1, num_steps=3, request_id="one"))
@@ -157,17 +175,25 @@ def test_an_exception_while_finishing_a_request_fails_only_that_request(tiny_che
         engine.stop()
 
 
+class SchedulerThatBreaks(Scheduler):
+    """Its next plan raises `failure`, once, when `armed` is set."""
+
+    failure: BaseException = RuntimeError("bookkeeping bug")
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.armed = threading.Event()
+
+    def plan(self, now):
+        if self.armed.is_set():
+            self.armed.clear()
+            raise self.failure
+        return super().plan(now)
+
+
 def test_an_exception_elsewhere_in_an_iteration_fails_the_running_requests_and_the_engine_goes_on(tiny_checkpoint):
-    engine, running = busy_engine(tiny_checkpoint)
-    real, calls = engine._sweep, []
-
-    def sweep_once_broken():
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("bookkeeping bug")
-        real()
-
-    engine._sweep = sweep_once_broken
+    engine, running = busy_engine(tiny_checkpoint, scheduler=SchedulerThatBreaks)
+    engine.scheduler.armed.set()
     try:
         error = running.exception(timeout=30)
         assert isinstance(error, StepFailed) and "running" in str(error) and "bookkeeping bug" in str(error)
@@ -176,15 +202,15 @@ def test_an_exception_elsewhere_in_an_iteration_fails_the_running_requests_and_t
         engine.stop()
 
 
+class SchedulerThatKillsTheWorker(SchedulerThatBreaks):
+    failure = SystemExit("worker killed")  # no iteration guard catches it
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the dying thread's SystemExit
 def test_when_the_worker_dies_every_waiting_request_is_answered_at_once(tiny_checkpoint):
-    engine, running = busy_engine(tiny_checkpoint)
+    engine, running = busy_engine(tiny_checkpoint, scheduler=SchedulerThatKillsTheWorker)
     queued = [engine.submit(GenerationRequest(class_label=1, num_steps=2)) for _ in range(3)]
-
-    def die():
-        raise SystemExit("worker killed")  # no iteration guard catches it
-
-    engine._iteration = die
+    engine.scheduler.armed.set()
     try:
         started = time.monotonic()
         for future in [running, *queued]:
@@ -198,7 +224,7 @@ def test_when_the_worker_dies_every_waiting_request_is_answered_at_once(tiny_che
 
 
 def test_nothing_is_accepted_after_the_final_sweep_of_stop(tiny_checkpoint):
-    engine = Engine(load(tiny_checkpoint), torch.device("cpu"), max_batch_rows=2, max_queue=100_000).start()
+    engine = engine_for(tiny_checkpoint, max_batch_rows=2, max_queue=100_000).start()
     accepted, stopped = [], threading.Event()
 
     def submitter():
@@ -219,3 +245,63 @@ def test_nothing_is_accepted_after_the_final_sweep_of_stop(tiny_checkpoint):
     assert accepted and all(f.done() for f in accepted)  # every accepted request got an answer
     with pytest.raises(ShuttingDown):
         engine.submit(GenerationRequest(class_label=1, num_steps=2))
+
+
+class ErrorCountThatWaits:
+    """Stands in for the `racedit_request_errors` counter: the first answer blocks inside it until `release`,
+    holding the answering thread in the window between taking a request and answering it."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def labels(self, kind: str):
+        counts, entered, release = self.counts, self.entered, self.release
+
+        class Child:
+            def inc(self, amount: int = 1) -> None:
+                first = not entered.is_set()
+                entered.set()
+                if first:
+                    assert release.wait(10)
+                counts[kind] = counts.get(kind, 0) + amount
+        return Child()
+
+
+def test_cancel_and_the_final_sweep_answer_a_queued_request_once(tiny_checkpoint):
+    """cancel() takes a queued request and is held before answering it; stop()'s final sweep runs in
+    that window. The request is answered once (Cancelled), and counted once."""
+    metrics = EngineMetrics()
+    engine, running = busy_engine(tiny_checkpoint, metrics=metrics)
+    queued = engine.submit(GenerationRequest(class_label=1, num_steps=2, request_id="queued"))
+    errors = metrics.request_errors = ErrorCountThatWaits()
+    canceller = threading.Thread(target=engine.cancel, args=("queued",))
+    canceller.start()
+    assert errors.entered.wait(10)  # cancel() has taken the request and is answering it
+    stopper = threading.Thread(target=engine.stop, kwargs={"drain": False})
+    stopper.start()
+    assert isinstance(running.exception(timeout=30), ShuttingDown)  # the sweep ran (the running one is its)
+    assert not queued.done()  # the sweep left the taken request to its taker
+    errors.release.set()
+    canceller.join(10)
+    stopper.join(30)
+    assert isinstance(queued.exception(timeout=1), Cancelled)
+    assert errors.counts == {"Cancelled": 1, "ShuttingDown": 1}
+
+
+def test_the_jobs_of_one_request_share_its_id_all_or_none(tiny_checkpoint):
+    """A KServe request's rows are jobs under its one id: a second request with that id is refused whole
+    before anything of it is queued, and cancelling the id reaches only the owner's jobs."""
+    engine, running = busy_engine(tiny_checkpoint, max_queue=3)
+    try:
+        rows = [GenerationRequest(class_label=c, num_steps=2, request_id="k") for c in (1, 2)]
+        owner = engine.submit_all(rows)
+        with pytest.raises(DuplicateRequest):
+            engine.submit_all([GenerationRequest(class_label=3, num_steps=2, request_id="k")])
+        with pytest.raises(QueueFull):  # two more rows do not fit the one place left: none is queued
+            engine.submit_all([GenerationRequest(class_label=3, num_steps=2, request_id="j") for _ in range(2)])
+        assert engine.queue_depth() == 2
+        assert engine.cancel("k") and all(isinstance(f.exception(timeout=5), Cancelled) for f in owner)
+        assert not engine.cancel("k") and not running.done()
+    finally:
+        engine.stop(drain=False)

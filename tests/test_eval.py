@@ -8,8 +8,8 @@ from PIL import Image
 
 from racedit.model import DEFAULT_CHECKPOINT, build, generate, load
 from racedit.model.config import SHAPES10_CLASSES
-from racedit.model.data import Shapes10, ShapesStyle
-from racedit.model.evaluate import classify, frechet_distance, load_classifier, reference_style
+from racedit.model.training.data import Shapes10, ShapesStyle
+from racedit.model.training.evaluate import classify, frechet_distance, load_classifier, reference_style
 
 
 def test_frechet_distance():

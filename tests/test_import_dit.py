@@ -9,7 +9,7 @@ import torch
 
 from racedit.model import CheckpointError, generate, load, read_config
 from racedit.model.config import MoEConfig
-from racedit.model.import_dit import import_dit
+from racedit.model.training.import_dit import import_dit
 from racedit.model.sampling import ObjectiveError
 
 
@@ -48,7 +48,7 @@ def test_diffusers_folder_imports_with_forward_parity(tmp_path, learn_sigma):
     x, t, y = inputs()
     with torch.no_grad():
         want = source(x, timestep=t, class_labels=y).sample[:, :4]  # the noise half
-        got = model(x, t.float() / 1000, y)
+        got = model(x, t.float() / 1000, y).prediction
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-4
 
@@ -96,7 +96,7 @@ def test_dit_pt_state_dict_imports_with_forward_parity(tmp_path):
     x, t, y = inputs()
     with torch.no_grad():
         want = source(x, timestep=t, class_labels=y).sample[:, :4]
-        assert (model(x, t.float() / 1000, y) - want).abs().max() <= 1e-4
+        assert (model(x, t.float() / 1000, y).prediction - want).abs().max() <= 1e-4
     with pytest.raises(CheckpointError, match="--num-heads"):
         import_dit(tmp_path / "DiT-tiny.pt")  # width 32 is none of DiT's sizes
 
@@ -128,7 +128,7 @@ def test_upcycled_experts_come_from_the_dense_mlp(tmp_path, split):
         from racedit.model.moe import DISPATCH
 
         out = DISPATCH["loop"](h.reshape(-1, 32), scores.reshape(-1, 8), mask.reshape(-1, 8), layer.experts, None)
-        assert torch.allclose(out.view(1, 64, 32), mlp(h), atol=1e-5)
+        assert torch.allclose(out.view(1, 64, 32), mlp(h, dense.execution.resolve(h.device)), atol=1e-5)
     thresholds = [float(layer.threshold) for layer in moe.moe_layers]
     assert all(abs(tau - 0.5) < 0.01 for tau in thresholds)  # the race's K-th gate, near 1/k
 

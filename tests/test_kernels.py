@@ -102,7 +102,7 @@ def test_the_models_gpu_path_matches_its_cpu_path():
         import json, sys, torch
         sys.path.insert(0, "tests")
         from conftest import batch, tiny_model
-        from racedit.model import exact, moe
+        from racedit.model import Execution, exact, moe
         from racedit.model.moe import Experts, grouped_dispatch, sorted_dispatch
 
         def gpu_branch(on: bool) -> None:
@@ -110,12 +110,12 @@ def test_the_models_gpu_path_matches_its_cpu_path():
 
         out = {}
         for dtype in (torch.float32, torch.float16):
-            model = tiny_model().set_precision(dtype).set_execution(dispatch="grouped")
+            model = tiny_model().set_precision(dtype).with_execution(Execution(dispatch="grouped"))
             x, t, y = batch(model, 5, seed=1)
             with torch.no_grad():
-                cpu = model(x, t, y)
+                cpu = model(x, t, y).prediction
                 gpu_branch(True)
-                gpu = model(x, t, y)
+                gpu = model(x, t, y).prediction
                 gpu_branch(False)
             out[str(dtype)] = {"err": (gpu - cpu).abs().max().item(), "scale": cpu.abs().max().item()}
         experts = Experts(8, 48, 64)

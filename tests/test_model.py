@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from racedit.model import build, count_parameters, exact, preset_config
+from racedit.model import Execution, build, count_parameters, exact, preset_config
 from racedit.model.config import ConfigError
-from racedit.model.losses import balance, combination_usage, max_violation, per_layer_regularisation, router_similarity
+from racedit.model.training.losses import balance, combination_usage, max_violation, per_layer_regularisation, router_similarity
 from racedit.model.moe import (Experts, expert_choice, expert_race, grouped_dispatch, loop_dispatch, sorted_dispatch,
                                threshold, token_choice)
 
@@ -21,9 +21,10 @@ def tiny(routing="expert_race", gating="identity", **moe):
 def test_forward_shapes_and_stats_types():
     model = tiny().eval()
     x, t, y = batch(model, 3)
-    v = model(x, t, y)
+    v = model(x, t, y).prediction
     assert v.shape == x.shape
-    v2, stats = model(x, t, y, return_stats=True)
+    out = model(x, t, y, return_stats=True)
+    v2, stats = out.prediction, out.stats
     assert torch.equal(v, v2)
     n_layers, seq = len(model.moe_layers), model.config.num_tokens
     assert stats.experts_per_token.shape == (n_layers, 3, seq)
@@ -36,7 +37,7 @@ def test_exact_selection_counts_in_training(routing):
     model = tiny(routing).train()
     b = 5
     x, t, y = batch(model, b)
-    _, stats = model(x, t, y, return_stats=True)
+    stats = model(x, t, y, return_stats=True).stats
     k, e, seq = 2, 4, model.config.num_tokens
     for layer_routing in stats.routing:
         mask = layer_routing.mask
@@ -181,7 +182,7 @@ def test_gradient_reaches_router(routing, gating):
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
     x, t, y = batch(model, 4)
-    model(x, t, y).pow(2).mean().backward()
+    model(x, t, y).prediction.pow(2).mean().backward()
     for layer in model.moe_layers:
         grad = layer.router.gate_head.weight.grad
         assert grad is not None and grad.abs().sum() > 0
@@ -211,10 +212,12 @@ def test_thresholds_are_named_buffers_in_state_dict():
 def test_eval_routing_and_output_independent_of_batch_mates(routing):
     model = tiny_model(moe={"routing": routing, "gating": "identity"})  # trained threshold, non-zero head
     x, t, y = batch(model, 1, seed=10)
-    alone_v, alone = model(x, t, y, return_stats=True)
+    out = model(x, t, y, return_stats=True)
+    alone_v, alone = out.prediction, out.stats
     mates_x, mates_t, mates_y = batch(model, 7, seed=11)
     xs, ts, ys = torch.cat([mates_x[:3], x, mates_x[3:]]), torch.cat([mates_t[:3], t, mates_t[3:]]), torch.cat([mates_y[:3], y, mates_y[3:]])
-    mixed_v, mixed = model(xs, ts, ys, return_stats=True)
+    out = model(xs, ts, ys, return_stats=True)
+    mixed_v, mixed = out.prediction, out.stats
     assert torch.equal(mixed.experts_per_token[:, 3], alone.experts_per_token[:, 0])
     assert alone_v.abs().max() > 0.1 and torch.equal(mixed_v[3], alone_v[0])  # the same bytes, not merely close
 
@@ -222,13 +225,13 @@ def test_eval_routing_and_output_independent_of_batch_mates(routing):
 @pytest.mark.parametrize("dispatch", ["grouped", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_row_is_the_same_bytes_in_any_batch_and_any_position(dtype, dispatch):
-    model = tiny_model().set_precision(dtype).set_execution(dispatch=dispatch)
+    model = tiny_model().set_precision(dtype).with_execution(Execution(dispatch=dispatch))
     x, t, y = batch(model, 70, seed=3)
-    alone = model(x[:1], t[:1], y[:1])
+    alone = model(x[:1], t[:1], y[:1]).prediction
     assert alone.abs().max() > 0.1
     for n, position in [(2, 1), (5, 2), (8, 7), (33, 16), (70, 69)]:
         order = torch.cat([torch.arange(1, position + 1), torch.tensor([0]), torch.arange(position + 1, n)])
-        assert torch.equal(model(x[order], t[order], y[order])[position], alone[0]), (n, position)
+        assert torch.equal(model(x[order], t[order], y[order]).prediction[position], alone[0]), (n, position)
 
 
 def test_reduced_precision_keeps_thresholds_and_activations_in_fp32():
@@ -239,14 +242,14 @@ def test_reduced_precision_keeps_thresholds_and_activations_in_fp32():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(layer.threshold.dtype == torch.float32 and torch.equal(layer.threshold, before)
                for layer, before in zip(model.moe_layers, thresholds))
-    v = model(*batch(model, 2))
+    v = model(*batch(model, 2)).prediction
     assert v.dtype == torch.float32
 
 
 def test_topk_inference_mode_is_batch_dependent_ablation():
     model = tiny(inference="topk").eval()
     x, t, y = batch(model, 4)
-    _, stats = model(x, t, y, return_stats=True)
+    stats = model(x, t, y, return_stats=True).stats
     assert int(stats.experts_per_token.sum(dim=(1, 2))[0]) == 4 * model.config.num_tokens * 2
 
 
@@ -254,7 +257,8 @@ def test_dense_baseline_has_no_moe():
     model = build("tiny", moe=None)
     assert model.moe_layers == []
     x, t, y = batch(model, 2)
-    v, stats = model(x, t, y, return_stats=True)
+    out = model(x, t, y, return_stats=True)
+    v, stats = out.prediction, out.stats
     assert v.shape == x.shape and stats.experts_per_token.shape[0] == 0
 
 
@@ -262,13 +266,13 @@ def test_shared_expert_and_linear_router():
     model = tiny(shared_expert=True, router="linear")
     assert model.moe_layers[0].shared_expert is not None
     assert model.moe_layers[0].router.target_head is None
-    assert model(*batch(model, 2)).shape == (2, 3, 16, 16)
+    assert model(*batch(model, 2)).prediction.shape == (2, 3, 16, 16)
 
 
 def test_losses_and_metrics():
     model = tiny().train()
     x, t, y = batch(model, 4)
-    _, stats = model(x, t, y, return_stats=True)
+    stats = model(x, t, y, return_stats=True).stats
     target = model.patchify(torch.randn_like(x))
     assert per_layer_regularisation(stats.routing, target) > 0
     sim = router_similarity(stats.routing)

@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from racedit.model import build, generate
-from racedit.model.sampling import LossConfig, guided_velocity, logit_normal, time_grid, training_loss
+from racedit.model.samplers import Euler, Heun, time_grid
+from racedit.model.sampling import guided_prediction
+from racedit.model.training.config import LossConfig
+from racedit.model.training.objective import logit_normal, training_loss
 
 
 def trained_tiny():
@@ -48,17 +51,17 @@ def test_generate_shapes_types_and_usage():
     images, usage = generate(model, labels=[3, 7], cfg_scale=4.0, num_steps=5, seeds=[0, 1])
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
     u = usage[0]
-    assert u["num_moe_layers"] == 2 and u["num_experts"] == 4 and u["nominal_k"] == 2
-    assert len(u["per_step"]) == 5 and len(u["per_layer"]) == 2
-    assert len(u["token_map"]) == 4 and len(u["token_map"][0]) == 4
+    assert u.num_moe_layers == 2 and u.num_experts == 4 and u.nominal_k == 2
+    assert len(u.per_step) == 5 and len(u.per_layer) == 2
+    assert len(u.token_map) == 4 and len(u.token_map[0]) == 4
     # Under guidance an image has two rows per step.
-    assert u["nominal_pairs"] == 5 * 2 * 16 * 2 * 2
-    assert u["activated_pairs"] == sum(sum(layer["expert_load"]) for layer in u["per_layer"])
+    assert u.nominal_pairs == 5 * 2 * 16 * 2 * 2
+    assert u.activated_pairs == sum(sum(layer.expert_load) for layer in u.per_layer)
     # Histogram over 0..E experts: shares of the (layer, row, token, step) slots, whose mean is the mean.
-    histogram = u["experts_per_token_histogram"]
+    histogram = u.experts_per_token_histogram
     assert len(histogram) == 5 and sum(histogram) == pytest.approx(1.0)
-    assert sum(j * share for j, share in enumerate(histogram)) == pytest.approx(u["mean_experts_per_token"])
-    assert histogram != usage[1]["experts_per_token_histogram"]  # each image its own
+    assert sum(j * share for j, share in enumerate(histogram)) == pytest.approx(u.mean_experts_per_token)
+    assert histogram != usage[1].experts_per_token_histogram  # each image its own
 
 
 def test_cfg_one_skips_the_unconditional_pass():
@@ -66,10 +69,10 @@ def test_cfg_one_skips_the_unconditional_pass():
     x = torch.randn(3, 3, 16, 16)
     t = torch.full((3,), 0.5)
     y = torch.tensor([1, 2, 3])
-    _, ept, _, owner = guided_velocity(model, x, t, y, torch.tensor([1.0, 4.0, 1.0]))
+    _, ept, _, owner = guided_prediction(model, x, t, y, torch.tensor([1.0, 4.0, 1.0]))
     assert ept.shape[1] == 4 and owner.tolist() == [0, 1, 2, 1]
     _, usage = generate(model, labels=[1], cfg_scale=1.0, num_steps=3, seeds=[0])
-    assert usage[0]["nominal_pairs"] == 3 * 1 * 16 * 2 * 2
+    assert usage[0].nominal_pairs == 3 * 1 * 16 * 2 * 2
 
 
 def test_seed_determinism_and_batch_independence():
@@ -92,3 +95,23 @@ def test_heun_sampler_and_bad_arguments():
         generate(model, labels=[2], sampler="ddim")
     with pytest.raises(ValueError, match="same length"):
         generate(model, labels=[2, 3], seeds=[1])
+
+
+def test_samplers_keep_their_own_state_and_ask_for_one_evaluation_at_a_time():
+    """The objects generate() and the engine drive: Euler asks once per step, Heun twice (once on the
+    last step, which ends at t = 0), and each completes exactly num_steps steps."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    slope = torch.full_like(x, 0.5)  # a constant velocity: both methods land on x - 0.5 exactly
+    for cls, evaluations in ((Euler, 4), (Heun, 7)):
+        sampler, asked, completed = cls(x, time_grid(4)), [], 0
+        while not sampler.done:
+            x_q, t_q = sampler.query()
+            asked.append(t_q)
+            completed += sampler.update(slope)
+        assert len(asked) == evaluations and completed == sampler.step == 4
+        assert torch.allclose(sampler.x, x - 0.5, atol=1e-6)
+    heun = Heun(x, time_grid(2))
+    heun.update(torch.ones_like(x))  # the predictor's slope at t = 1 ...
+    x_pred, t_pred = heun.query()
+    assert t_pred == 0.5 and torch.allclose(x_pred, x - 0.5)  # ... is evaluated again at its end point
+    assert heun.update(-torch.ones_like(x)) and torch.allclose(heun.x, x)  # the mean slope is 0

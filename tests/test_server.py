@@ -47,7 +47,7 @@ def test_generate_png_matches_the_library(server, tiny_checkpoint):
     assert len(u["per_step"]) == 6 and len(u["token_map"]) == 4
     assert u["activated_pairs"] == sum(sum(layer["expert_load"]) for layer in u["per_layer"])
     assert u["nominal_pairs"] == 2 * 2 * 6 * 16 * 2 * 2  # 2 images x 2 rows x 6 steps x 16 tokens x k 2 x 2 layers
-    assert u["activated_pairs"] == sum(x["activated_pairs"] for x in usage)
+    assert u["activated_pairs"] == sum(x.activated_pairs for x in usage)
     assert set(body["timing"]) == {"queue_ms", "inference_ms", "total_ms", "decode_ms"} and body["timing"]["decode_ms"] == 0
 
 
@@ -133,6 +133,22 @@ def test_every_bad_field_is_listed(server):
 def test_body_too_large(server):
     r = httpx.post(server.url + "/generate", content=b"{" + b" " * 70000 + b"}", headers={"content-type": "application/json"})
     assert r.status_code == 413
+
+
+def test_a_request_names_its_sampler_and_gets_the_library_s_bytes(server, tiny_checkpoint):
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert card["samplers"] == ["euler", "heun"] and card["default_sampler"] == "euler"
+    model = load(tiny_checkpoint)
+    for sampler in ("heun", None):
+        body = {"class_label": 3, "cfg_scale": 2.5, "num_steps": 4, "seed": 21, "output_format": "npy"}
+        r = post(server, {**body, "sampler": sampler} if sampler else body)
+        assert r.status_code == 200, r.text
+        assert r.json()["request"]["sampler"] == (sampler or "euler")
+        want, _ = generate(model, [3], cfg_scale=2.5, num_steps=4, seeds=[21], sampler=sampler or "euler", as_float=True)
+        got = np.load(io.BytesIO(base64.b64decode(r.json()["images"][0]["data"])), allow_pickle=False)
+        assert got.tobytes() == want[0].numpy().tobytes()
+    r = post(server, {"class_label": 3, "sampler": "ddim"})
+    assert r.status_code == 422 and "sampler" in r.text and "'euler' or 'heun'" in r.text
 
 
 def test_models_and_health(server):

@@ -12,8 +12,8 @@ import yaml
 from racedit.model import load
 from racedit.model.checkpoint import read_config
 from racedit.model.config import ConfigError
-from racedit.model.train import (OptimConfig, Restart, batch_sampler, is_pipeline, learning_rate, load_config,
-                                 load_pipeline, parse_config, train)
+from racedit.model.training.config import OptimConfig, Restart, is_pipeline, load_config, load_pipeline, parse_config
+from racedit.model.training.train import batch_sampler, learning_rate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,9 +225,9 @@ def test_calibrate_sets_thresholds_from_the_models_own_sampling(tiny_checkpoint,
     seeds = list(range(10_000, 10_020))
     k = after.config.moe.k
     _, usage = generate(after, labels, cfg_scale=4.0, num_steps=10, seeds=seeds)
-    calibrated = sum(u["mean_experts_per_token"] for u in usage) / len(usage)
+    calibrated = sum(u.mean_experts_per_token for u in usage) / len(usage)
     _, usage = generate(before, labels, cfg_scale=4.0, num_steps=10, seeds=seeds)
-    uncalibrated = sum(u["mean_experts_per_token"] for u in usage) / len(usage)
+    uncalibrated = sum(u.mean_experts_per_token for u in usage) / len(usage)
     assert abs(calibrated - k) <= 0.05 * k and abs(calibrated - k) < abs(uncalibrated - k), (calibrated, uncalibrated)
     # The compute dial's table travels in the checkpoint, its 1.0 row the thresholds just calibrated.
     table = after.metadata["budget_table"]

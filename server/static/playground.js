@@ -7,7 +7,7 @@ let apiKey = sessionStorage.getItem("racedit-api-key");
 let card = null;
 
 async function call(path, options = {}) {
-  // Every route but health needs `Authorization: Bearer <key>` when the server has an API key.
+  // Every route but the health probes and this page needs `Authorization: Bearer <key>` when the server has a key.
   for (;;) {
     const headers = { ...(options.headers || {}) };
     if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
@@ -45,11 +45,9 @@ async function loadModel() {
   $("model-info").textContent = `${card.id}: ${card.image_shape[1]}x${card.image_shape[2]}, ${routing}, ` +
     `${(card.parameters_activated / 1e6).toFixed(1)} M of ${(card.parameters_total / 1e6).toFixed(1)} M parameters active, ` +
     `${card.dtype}${card.batch_invariant ? ", batch-invariant" : ""}`;
-  fetch("openapi.json").then((r) => r.json()).then((api) => {  // the dial's calibrated range, if any
-    const budget = api.components.schemas.GenerateRequest.properties.expert_budget;
-    Object.assign($("budget"), { min: budget.minimum, max: budget.maximum });
-    $("budget").disabled = budget.minimum === budget.maximum;
-  }).catch(() => {});
+  const [low, high] = card.expert_budget_range;  // the dial's calibrated range (1.0 alone without a table)
+  Object.assign($("budget"), { min: low, max: high });
+  $("budget").disabled = low === high;
   $("model-info").removeAttribute("aria-busy");
   $("progress-text").textContent = "ready";
   setState("ready");

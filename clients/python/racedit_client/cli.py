@@ -68,7 +68,9 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     g = sub.add_parser("generate", help="generate images and save them", formatter_class=defaults)
     g.add_argument("--class", dest="class_label", required=True, help="class name or index")
     g.add_argument("--cfg", type=float, default=4.0, help="guidance scale")
-    g.add_argument("--steps", type=int, default=25, help="Euler steps")
+    g.add_argument("--steps", type=int, default=25, help="sampler steps")
+    g.add_argument("--sampler", default=None, help="euler, heun, ... (racedit-client models lists the model's; "
+                                                   "default: the model's own)")
     g.add_argument("--seed", type=int, default=None, help="seed of the first image (None: the server draws one)")
     g.add_argument("-n", "--num-images", type=int, default=1, help="images to generate")
     g.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "npy"],
@@ -90,7 +92,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
                           f"{card.parameters_activated / 1e6:.1f} M of {card.parameters_total / 1e6:.1f} M parameters active")
                 return 0
             options = dict(cfg_scale=args.cfg, num_steps=args.steps, seed=args.seed, num_images=args.num_images,
-                           output_format=args.format, expert_budget=args.budget)
+                           output_format=args.format, expert_budget=args.budget, sampler=args.sampler)
             if args.stream:
                 result = streamed(client, label, options)
             else:

@@ -88,17 +88,19 @@ class _Core:
 
     @staticmethod
     def generate_body(class_label: Union[int, str], cfg_scale: float, num_steps: int, seed: Optional[int],
-                      num_images: int, output_format: str, expert_budget: float = 1.0) -> dict[str, Any]:
+                      num_images: int, output_format: str, expert_budget: float = 1.0,
+                      sampler: Optional[str] = None) -> dict[str, Any]:
         return GenerateRequest(class_label=class_label, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
-                               num_images=num_images, output_format=output_format,
-                               expert_budget=expert_budget).model_dump(exclude_none=True)
+                               num_images=num_images, output_format=output_format, expert_budget=expert_budget,
+                               sampler=sampler).model_dump(exclude_none=True)
 
     @staticmethod
     def stream_body(class_label: Union[int, str], cfg_scale: float, num_steps: int, seed: Optional[int],
-                    num_images: int, output_format: str, preview_every: int, expert_budget: float) -> dict[str, Any]:
+                    num_images: int, output_format: str, preview_every: int, expert_budget: float,
+                    sampler: Optional[str] = None) -> dict[str, Any]:
         return GenerateStreamRequest(class_label=class_label, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
                                      num_images=num_images, output_format=output_format, preview_every=preview_every,
-                                     expert_budget=expert_budget).model_dump(exclude_none=True)
+                                     expert_budget=expert_budget, sampler=sampler).model_dump(exclude_none=True)
 
     @staticmethod
     def parse_generate(response: httpx.Response) -> GenerateResult:
@@ -177,7 +179,7 @@ def error_for(status: int, detail: Any, request_id: Optional[str], message: str,
               retry_after: Optional[float] = None) -> errors.RaceditError:
     """The typed error of an HTTP status (one mapping for answers and stream `error` events)."""
     kind: type[errors.RaceditError]
-    if status in (400, 413, 422):
+    if status in (400, 413, 422, 431):
         kind = errors.ValidationError
     elif status in (401, 403):
         kind = errors.AuthError
@@ -221,17 +223,19 @@ class Client(_Core):
 
     def generate(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
                  seed: Optional[int] = None, num_images: int = 1, output_format: str = "png",
-                 expert_budget: float = 1.0) -> GenerateResult:
-        body = self.generate_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, expert_budget)
+                 expert_budget: float = 1.0, sampler: Optional[str] = None) -> GenerateResult:
+        body = self.generate_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, expert_budget,
+                                  sampler)
         return self.parse_generate(self._request("POST", "/generate", json=body))
 
     def stream(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
                seed: Optional[int] = None, num_images: int = 1, output_format: str = "png",
-               preview_every: int = 0, expert_budget: float = 1.0) -> Iterator[StreamEvent]:
+               preview_every: int = 0, expert_budget: float = 1.0,
+               sampler: Optional[str] = None) -> Iterator[StreamEvent]:
         """POST /generate/stream: a ProgressEvent per step, a Preview every `preview_every` steps, then the
         GenerateResult (byte-identical to generate()'s). Errors raise as generate() raises them."""
         body = self.stream_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, preview_every,
-                                expert_budget)
+                                expert_budget, sampler)
         started, attempt = time.monotonic(), 0
         while True:
             try:
@@ -290,16 +294,18 @@ class AsyncClient(_Core):
 
     async def generate(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
                        seed: Optional[int] = None, num_images: int = 1, output_format: str = "png",
-                 expert_budget: float = 1.0) -> GenerateResult:
-        body = self.generate_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, expert_budget)
+                 expert_budget: float = 1.0, sampler: Optional[str] = None) -> GenerateResult:
+        body = self.generate_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, expert_budget,
+                                  sampler)
         return self.parse_generate(await self._request("POST", "/generate", json=body))
 
     async def stream(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
                      seed: Optional[int] = None, num_images: int = 1, output_format: str = "png",
-                     preview_every: int = 0, expert_budget: float = 1.0) -> AsyncIterator[StreamEvent]:
+                     preview_every: int = 0, expert_budget: float = 1.0,
+                     sampler: Optional[str] = None) -> AsyncIterator[StreamEvent]:
         """`async for event in client.stream(...)`: as Client.stream."""
         body = self.stream_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, preview_every,
-                                expert_budget)
+                                expert_budget, sampler)
         started, attempt = time.monotonic(), 0
         while True:
             try:

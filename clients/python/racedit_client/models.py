@@ -21,7 +21,7 @@ class GenerateRequest(BaseModel):
     class_label: Union[StrictInt, StrictStr] = Field(..., description="class index or class name")
     cfg_scale: StrictFloat = Field(4.0, allow_inf_nan=False,
                                    description="classifier-free guidance scale; 1 skips the unconditional pass")
-    num_steps: StrictInt = Field(25, description="Euler steps from noise to image")
+    num_steps: StrictInt = Field(25, description="sampler steps from noise to image")
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="seed of the first image (image i uses "
                                                                         "seed + i); drawn at random when left out")
     num_images: StrictInt = Field(1, description="images to generate")
@@ -29,6 +29,8 @@ class GenerateRequest(BaseModel):
                                        description="the compute dial: about expert_budget * k experts per token, "
                                                    "from the checkpoint's calibration table; 1.0 is the learned "
                                                    "routing. The answer's expert_usage reports what was realised")
+    sampler: Optional[StrictStr] = Field(None, description="the sampler (euler, heun, ...: GET /v1/models lists "
+                                                           "the model's); left out: the model's default")
     output_format: Literal["png", "jpeg", "webp", "npy"] = Field(
         "png", description="image encoding; npy: the final float32 sample [C, H, W] as the sampler ends it "
                            "(pixels in [-1, 1] before quantisation), byte-identical whatever shares the batch")
@@ -88,6 +90,7 @@ class ResolvedRequest(BaseModel):
     num_images: int
     seed: int
     expert_budget: float
+    sampler: str
     output_format: str
 
 
@@ -148,11 +151,16 @@ class ModelCard(BaseModel):
     batch_invariant: bool = Field(..., description="verified at start-up: a row's output is the same bytes in any batch")
     expert_budget_range: list[float] = Field(..., description="expert budgets served (the checkpoint's budget "
                                                               "table; [1.0, 1.0] without one)")
+    samplers: list[str] = Field(..., description="the samplers a request may name")
+    default_sampler: str = Field(..., description="the sampler of a request that names none")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    authentication: Optional[Literal["bearer", "none"]] = Field(
+        None, description="'bearer': every route but the health probes and the playground page needs the API key; "
+                          "'none': this server runs without authentication (no key set)")
 
 
 class ErrorBody(BaseModel):

@@ -17,10 +17,10 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .checkpoint import CheckpointError
-from .config import ModelConfig, MoEConfig
-from .dit import RaceDiT, sincos_pos_embed_2d
-from .moe import gate
+from ..checkpoint import CheckpointError
+from ..config import ModelConfig, MoEConfig
+from ..dit import RaceDiT, sincos_pos_embed_2d
+from ..moe import gate
 
 # DiT's published sizes have no head count in their weights: width -> heads (DiT Table 1).
 DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
@@ -198,14 +198,15 @@ def upcycling_report(dense: RaceDiT, upcycled: RaceDiT, num_inputs: int = 64, se
     y = torch.randint(0, cfg.num_classes, (num_inputs,), generator=g)
     mlp_in = []  # each MoE block's input, as the upcycled model routes it
     hooks = [b.mlp.register_forward_hook(lambda m, i, o: mlp_in.append(i[0])) for b in upcycled.blocks]
-    out, stats = upcycled(x, t, y, return_stats=True)
+    result = upcycled(x, t, y, return_stats=True)
+    out, stats = result.prediction, result.stats
     for h in hooks:
         h.remove()
-    reference = dense(x, t, y)
+    reference = dense(x, t, y).prediction
     errors = []
     for block, dense_block, h in zip(upcycled.blocks, dense.blocks, mlp_in):
-        moe_out, _ = block.mlp(h)
-        want = dense_block.mlp(h)
+        moe_out, _ = block.mlp(h, upcycled.execution.resolve(h.device))
+        want = dense_block.mlp(h, dense.execution.resolve(h.device))
         errors.append(float((moe_out - want).norm() / want.norm()))
     return {"relative_error_output": round(float((out - reference).norm() / reference.norm()), 4),
             "relative_error_mlp_mean": round(sum(errors) / len(errors), 4),

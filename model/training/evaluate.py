@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import CheckpointError, load
-from .config import SHAPES10_CLASSES
+from ..checkpoint import CheckpointError, load
+from ..config import SHAPES10_CLASSES
 from .data import Shapes10, ShapesStyle
-from .sampling import generate, time_grid
+from ..samplers import time_grid
+from ..sampling import generate
 
-DEFAULT_CLASSIFIER = Path(__file__).resolve().parent / "weights" / "shapes10-classifier"
+DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[1] / "weights" / "shapes10-classifier"  # in model/weights
 
 
 class ShapesClassifier(nn.Module):
@@ -173,7 +174,7 @@ def routing_probe(model, images_uint8: torch.Tensor, labels: torch.Tensor, grid_
     for t in grid_t:
         noise = torch.randn(x0.shape, generator=generator)
         x_t = (1 - t) * x0 + t * noise
-        _, stats = model(x_t, torch.full((x0.shape[0],), float(t)), labels, return_stats=True)
+        stats = model(x_t, torch.full((x0.shape[0],), float(t)), labels, return_stats=True).stats
         values += [combination_usage(r.mask) for r in stats.routing]
     return float(np.mean(values))
 
@@ -214,9 +215,9 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
     if style != ShapesStyle():  # also against shapes10's default style, to compare with models trained on it
         _, default_feats = classify(classifier, Shapes10("val").materialize()[0])
         default_fd = {"frechet_distance_default_style": frechet_distance(feats, default_feats)}
-    per_step = np.mean([u["per_step"] for u in usages], axis=0).tolist()
+    per_step = np.mean([u.per_step for u in usages], axis=0).tolist()
     grid_t = time_grid(num_steps)[:-1]
-    loads = np.sum([[layer["expert_load"] for layer in u["per_layer"]] for u in usages], axis=0)  # [layers, E]
+    loads = np.sum([[layer.expert_load for layer in u.per_layer] for u in usages], axis=0)  # [layers, E]
     k = model.config.moe.k if model.config.moe else 0
     out.mkdir(parents=True, exist_ok=True)
     names = model.config.class_names or [str(c) for c in range(n_classes)]
@@ -232,9 +233,9 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
         "frechet_distance": frechet_distance(feats, real_feats),
         "frechet_reference": {"split": "val", "images": len(val_images), "style": dataclasses.asdict(style)},
         **default_fd,
-        "mean_experts_per_token": float(np.mean([u["mean_experts_per_token"] for u in usages])),
+        "mean_experts_per_token": float(np.mean([u.mean_experts_per_token for u in usages])),
         # share of (layer, token, step) slots whose token used 0..E experts, over all samples
-        "experts_per_token_histogram": np.mean([u["experts_per_token_histogram"] for u in usages], axis=0).round(6).tolist(),
+        "experts_per_token_histogram": np.mean([u.experts_per_token_histogram for u in usages], axis=0).round(6).tolist(),
         # per layer over every token and step of the samples, then averaged over layers
         "maxvio": float(np.mean([max_violation(torch.from_numpy(layer)) for layer in loads])) if k else 0.0,
         # real val images (one per class, in turn) noised to each t of the grid
@@ -248,7 +249,7 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
 
 
 def main(args: argparse.Namespace) -> int:
-    from . import DEFAULT_CHECKPOINT
+    from .. import DEFAULT_CHECKPOINT
 
     report = evaluate(Path(args.checkpoint or DEFAULT_CHECKPOINT), args.num_samples, args.cfg_scale,
                       args.num_steps, args.batch_size, Path(args.out),

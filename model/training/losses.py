@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .moe import Routing
+from ..moe import Routing
 
 
 def per_layer_regularisation(routings: list[Routing], target_tokens: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Thresholds that match the weights they ship with.
+"""Estimating thresholds that match the weights they ship with, and the compute dial's table
+(read back at serving time by model/budget.py).
 
 Training keeps each MoE layer's threshold as an EMA of the race's K-th gate of the *live*
 model, and the EMA weights that are saved inherit it; but the EMA model scores tokens a
@@ -12,32 +13,19 @@ thresholds, so the pass repeats a few times (a fixed point; two are usually enou
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 import torch
 
-from .config import FORBID_UNKNOWN, Float, Int
-from .dit import RaceDiT
-
-
-@dataclass
-class Calibration:
-    """How thresholds were estimated; stored in checkpoint metadata under `threshold_calibration`."""
-
-    __pydantic_config__ = FORBID_UNKNOWN
-
-    num_images: Int = 40
-    cfg_scale: Float = 4.0
-    num_steps: Int = 25
-    iterations: Int = 2
-    seed: Int = 10_000  # seeds of the calibration samples: apart from evaluation's 0..N-1
+from ..dit import RaceDiT
+from .config import Calibration
 
 
 @torch.no_grad()
 def calibrate_thresholds(model: RaceDiT, calibration: Optional[Calibration] = None) -> dict:
     """Set every MoE layer's threshold from the model's own sampling pass; returns the metadata record."""
-    from .sampling import generate
+    from ..sampling import generate
 
     calibration = calibration or Calibration()
     layers = model.moe_layers
@@ -62,7 +50,7 @@ def calibrate_thresholds(model: RaceDiT, calibration: Optional[Calibration] = No
                 s.clear()
             _, usage = generate(model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps,
                                 seeds=seeds)
-            history.append(sum(u["mean_experts_per_token"] for u in usage) / n)
+            history.append(sum(u.mean_experts_per_token for u in usage) / n)
             for layer, collected in zip(layers, scores):
                 gates = torch.cat(collected)
                 kth = int(round(gates.numel() / layer.num_experts * layer.k))  # K = k per token
@@ -71,7 +59,7 @@ def calibrate_thresholds(model: RaceDiT, calibration: Optional[Calibration] = No
         for handle in handles:
             handle.remove()
     _, usage = generate(model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps, seeds=seeds)
-    history.append(sum(u["mean_experts_per_token"] for u in usage) / n)
+    history.append(sum(u.mean_experts_per_token for u in usage) / n)
     return {**asdict(calibration), "method": "race K-th gate over the model's own sampling pass",
             "thresholds_before": before, "thresholds": [float(layer.threshold) for layer in layers],
             "mean_experts_per_token_by_iteration": [round(v, 4) for v in history]}
@@ -90,7 +78,7 @@ def budget_table(model: RaceDiT, calibration: Optional[Calibration] = None,
     each budget's thresholds then records the experts per token it really gives (the trajectories
     follow the thresholds, so it is near, not at, b * k). Stored as metadata["budget_table"].
     """
-    from .sampling import generate
+    from ..sampling import generate
 
     calibration = calibration or Calibration()
     layers = model.moe_layers
@@ -123,37 +111,6 @@ def budget_table(model: RaceDiT, calibration: Optional[Calibration] = None,
     for budget in budgets:
         _, usage = generate(model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps,
                             seeds=seeds, expert_budget=budget)
-        realised.append(round(sum(u["mean_experts_per_token"] for u in usage) / n, 4))
+        realised.append(round(sum(u.mean_experts_per_token for u in usage) / n, 4))
     record["mean_experts_per_token"] = realised
     return record
-
-
-def budget_range(metadata: dict) -> Optional[tuple[float, float]]:
-    """The budgets a checkpoint's table covers, from its metadata (a loaded model's or its
-    config.json's); None without a table: only budget 1.0 is served."""
-    table = metadata.get("budget_table")
-    return (min(table["budgets"]), max(table["budgets"])) if table else None
-
-
-def budget_thresholds(model: RaceDiT, budgets: Sequence[float]) -> torch.Tensor:
-    """Per-layer thresholds [n_moe_layers, N] for N budgets, interpolated in the checkpoint's table;
-    budget 1.0 is the learned thresholds exactly (the same bytes as no budget at all)."""
-    layers = model.moe_layers
-    learned = torch.tensor([float(layer.threshold) for layer in layers])
-    table = getattr(model, "metadata", {}).get("budget_table")
-    columns = []
-    for budget in budgets:
-        if budget == 1.0:
-            columns.append(learned)
-            continue
-        if table is None:
-            raise ValueError("this checkpoint has no budget table (racedit calibrate CHECKPOINT writes one); "
-                             "only expert_budget 1.0 is served")
-        grid, thresholds = table["budgets"], torch.tensor(table["thresholds"])  # [n_budgets, n_layers]
-        if not grid[0] <= budget <= grid[-1]:
-            raise ValueError(f"expert_budget {budget:g} is outside the calibrated range {grid[0]:g}..{grid[-1]:g}")
-        upper = next(i for i, b in enumerate(grid) if b >= budget)
-        lower = max(upper - 1, 0)
-        share = 0.0 if grid[upper] == grid[lower] else (budget - grid[lower]) / (grid[upper] - grid[lower])
-        columns.append(thresholds[lower] + share * (thresholds[upper] - thresholds[lower]))
-    return torch.stack(columns, dim=1) if columns else learned.new_zeros(len(layers), 0)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from .config import FORBID_UNKNOWN, SHAPES10_CLASSES, Float
+from ..config import FORBID_UNKNOWN, SHAPES10_CLASSES, Float
 
 SUPERSAMPLE = 4
 SPLIT_OFFSETS = {"train": 0, "val": 1}

@@ -19,74 +19,27 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from . import checkpoint, losses
-from .config import FORBID_UNKNOWN, Bool, ConfigError, Float, Int, ModelConfig, Str, parse_section, preset_config
-from .autoencoder import Autoencoder, AutoencoderError, Decoder, copy_autoencoder, read_vae_config
-from .data import ImageFolder, Shapes10, ShapesStyle, vae_encoder
-from .calibrate import Calibration, calibrate_thresholds
-from .dit import RaceDiT
-from .sampling import LossConfig, generate, to_uint8, training_loss
+from . import losses
+from .. import checkpoint
+from ..autoencoder import Autoencoder, Decoder, copy_autoencoder
+from ..config import ConfigError
+from ..dit import RaceDiT
+from ..sampling import generate, to_uint8
+from .calibrate import calibrate_thresholds
+from .config import DataConfig, OptimConfig, Pipeline, TrainConfig, check_class_weights
+from .data import ImageFolder, Shapes10, vae_encoder
+from .objective import training_loss
 
 TIMESTEP_BUCKETS = 4
-
-
-@dataclass
-class DataConfig:
-    __pydantic_config__ = FORBID_UNKNOWN
-
-    name: Str = "shapes10"  # shapes10 | imagefolder
-    root: Optional[Str] = None  # imagefolder only
-    # imagefolder in latent space: a diffusers AutoencoderKL folder (save_pretrained). Images are
-    # encoded once at start; the checkpoint carries the VAE (folder/vae) so it serves pictures.
-    vae: Optional[Str] = None
-    length: Int = 50_000
-    seed: Int = 0
-    style: ShapesStyle = field(default_factory=ShapesStyle)  # nuisance variance of shapes10
-    class_weights: dict[Str, Float] = field(default_factory=dict)  # class name -> sampling weight (others 1.0)
-
-
-@dataclass(frozen=True)
-class Restart:
-    """A warm restart (SGDR): from step `at` a new piece holds `lr`, then cools down to
-    `min_lr` over its own last `decay_steps`; the piece before it ends at `at`."""
-    __pydantic_config__ = FORBID_UNKNOWN
-
-    at: Int
-    lr: Float
-    decay_steps: Int
-    min_lr: Float
-
-
-@dataclass
-class OptimConfig:
-    __pydantic_config__ = FORBID_UNKNOWN
-
-    steps: Int = 1000
-    batch_size: Int = 64
-    lr: Float = 4e-4
-    weight_decay: Float = 0.0
-    warmup_steps: Int = 100
-    decay_steps: Int = 0  # cosine decay over the last decay_steps steps; 0 keeps lr constant
-    min_lr: Float = 0.0  # where the cosine decay ends
-    restarts: list[Restart] = field(default_factory=list)  # in order
-    grad_clip: Float = 1.0
-    ema_decay: Float = 0.999
-    seed: Int = 0
-    log_every: Int = 50
-    checkpoint_every: Int = 1000
-    sample_every: Int = 1000
-    threads: Int = 0  # torch intra-op threads; 0 keeps torch's default
 
 
 def learning_rate(o: OptimConfig, step: int) -> float:
@@ -111,142 +64,6 @@ def learning_rate(o: OptimConfig, step: int) -> float:
         progress = min(1.0, (step - decay_start) / decay_steps)
         lr = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return lr
-
-
-def _check_restarts(o: OptimConfig) -> None:
-    """Each restart (typed by parse_section) comes in order and leaves room for the cool-down before it."""
-    start, cooldown = 0, o.decay_steps  # the piece before the restart being checked
-    for i, r in enumerate(o.restarts):
-        name = f"optim.restarts[{i}]"
-        earliest = start + max(1, cooldown)
-        if r.at < earliest:
-            raise ConfigError(f"{name}.at must be >= {earliest} (the previous piece's start plus its "
-                              f"cool-down), got {r.at}")
-        if r.decay_steps < 0 or not 0 <= r.min_lr <= r.lr:
-            raise ConfigError(f"{name} needs decay_steps >= 0 and min_lr in 0..lr, got {dataclasses.asdict(r)}")
-        start, cooldown = r.at, r.decay_steps
-    if start + max(1, cooldown) > o.steps:
-        raise ConfigError(f"optim.steps ({o.steps}) must leave room for the last piece, which starts at "
-                          f"{start} and cools down over {cooldown} steps")
-
-
-@dataclass
-class TrainConfig:
-    __pydantic_config__ = FORBID_UNKNOWN
-
-    model: ModelConfig
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    calibration: Calibration = field(default_factory=Calibration)  # thresholds re-estimated on each saved EMA
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
-                "optim": dataclasses.asdict(self.optim), "loss": dataclasses.asdict(self.loss),
-                "calibration": dataclasses.asdict(self.calibration)}
-
-
-def parse_config(document: dict[str, Any]) -> TrainConfig:
-    """Validate a training config before anything is built; errors name the key."""
-    if not isinstance(document, dict):
-        raise ConfigError("a training config is a mapping with keys model, data, optim, loss, calibration")
-    model_doc = document.get("model") or {}
-    if not isinstance(model_doc, dict):
-        raise ConfigError(f"model must be a mapping, got {model_doc!r}")
-    model_doc = dict(model_doc)
-    preset = model_doc.pop("preset", None)
-    source = model_doc.pop("checkpoint", None)
-    if source is not None:  # the architecture of an existing checkpoint (e.g. racedit import-dit's), trained as flow
-        if preset is not None or model_doc:
-            raise ConfigError("model.checkpoint takes the whole architecture from the checkpoint: "
-                              f"drop the other model keys ({', '.join(['preset'] * bool(preset) + list(model_doc))})")
-        model_doc = {**checkpoint.read_config(source)["model"], "objective": "rectified_flow"}
-    model = preset_config(preset, **model_doc) if preset else ModelConfig.from_dict(model_doc)
-    config = parse_section(TrainConfig, {**{k: ({} if v is None else v) for k, v in document.items()},
-                                         "model": model})
-    data = config.data
-    if data.name not in ("shapes10", "imagefolder"):
-        raise ConfigError(f"data.name {data.name!r} is not one of shapes10, imagefolder")
-    if data.name == "imagefolder" and not data.root:
-        raise ConfigError("data.root is required for data.name imagefolder")
-    if data.vae is not None:
-        _check_latent_config(data, model)
-    elif data.name == "imagefolder" and model.in_channels != 3:
-        raise ConfigError("training on an ImageFolder in pixel space needs model.in_channels 3 "
-                          "(or data.vae, a VAE folder, to train in its latent space)")
-    if model.class_names is not None:  # an ImageFolder's classes are known once it is read
-        class_weight_vector(data, model.class_names)
-    optim = config.optim
-    for key in ("steps", "batch_size"):
-        if getattr(optim, key) < 1:
-            raise ConfigError(f"optim.{key} must be >= 1")
-    if not 0 <= optim.decay_steps <= optim.steps:
-        raise ConfigError(f"optim.decay_steps must be in 0..optim.steps ({optim.steps}), got {optim.decay_steps}")
-    if not 0 <= optim.min_lr <= optim.lr:
-        raise ConfigError(f"optim.min_lr must be in 0..optim.lr ({optim.lr}), got {optim.min_lr}")
-    _check_restarts(optim)
-    if not config.loss.t_std > 0:
-        raise ConfigError(f"loss.t_std must be > 0, got {config.loss.t_std}")
-    if config.calibration.num_images < 1 or config.calibration.iterations < 1:
-        raise ConfigError("calibration.num_images and calibration.iterations must be >= 1")
-    return config
-
-
-def load_config(path: str) -> TrainConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} not found")
-    return parse_config(yaml.safe_load(p.read_text()))
-
-
-# ------------------------------------------------------------- pipeline ----
-@dataclass
-class Stage:
-    __pydantic_config__ = FORBID_UNKNOWN
-
-    name: Str  # its output folder under the pipeline's
-    config: Str  # a training config file, relative to the pipeline file
-
-
-@dataclass
-class Ship:
-    """What `racedit pack` and `racedit calibrate --iterations 0` do to the last stage's checkpoint."""
-
-    __pydantic_config__ = FORBID_UNKNOWN
-
-    weights_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    budget_table: Bool = True  # the compute dial's table (model/calibrate.py)
-
-
-@dataclass
-class Pipeline:
-    __pydantic_config__ = FORBID_UNKNOWN
-
-    stages: list[Stage]
-    ship: Optional[Ship] = None
-
-
-def is_pipeline(path: str) -> bool:
-    p = Path(path)
-    return p.is_file() and isinstance(doc := yaml.safe_load(p.read_text()), dict) and "stages" in doc
-
-
-def load_pipeline(path: str) -> tuple[Pipeline, list[TrainConfig]]:
-    """A pipeline and every stage's training config, all checked before anything trains."""
-    p = Path(path)
-    pipeline = parse_section(Pipeline, yaml.safe_load(p.read_text()))
-    if not pipeline.stages:
-        raise ConfigError(f"{p}: stages is empty")
-    names = [stage.name for stage in pipeline.stages]
-    if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") for n in names):
-        raise ConfigError(f"{p}: stage names must be distinct folder names, got {names}")
-    configs = []
-    for stage in pipeline.stages:
-        try:
-            configs.append(load_config(str(p.parent / stage.config)))
-        except ConfigError as exc:
-            raise ConfigError(f"stage {stage.name}: {exc}") from None
-    return pipeline, configs
 
 
 def train_pipeline(pipeline: Pipeline, configs: list[TrainConfig], out: Path, progress: bool = True) -> Path:
@@ -323,20 +140,6 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _check_latent_config(data: DataConfig, model: ModelConfig) -> None:
-    """data.vae names a readable VAE folder whose latents the model's input shape fits."""
-    if data.name != "imagefolder":
-        raise ConfigError("data.vae is for data.name imagefolder (shapes10 is drawn in pixel space)")
-    try:
-        Autoencoder(path=Path(data.vae), scaling_factor=1.0).check()
-    except AutoencoderError as exc:
-        raise ConfigError(f"data.vae: {exc}") from None
-    channels = read_vae_config(Path(data.vae)).get("latent_channels", 4)
-    if model.in_channels != channels:
-        raise ConfigError(f"model.in_channels is {model.in_channels} but the VAE {data.vae} makes "
-                          f"{channels}-channel latents")
-
-
 def _with_folder_classes(config: TrainConfig, folder: ImageFolder) -> TrainConfig:
     """An ImageFolder's sub-folders are the classes: the checkpoint must carry their names."""
     names = folder.class_names
@@ -375,11 +178,7 @@ def _as_x0(batch: torch.Tensor) -> torch.Tensor:
 
 def class_weight_vector(data: DataConfig, class_names: list[str]) -> torch.Tensor:
     """[num_classes] sampling weights from `data.class_weights` (1.0 for classes it leaves out)."""
-    for name, weight in data.class_weights.items():
-        if name not in class_names:
-            raise ConfigError(f"data.class_weights: {name!r} is not a class of the model ({', '.join(class_names)})")
-        if not weight > 0:
-            raise ConfigError(f"data.class_weights.{name} must be a number > 0, got {weight!r}")
+    check_class_weights(data, class_names)
     return torch.tensor([float(data.class_weights.get(name, 1.0)) for name in class_names])
 
 
@@ -528,7 +327,7 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
             record = {**run_record, "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "to_step": step,
                       "wall_seconds": round(time.time() - start, 1), "final_terms": terms}
             # The EMA inherits the live model's thresholds; re-estimate them on the EMA weights it ships
-            # (model/calibrate.py). The next step copies the live thresholds back, so training is unchanged.
+            # (model/training/calibrate.py). The next step copies the live thresholds back, so training is unchanged.
             calibration = calibrate_thresholds(ema, config.calibration)
             metadata = {"train_config": config.to_dict(), "step": step, "history": history + [record],
                         "threshold_calibration": calibration}

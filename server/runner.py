@@ -1,0 +1,170 @@
+"""The engine's tensor work: a request's state from noise to images, and one guided model evaluation
+for every request a plan runs, as one batch.
+
+A request's state is its sampler (model/samplers.py: the current sample, time grid and step),
+its routing thresholds (the compute dial) and its expert usage. Threshold routing makes rows
+independent and each image's noise comes from its own seed, so a request's samples never depend
+on its batch-mates; with a batch-invariant `Execution` they are the same bytes alone or in any
+batch, which `check_batch_invariance` verifies on this host.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from racedit.model.budget import BudgetTable, budget_range, thresholds_for
+from racedit.model.denoiser import Denoiser
+from racedit.model.exact import SERVING, Execution
+from racedit.model.samplers import Sampler, initial_noise, make_sampler, time_grid
+from racedit.model.sampling import guided_prediction, require_flow_model, to_uint8
+from racedit.model.usage import UsageAccumulator, usage_by_image
+
+from .requests import GenerationRequest, GenerationResult, StepProgress
+
+log = logging.getLogger("racedit.runner")
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # latents [N, C, h, w] -> images in [-1, 1]
+
+
+@dataclass(eq=False)
+class RequestState:
+    """One admitted request's tensors and accounting."""
+
+    request: GenerationRequest
+    sampler: Sampler
+    usage: UsageAccumulator
+    thresholds: Optional[torch.Tensor]  # [n_moe_layers] of its budget; None: the learned ones
+    started: float  # monotonic seconds
+
+
+@dataclass
+class StepReport:
+    """What one batched evaluation did, for the engine's metrics and listeners."""
+
+    rows: int
+    mean_experts_per_token: float
+    progress: list[tuple[RequestState, StepProgress]]  # requests that completed a step and listen
+
+
+class Runner:
+    """Owns the denoiser on its device; stateless between calls apart from what it read at start."""
+
+    def __init__(self, denoiser: Denoiser, device: torch.device, dtype: torch.dtype = torch.float32,
+                 execution: Execution = SERVING, decoder: Optional[Decoder] = None):
+        require_flow_model(denoiser.config)
+        self.denoiser = denoiser.prepare(device, dtype, execution)
+        self.device, self.dtype, self.decoder = device, dtype, decoder
+        cfg = denoiser.config
+        self.config = cfg
+        # Read once here, so answering about the model never waits on the device the engine is using.
+        self.layer_thresholds = self.denoiser.learned_thresholds()
+        self.budget_table: Optional[BudgetTable] = self.denoiser.budget_table
+        self.budget_range = budget_range(self.budget_table)
+        self.learned = thresholds_for(None, self.layer_thresholds, [1.0])[:, 0].to(device)
+        self.image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)  # what is denoised (maybe latents)
+        side = decoder.image_size(cfg.image_size) if decoder is not None else cfg.image_size
+        self.output_shape = (3 if decoder is not None else cfg.in_channels, side, side)  # what is answered
+
+    @torch.no_grad()
+    def check_batch_invariance(self, max_rows: int) -> bool:
+        """One row alone and the same row among up to 15 others must give the same bytes (also warms up)."""
+        g = torch.Generator().manual_seed(0)
+        n = max(2, min(16, max_rows))
+        x = torch.randn(n, *self.image_shape, generator=g).to(self.device)
+        t = torch.rand(n, generator=g).to(self.device)
+        y = torch.randint(0, self.config.num_classes + 1, (n,), generator=g).to(self.device)
+        alone = self.denoiser(x[:1], t[:1], y[:1]).prediction
+        mixed = self.denoiser(x.roll(n // 2, 0), t.roll(n // 2, 0), y.roll(n // 2, 0)).prediction[n // 2:n // 2 + 1]
+        return torch.equal(alone, mixed)
+
+    def check(self, request: GenerationRequest) -> None:
+        """What the engine refuses at submission (ValueError naming the field)."""
+        low, high = self.budget_range
+        if not low <= request.expert_budget <= high:
+            raise ValueError(f"expert_budget {request.expert_budget:g} is outside this model's range {low:g}..{high:g}")
+
+    def start(self, request: GenerationRequest) -> RequestState:
+        noise = torch.stack([initial_noise(s, self.image_shape) for s in request.seeds]).to(self.device)
+        thresholds = None
+        if request.expert_budget != 1.0:
+            thresholds = thresholds_for(self.budget_table, self.layer_thresholds, [request.expert_budget])[:, 0]
+            thresholds = thresholds.to(self.device)
+        return RequestState(request, make_sampler(request.sampler, noise, time_grid(request.num_steps)),
+                            UsageAccumulator.for_model(self.config), thresholds, time.monotonic())
+
+    @torch.no_grad()
+    def step(self, states: list[RequestState]) -> StepReport:
+        """One guided evaluation for every image of `states`, as one batch; one copy to the host."""
+        counts = [state.request.num_images for state in states]
+        images = torch.tensor(counts)
+
+        def per_image(values: list) -> torch.Tensor:  # one value per request -> one per image, on the device
+            return torch.tensor(values).repeat_interleave(images).to(self.device)
+
+        queries = [state.sampler.query() for state in states]
+        t = per_image([t for _, t in queries])
+        labels = per_image([state.request.class_label for state in states])
+        scales = per_image([state.request.cfg_scale for state in states])
+        x_t = torch.cat([x for x, _ in queries])
+        dialled = any(state.thresholds is not None for state in states)  # else the learned thresholds, as ever
+        thresholds = torch.cat([(self.learned if s.thresholds is None else s.thresholds).unsqueeze(1).expand(-1, n)
+                                for s, n in zip(states, counts)], dim=1) if dialled else None
+        v, ept, load, owner = guided_prediction(self.denoiser, x_t, t, labels, scales, thresholds)
+        usage = usage_by_image(ept, load, owner, x_t.shape[0]).cpu()  # [n_layers, N, L + E + E + 1]
+        progress, offset = [], 0
+        for state, n, (x_q, t_q) in zip(states, counts, queries):
+            state.usage.add(usage[:, offset:offset + n].sum(1), state.request.rows)
+            if state.sampler.update(v[offset:offset + n]) and state.request.on_step is not None:
+                progress.append((state, self._progress(state, x_q, t_q, v[offset:offset + n])))
+            offset += n
+        slots = int(ept.shape[0] * ept.shape[1] * ept.shape[2])
+        tokens = int(usage[:, :, :ept.shape[2]].sum())
+        return StepReport(rows=int(owner.numel()), mean_experts_per_token=tokens / slots if slots else 0.0,
+                          progress=progress)
+
+    def _progress(self, state: RequestState, x_t: torch.Tensor, t: float, v: torch.Tensor) -> StepProgress:
+        """A completed step of a streaming request (its own rows only); the preview is x0 = x_t - t * v."""
+        r, sampler = state.request, state.sampler
+        preview = None
+        if r.preview_every and (sampler.step % r.preview_every == 0 or sampler.done):
+            preview = x_t.float() - t * v.float()
+            preview = (self.decoder(preview) if self.decoder is not None else preview).cpu().numpy()
+        return StepProgress(request_id=r.request_id, step=sampler.step, num_steps=sampler.num_steps,
+                            t=sampler.grid[sampler.step - 1], mean_experts_per_token=state.usage.mean_so_far(),
+                            elapsed_ms=(time.monotonic() - state.started) * 1000, preview=preview)
+
+    def decode(self, states: list[RequestState]) -> tuple[dict[int, torch.Tensor], float]:
+        """Images in [-1, 1] of finished requests, by id(state): a latent model's VAE decodes them all as
+        one batch; a request whose batch fails is decoded alone, so only one that fails alone fails."""
+        if self.decoder is None or not states:
+            return {id(s): s.sampler.x.float() for s in states}, 0.0
+        start = time.perf_counter()
+        try:
+            decoded = self.decoder(torch.cat([s.sampler.x.float() for s in states]))
+            out = dict(zip(map(id, states), decoded.split([s.request.num_images for s in states])))
+        except Exception:
+            log.exception("batched VAE decode failed; decoding each request alone")
+            out = {}
+            for s in states:
+                try:
+                    out[id(s)] = self.decoder(s.sampler.x.float())
+                except Exception:
+                    log.exception("VAE decode of request %s failed", s.request.request_id)
+        return out, (time.perf_counter() - start) * 1000
+
+    def result(self, state: RequestState, image: Optional[torch.Tensor], submitted: float,
+               decode_ms: float) -> GenerationResult:
+        """The answer of a finished request; `image` its decoded pictures (None: the decode failed)."""
+        if image is None:
+            raise RuntimeError("the VAE could not decode its latents")
+        now = time.monotonic()
+        return GenerationResult(
+            request_id=state.request.request_id,
+            images=to_uint8(image.cpu()).permute(0, 2, 3, 1).numpy(),
+            samples=state.sampler.x.float().cpu().numpy(), seeds=state.request.seeds,
+            expert_usage=state.usage.summary(), queue_ms=(state.started - submitted) * 1000,
+            inference_ms=(now - state.started) * 1000, total_ms=(now - submitted) * 1000, decode_ms=decode_ms)
