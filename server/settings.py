@@ -8,7 +8,6 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-
 def _bundled() -> Path:
     # Imported when settings are made, not when this module is: `racedit serve --help` needs no torch.
     from racedit.model import bundled
