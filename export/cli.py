@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="racedit export", description="Export a checkpoint for other runtimes")
     parser.add_argument("format", choices=["onnx", "aot", "triton"],
-                        help="onnx: model.onnx; aot: model.pt2 (torch.export + AOTInductor); triton: a model repository")
+                        help="onnx: model.onnx; aot: model.pt2 (torch.export + AOTInductor); "
+                             "triton: a model repository")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint folder (default: the bundled shapes10 model)")
     parser.add_argument("--out", required=True, help="output folder (required)")

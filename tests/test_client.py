@@ -135,7 +135,8 @@ def test_cli_writes_decodable_pngs(server, tmp_path):
                              "--steps", "2", "--seed", "5", "-n", "2", "--format", "npy", "-o", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert arrays.returncode == 0, arrays.stderr
-    assert "2 array(s)" in arrays.stdout and sorted(f.name for f in tmp_path.glob("*.npy")) == ["star-5.npy", "star-6.npy"]
+    assert "2 array(s)" in arrays.stdout
+    assert sorted(f.name for f in tmp_path.glob("*.npy")) == ["star-5.npy", "star-6.npy"]
     models = subprocess.run([sys.executable, "-m", "racedit_client.cli", "--url", server.url, "models"],
                             capture_output=True, text=True, timeout=60)
     assert models.returncode == 0 and "racedit-tiny" in models.stdout

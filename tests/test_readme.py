@@ -34,7 +34,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<marker>.*?) -->\n)?^```(?P<lang>bash|python)\n(?P<body>.*?)^```$",
                    re.S | re.M)
-SETUP_S = 900  # the first block: a virtual environment, torch's CPU build, racedit (about a minute when pip's cache is warm)
+SETUP_S = 900  # the first block: a venv, torch's CPU build, racedit (about a minute when pip's cache is warm)
 BLOCK_S = 600  # any other block
 READY_S = 120  # a server block from start to ready (the first: after setup)
 STOP_S = 30  # SIGTERM to SIGKILL
@@ -69,7 +69,8 @@ def readme_blocks(text: str) -> list[Block]:
             elif kind == "skip:" and rest.strip():
                 block.skip = rest.strip()
             else:
-                raise AssertionError(f"{block}: unknown marker {marker!r} (server http://127.0.0.1:PORT/... | skip: WHY)")
+                raise AssertionError(f"{block}: unknown marker {marker!r} "
+                                     "(server http://127.0.0.1:PORT/... | skip: WHY)")
         blocks.append(block)
     return blocks
 
