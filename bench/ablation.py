@@ -16,6 +16,7 @@ Each training run is saved under runs/ablation/NAME (checkpoint, metrics.csv, ev
 result under bench/results/ablation/NAME.json, so an interrupted study resumes where it stopped.
 The summary goes to bench/results/ablation.{json,md} and docs/science-*.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,30 +44,45 @@ NO_AUX = {"plr": 0.0, "similarity": 0.0, "balance": 0.0}
 # In the order they train: the race runs (the ladder, Table 2, Fig. 6) first, then Table 1's others.
 RUNS: dict[str, tuple[dict, dict]] = {
     "expert_race-identity": ({"routing": "expert_race", "gating": "identity"}, NO_AUX),
-    "race-identity-plr-sim": ({"routing": "expert_race", "gating": "identity"}, {**NO_AUX, "plr": 1.0, "similarity": 0.01}),
+    "race-identity-plr-sim": (
+        {"routing": "expert_race", "gating": "identity"},
+        {**NO_AUX, "plr": 1.0, "similarity": 0.01},
+    ),
     "expert_race-softmax": ({"routing": "expert_race", "gating": "softmax"}, NO_AUX),
     "race-identity-plr": ({"routing": "expert_race", "gating": "identity"}, {**NO_AUX, "plr": 1.0}),
-    "race-identity-plr-balance": ({"routing": "expert_race", "gating": "identity"}, {**NO_AUX, "plr": 1.0, "balance": 0.01}),
+    "race-identity-plr-balance": (
+        {"routing": "expert_race", "gating": "identity"},
+        {**NO_AUX, "plr": 1.0, "balance": 0.01},
+    ),
     "expert_race-sigmoid": ({"routing": "expert_race", "gating": "sigmoid"}, NO_AUX),
-    **{f"{routing}-{gating}": ({"routing": routing, "gating": gating}, NO_AUX)
-       for routing in ("token_choice", "expert_choice") for gating in ("softmax", "sigmoid", "identity")},
+    **{
+        f"{routing}-{gating}": ({"routing": routing, "gating": gating}, NO_AUX)
+        for routing in ("token_choice", "expert_choice")
+        for gating in ("softmax", "sigmoid", "identity")
+    },
 }
 
 # table -> rows of (label, run, inference mode at evaluation)
 TABLES: dict[str, list[tuple[str, str, str]]] = {
     # As in the paper, Table 1's races pick the top-k pairs of the batch at inference too (the learned
     # threshold enters at Table 3's third row).
-    "table1": [(f"{routing} / {gating}", f"{routing}-{gating}", "topk" if routing == "expert_race" else "threshold")
-               for routing in ("token_choice", "expert_choice", "expert_race")
-               for gating in ("softmax", "sigmoid", "identity")],
-    "table3": [("softmax race (top-k race at inference)", "expert_race-softmax", "topk"),
-               ("+ identity gating", "expert_race-identity", "topk"),
-               ("+ threshold inference", "expert_race-identity", "threshold"),
-               ("+ per-layer regularisation", "race-identity-plr", "threshold"),
-               ("+ router similarity", "race-identity-plr-sim", "threshold")],
-    "table2": [("per-layer regularisation only", "race-identity-plr", "threshold"),
-               ("+ balance loss 0.01", "race-identity-plr-balance", "threshold"),
-               ("+ router similarity 0.01", "race-identity-plr-sim", "threshold")],
+    "table1": [
+        (f"{routing} / {gating}", f"{routing}-{gating}", "topk" if routing == "expert_race" else "threshold")
+        for routing in ("token_choice", "expert_choice", "expert_race")
+        for gating in ("softmax", "sigmoid", "identity")
+    ],
+    "table3": [
+        ("softmax race (top-k race at inference)", "expert_race-softmax", "topk"),
+        ("+ identity gating", "expert_race-identity", "topk"),
+        ("+ threshold inference", "expert_race-identity", "threshold"),
+        ("+ per-layer regularisation", "race-identity-plr", "threshold"),
+        ("+ router similarity", "race-identity-plr-sim", "threshold"),
+    ],
+    "table2": [
+        ("per-layer regularisation only", "race-identity-plr", "threshold"),
+        ("+ balance loss 0.01", "race-identity-plr-balance", "threshold"),
+        ("+ router similarity 0.01", "race-identity-plr-sim", "threshold"),
+    ],
 }
 
 
@@ -74,12 +90,27 @@ def train_config(name: str, steps: int, seed: int) -> dict:
     moe, loss = RUNS[name]
     return {
         "model": {**MODEL, "moe": {"spec": "2in8", "router": "mlp", "threshold_momentum": 0.99, **moe}},
-        "data": {"name": "shapes10", "length": 50000, "seed": 0,
-                 "style": {"jitter": 0.1, "min_size": 0.55, "max_size": 0.8, "rotation": 20.0}},
-        "optim": {"steps": steps, "batch_size": 32, "lr": 1.0e-3, "warmup_steps": 100,
-                  "decay_steps": steps // 3, "min_lr": 1.0e-4, "grad_clip": 1.0, "ema_decay": 0.99,
-                  "seed": seed, "threads": 1, "log_every": 50, "checkpoint_every": steps,
-                  "sample_every": steps},
+        "data": {
+            "name": "shapes10",
+            "length": 50000,
+            "seed": 0,
+            "style": {"jitter": 0.1, "min_size": 0.55, "max_size": 0.8, "rotation": 20.0},
+        },
+        "optim": {
+            "steps": steps,
+            "batch_size": 32,
+            "lr": 1.0e-3,
+            "warmup_steps": 100,
+            "decay_steps": steps // 3,
+            "min_lr": 1.0e-4,
+            "grad_clip": 1.0,
+            "ema_decay": 0.99,
+            "seed": seed,
+            "threads": 1,
+            "log_every": 50,
+            "checkpoint_every": steps,
+            "sample_every": steps,
+        },
         "loss": loss,
     }
 
@@ -117,16 +148,27 @@ def run_one(name: str, steps: int, seed: int, num_samples: int) -> dict:
     config = train_config(name, steps, seed)
     start = time.time()
     train(parse_config(config), out, progress=False)
-    result = {"name": name, "seed": seed, "config": config, "train_seconds": round(time.time() - start, 1),
-              **last_metrics(out / "metrics.csv"), "evaluations": {}}
+    result = {
+        "name": name,
+        "seed": seed,
+        "config": config,
+        "train_seconds": round(time.time() - start, 1),
+        **last_metrics(out / "metrics.csv"),
+        "evaluations": {},
+    }
     modes = sorted({mode for rows in TABLES.values() for _, run, mode in rows if run == name}) or ["threshold"]
     for mode in modes:
         result["evaluations"][mode] = evaluation(tag, mode, num_samples)
     PER_RUN.mkdir(parents=True, exist_ok=True)
     (PER_RUN / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{tag}: {result['train_seconds']:.0f} s, " + ", ".join(
-        f"{m}: fidelity {e['class_fidelity']:.3f} FD {e['frechet_distance']:.2f}"
-        for m, e in result["evaluations"].items()), flush=True)
+    print(
+        f"{tag}: {result['train_seconds']:.0f} s, "
+        + ", ".join(
+            f"{m}: fidelity {e['class_fidelity']:.3f} FD {e['frechet_distance']:.2f}"
+            for m, e in result["evaluations"].items()
+        ),
+        flush=True,
+    )
     return result
 
 
@@ -144,11 +186,27 @@ def evaluation(name: str, mode: str, num_samples: int) -> dict:
     from racedit.model.training.evaluate import evaluate
 
     checkpoint = RUNS_DIR / name / "checkpoint"
-    report = evaluate(with_inference(checkpoint, mode), num_samples, cfg_scale=4.0, num_steps=25,
-                      batch_size=100, out=RUNS_DIR / name / f"eval-{mode}")
-    return {k: report[k] for k in ("class_fidelity", "per_class_fidelity", "frechet_distance", "mean_experts_per_token",
-                                   "experts_per_token_histogram", "maxvio", "combination_usage",
-                                   "experts_per_token_by_t")}
+    report = evaluate(
+        with_inference(checkpoint, mode),
+        num_samples,
+        cfg_scale=4.0,
+        num_steps=25,
+        batch_size=100,
+        out=RUNS_DIR / name / f"eval-{mode}",
+    )
+    return {
+        k: report[k]
+        for k in (
+            "class_fidelity",
+            "per_class_fidelity",
+            "frechet_distance",
+            "mean_experts_per_token",
+            "experts_per_token_histogram",
+            "maxvio",
+            "combination_usage",
+            "experts_per_token_by_t",
+        )
+    }
 
 
 def summarise(num_samples: int = 500) -> None:
@@ -167,36 +225,64 @@ def summarise(num_samples: int = 500) -> None:
             if run not in results:
                 continue
             r, e = results[run], results[run]["evaluations"][mode]
-            tables[table].append({"table": table, "row": label, "run": run, "inference": mode,
-                                  "class_fidelity": e["class_fidelity"], "frechet_distance": e["frechet_distance"],
-                                  "final_mse": r.get("train_mse", float("nan")),  # the denoising loss alone
-                                  "final_loss": r.get("train_loss", float("nan")),  # with the run's auxiliary terms
-                                  "maxvio": e["maxvio"], "combination_usage": e["combination_usage"],
-                                  "experts_per_token": e["mean_experts_per_token"]})
+            tables[table].append(
+                {
+                    "table": table,
+                    "row": label,
+                    "run": run,
+                    "inference": mode,
+                    "class_fidelity": e["class_fidelity"],
+                    "frechet_distance": e["frechet_distance"],
+                    "final_mse": r.get("train_mse", float("nan")),  # the denoising loss alone
+                    "final_loss": r.get("train_loss", float("nan")),  # with the run's auxiliary terms
+                    "maxvio": e["maxvio"],
+                    "combination_usage": e["combination_usage"],
+                    "experts_per_token": e["mean_experts_per_token"],
+                }
+            )
     tables["seeds"] = []  # a run and its repeats with other seeds: how far seed alone moves the numbers
-    for tag, repeat in repeats.items():
+    for repeat in repeats.values():
         for r in (results.get(repeat["name"]), repeat):
             if r is None:
                 continue
             e = r["evaluations"]["threshold"]
-            tables["seeds"].append({"table": "seeds", "row": f"seed {r['config']['optim']['seed']}", "run": r["name"], "inference": "threshold",
-                                    "class_fidelity": e["class_fidelity"], "frechet_distance": e["frechet_distance"],
-                                    "final_mse": r.get("train_mse", float("nan")), "final_loss": r.get("train_loss", float("nan")),
-                                    "maxvio": e["maxvio"], "combination_usage": e["combination_usage"],
-                                    "experts_per_token": e["mean_experts_per_token"]})
+            tables["seeds"].append(
+                {
+                    "table": "seeds",
+                    "row": f"seed {r['config']['optim']['seed']}",
+                    "run": r["name"],
+                    "inference": "threshold",
+                    "class_fidelity": e["class_fidelity"],
+                    "frechet_distance": e["frechet_distance"],
+                    "final_mse": r.get("train_mse", float("nan")),
+                    "final_loss": r.get("train_loss", float("nan")),
+                    "maxvio": e["maxvio"],
+                    "combination_usage": e["combination_usage"],
+                    "experts_per_token": e["mean_experts_per_token"],
+                }
+            )
     any_run = next(iter(results.values()), None)
-    save("ablation", {"model": MODEL, "steps": any_run and any_run["config"]["optim"]["steps"],
-                      "seed": any_run and any_run["config"]["optim"]["seed"],
-                      "train_seconds": {n: r["train_seconds"] for n, r in results.items()},
-                      "experts_per_token_by_t": {n: r["evaluations"]["threshold"]["experts_per_token_by_t"]
-                                                 for n, r in results.items()
-                                                 if RUNS[n][0]["routing"] == "expert_race" and "threshold" in r["evaluations"]}},
-         [row for rows in tables.values() for row in rows])
+    save(
+        "ablation",
+        {
+            "model": MODEL,
+            "steps": any_run and any_run["config"]["optim"]["steps"],
+            "seed": any_run and any_run["config"]["optim"]["seed"],
+            "train_seconds": {n: r["train_seconds"] for n, r in results.items()},
+            "experts_per_token_by_t": {
+                n: r["evaluations"]["threshold"]["experts_per_token_by_t"]
+                for n, r in results.items()
+                if RUNS[n][0]["routing"] == "expert_race" and "threshold" in r["evaluations"]
+            },
+        },
+        [row for rows in tables.values() for row in rows],
+    )
     plot(results, tables)
 
 
 def plot(results: dict, tables: dict) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -213,7 +299,9 @@ def plot(results: dict, tables: dict) -> None:
     axes[0].grid(axis="y", alpha=0.3)
     ladder = tables.get("table3", [])
     axes[1].barh(range(len(ladder)), [r["frechet_distance"] for r in ladder], color="#4c72b0")
-    axes[1].set_yticks(range(len(ladder)), [r["row"].replace(" (top-k race at inference)", "") for r in ladder], fontsize=8)
+    axes[1].set_yticks(
+        range(len(ladder)), [r["row"].replace(" (top-k race at inference)", "") for r in ladder], fontsize=8
+    )
     axes[1].invert_yaxis()
     axes[1].set_xlabel("Frechet distance (lower is better)")
     axes[1].set_title("Table 3: the ladder")
@@ -250,7 +338,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.summarise:
         todo = args.only or [n for n in RUNS if not (PER_RUN / f"{run_tag(n, args.seed)}.json").exists()]
-        print(f"training {len(todo)} runs of {args.steps} steps, {args.workers} at a time: {', '.join(todo)}", flush=True)
+        print(
+            f"training {len(todo)} runs of {args.steps} steps, {args.workers} at a time: {', '.join(todo)}", flush=True
+        )
         jobs = [(name, args.steps, args.seed, args.num_samples) for name in todo]
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             for _ in pool.imap_unordered(_job, jobs):

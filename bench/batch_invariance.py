@@ -8,6 +8,7 @@ For each (dtype, batch_invariant) cell: images/s of the engine (in-process, ever
 at once, guided, mixed classes) and whether request 0's npy bytes equal its bytes when run alone.
 Prints and saves bench/results/batch_invariance-<device>.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,26 +26,41 @@ from racedit.model import DEFAULT_CHECKPOINT, load
 from racedit.server.engine import Engine, GenerationRequest, pick_device
 
 
-def run(checkpoint: str, device: str, dtype: str, batch_invariant: bool, requests: int, steps: int,
-        max_batch_rows: int) -> dict:
+def run(
+    checkpoint: str, device: str, dtype: str, batch_invariant: bool, requests: int, steps: int, max_batch_rows: int
+) -> dict:
     torch_device, torch_dtype = pick_device(device, dtype)
-    engine = Engine.build(load(checkpoint), torch_device, torch_dtype, max_batch_rows=max_batch_rows,
-                    max_queue=requests + 1, batch_invariant=batch_invariant).start()
+    engine = Engine.build(
+        load(checkpoint),
+        torch_device,
+        torch_dtype,
+        max_batch_rows=max_batch_rows,
+        max_queue=requests + 1,
+        batch_invariant=batch_invariant,
+    ).start()
     try:
-        batch = [GenerationRequest(class_label=i % 10, cfg_scale=4.0, num_steps=steps, seed=i, request_id=f"r{i}")
-                 for i in range(requests)]
+        batch = [
+            GenerationRequest(class_label=i % 10, cfg_scale=4.0, num_steps=steps, seed=i, request_id=f"r{i}")
+            for i in range(requests)
+        ]
         start = time.monotonic()
         futures = [engine.submit(r) for r in batch]
         results = [f.result() for f in futures]
         images_per_s = requests / (time.monotonic() - start)
-        alone = engine.submit(GenerationRequest(class_label=0, cfg_scale=4.0, num_steps=steps, seed=0,
-                                                request_id="alone")).result()
+        alone = engine.submit(
+            GenerationRequest(class_label=0, cfg_scale=4.0, num_steps=steps, seed=0, request_id="alone")
+        ).result()
     finally:
         engine.stop()
-    return {"dtype": dtype, "batch_invariant": batch_invariant, "verified_at_start": engine.batch_invariant,
-            "images_per_s": images_per_s,
-            "same_bytes_alone_and_batched": bool(np.array_equal(results[0].samples.view(np.uint32),
-                                                                alone.samples.view(np.uint32)))}
+    return {
+        "dtype": dtype,
+        "batch_invariant": batch_invariant,
+        "verified_at_start": engine.batch_invariant,
+        "images_per_s": images_per_s,
+        "same_bytes_alone_and_batched": bool(
+            np.array_equal(results[0].samples.view(np.uint32), alone.samples.view(np.uint32))
+        ),
+    }
 
 
 def main() -> None:
@@ -66,15 +82,28 @@ def main() -> None:
         for invariant in (True, False):
             row = run(args.checkpoint, args.device, dtype, invariant, args.requests, args.steps, args.max_batch_rows)
             rows.append(row)
-            print(f"{dtype:9s} batch_invariant={invariant!s:5s}: {row['images_per_s']:.2f} images/s, "
-                  f"same bytes alone/batched: {row['same_bytes_alone_and_batched']}")
-    cost = {dtype: next(r["images_per_s"] for r in rows if r["dtype"] == dtype and not r["batch_invariant"])
-            / next(r["images_per_s"] for r in rows if r["dtype"] == dtype and r["batch_invariant"])
-            for dtype in args.dtypes}
+            print(
+                f"{dtype:9s} batch_invariant={invariant!s:5s}: {row['images_per_s']:.2f} images/s, "
+                f"same bytes alone/batched: {row['same_bytes_alone_and_batched']}"
+            )
+    cost = {
+        dtype: next(r["images_per_s"] for r in rows if r["dtype"] == dtype and not r["batch_invariant"])
+        / next(r["images_per_s"] for r in rows if r["dtype"] == dtype and r["batch_invariant"])
+        for dtype in args.dtypes
+    }
     print("throughput without / with batch invariance:", {k: round(v, 3) for k, v in cost.items()})
-    save(f"batch_invariance-{torch.device(pick_device(args.device)[0]).type}",
-         {"checkpoint": args.checkpoint, "preset": args.preset, "steps": args.steps, "requests": args.requests,
-          "max_batch_rows": args.max_batch_rows, "speed_without_over_with": cost}, rows)
+    save(
+        f"batch_invariance-{torch.device(pick_device(args.device)[0]).type}",
+        {
+            "checkpoint": args.checkpoint,
+            "preset": args.preset,
+            "steps": args.steps,
+            "requests": args.requests,
+            "max_batch_rows": args.max_batch_rows,
+            "speed_without_over_with": cost,
+        },
+        rows,
+    )
 
 
 if __name__ == "__main__":

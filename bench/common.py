@@ -1,12 +1,14 @@
 """Helpers shared by the benchmarks: timing and saving results as JSON and markdown."""
+
 from __future__ import annotations
 
 import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -18,8 +20,9 @@ def time_call(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3, cuda: b
     return time_interleaved({"fn": fn}, repeats, warmup, cuda)["fn"]
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3,
-                     cuda: bool = False) -> dict[str, float]:
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3, cuda: bool = False
+) -> dict[str, float]:
     """Median seconds of each `fn()`, timed round-robin (one call of each per round), so that
     a change in the machine's load during the run hits every variant alike."""
     return {name: statistics.median(values) for name, values in time_rounds(fns, repeats, warmup, cuda).items()}
@@ -31,8 +34,9 @@ def median_ratio(rounds: dict[str, list[float]], name: str, base: str) -> float:
     return statistics.median(a / b for a, b in zip(rounds[name], rounds[base]))
 
 
-def time_rounds(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3,
-                cuda: bool = False) -> dict[str, list[float]]:
+def time_rounds(
+    fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3, cuda: bool = False
+) -> dict[str, list[float]]:
     """Seconds of each `fn()` in each of `repeats` rounds (one call of each per round)."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -51,8 +55,12 @@ def time_rounds(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: in
 
 
 def machine() -> dict[str, Any]:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -68,5 +76,7 @@ def save(name: str, payload: dict[str, Any], table: list[dict[str, Any]]) -> Pat
         lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for row in table:
             lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-        (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{json.dumps(payload['machine'])}\n\n" + "\n".join(lines) + "\n")
+        (RESULTS / f"{name}.md").write_text(
+            f"# {name}\n\n{json.dumps(payload['machine'])}\n\n" + "\n".join(lines) + "\n"
+        )
     return RESULTS / f"{name}.json"

@@ -4,6 +4,7 @@
 
 Prints and saves bench/results/export-<device>.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,7 +1,8 @@
 """Cost of collecting routing statistics: forward with and without `return_stats=True`.
 
-    python bench/forward_stats.py [--preset shapes10] [--batch 64]
+python bench/forward_stats.py [--preset shapes10] [--batch 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,11 @@ def main() -> None:
         stats = time_call(lambda: model(x, t, y, return_stats=True), args.repeats)
     overhead = stats / plain - 1
     print(f"forward {plain * 1000:.2f} ms, with stats {stats * 1000:.2f} ms: overhead {overhead * 100:.2f} %")
-    save(f"forward_stats-{args.preset.replace('/', '_')}", {"preset": args.preset, "batch": args.batch,
-                                                            "overhead": overhead},
-         [{"variant": "forward", "ms": plain * 1000}, {"variant": "forward + stats", "ms": stats * 1000}])
+    save(
+        f"forward_stats-{args.preset.replace('/', '_')}",
+        {"preset": args.preset, "batch": args.batch, "overhead": overhead},
+        [{"variant": "forward", "ms": plain * 1000}, {"variant": "forward + stats", "ms": stats * 1000}],
+    )
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ step() {  # step NAME SECONDS COMMAND...
 
 if [ "$phase" = smoke ]; then
     step kernels-xl 90 python3 bench/kernel_invariance.py --repeats 5
-    step exactness 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_exactness.py -k cuda
+    step exactness 240 python3 -m pytest -q -x -p no:cacheprovider tests/server/test_exactness.py -k cuda
     step engine-step-b2 90 python3 bench/engine_step.py --preset B/2 --rows 64 --repeats 5 --no-compile
     step moe-layer 120 python3 bench/moe_layer.py --device cuda --compile --repeats 10
 else  # most wanted first (what the last lease left unmeasured leads): a lease can end before the last step
-    step exactness 100 python3 -m pytest -q -p no:cacheprovider tests/test_exactness.py -k cuda
+    step exactness 100 python3 -m pytest -q -p no:cacheprovider tests/server/test_exactness.py -k cuda
     step engine-step-b2 120 python3 bench/engine_step.py --preset B/2 --rows 64 256
     step serve-xl2 150 python3 bench/serve_load.py --preset XL/2 --moe 4in32 --device cuda --concurrency 16 64 \
         --requests 48 --time-limit 10

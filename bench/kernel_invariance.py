@@ -11,12 +11,13 @@ cuBLAS's choice of kernel (split-K for a short M) is likeliest to change with th
 
 Prints and saves bench/results/kernel_invariance-cuda-<dim>.{json,md}. CUDA only.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,12 @@ def check(fn: Callable[[torch.Tensor], torch.Tensor], sample: Callable[[int], to
         if not torch.equal(out, alone):
             differs.append(b)
             worst = max(worst, (out.float() - alone.float()).abs().max().item())
-    return {"invariant": not differs, "differs_at_batch": differs, "max_abs_diff": worst,
-            f"ms_at_batch_{BATCHES[-1]}": time_call(lambda: fn(big), repeats, cuda=True) * 1000}
+    return {
+        "invariant": not differs,
+        "differs_at_batch": differs,
+        "max_abs_diff": worst,
+        f"ms_at_batch_{BATCHES[-1]}": time_call(lambda: fn(big), repeats, cuda=True) * 1000,
+    }
 
 
 def main() -> None:
@@ -61,6 +66,7 @@ def main() -> None:
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
+
         def tokens(b: int) -> torch.Tensor:
             return torch.randn(b, n, d, device=device, generator=g).to(dtype)
 
@@ -77,12 +83,19 @@ def main() -> None:
             counts = experts.bincount(minlength=args.experts).tolist()
             tile = GPU_GROUP_TILE if invariant else 1
             sizes = [padded(c, tile) for c in counts]
-            slot = torch.cat([torch.arange(c, device=device) + s for c, s in
-                              zip(counts, [0, *torch.tensor(sizes).cumsum(0).tolist()][:-1])])
+            slot = torch.cat(
+                [
+                    torch.arange(c, device=device) + s
+                    for c, s in zip(counts, [0, *torch.tensor(sizes).cumsum(0).tolist()][:-1])
+                ]
+            )
             buffer = flat.new_zeros(sum(sizes), d).index_copy_(0, slot, flat[order])
             if invariant:
-                tile_group = torch.arange(args.experts, device=device).repeat_interleave(
-                    torch.tensor(sizes, device=device) // tile).to(torch.int32)
+                tile_group = (
+                    torch.arange(args.experts, device=device)
+                    .repeat_interleave(torch.tensor(sizes, device=device) // tile)
+                    .to(torch.int32)
+                )
                 y = kernels.grouped_matmul(buffer, w_e, tile_group, tile)
             else:
                 y = torch._grouped_mm(buffer, w_e, offs=torch.tensor(sizes, device=device).cumsum(0).to(torch.int32))
@@ -95,6 +108,7 @@ def main() -> None:
                 q = x.view(x.shape[0], n, args.heads, -1).transpose(1, 2)
                 with sdpa_kernel(backend):
                     return F.scaled_dot_product_attention(q, q * 0.5, q)
+
             return fn
 
         w_ada = (torch.randn(6 * d, d, device=device, generator=g) / d**0.5).to(dtype)  # adaLN: one row per sample
@@ -106,25 +120,50 @@ def main() -> None:
             "adaLN linear (M = samples), cuBLAS": (lambda c: F.linear(c, w_ada), conditions),
             "adaLN linear (M = samples), Triton fixed tiles": (lambda c: kernels.matmul(c, w_ada.t()), conditions),
             "linear, cuBLAS (F.linear)": (lambda x: F.linear(x, w, bias), tokens),
-            "linear, Triton fixed tiles": (lambda x: kernels.matmul(x.reshape(-1, d), w.t(), bias).view(x.shape[0], n, -1),
-                                           tokens),
+            "linear, Triton fixed tiles": (
+                lambda x: kernels.matmul(x.reshape(-1, d), w.t(), bias).view(x.shape[0], n, -1),
+                tokens,
+            ),
             f"experts, Triton grouped, tiles of {GPU_GROUP_TILE}": (lambda x: grouped(x, True), tokens),
         }
         if dtype == torch.bfloat16:
             cases["experts, torch._grouped_mm"] = (lambda x: grouped(x, False), tokens)
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                        SDPBackend.MATH):
+        for backend in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.MATH,
+        ):
             cases[f"attention, SDPA {backend.name}"] = (attention(backend), tokens)
         for name, (fn, sample) in cases.items():
             try:
                 with torch.no_grad():
-                    row = {"dtype": str(dtype).removeprefix("torch."), "kernel": name, **check(fn, sample, args.repeats)}
+                    row = {
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "kernel": name,
+                        **check(fn, sample, args.repeats),
+                    }
             except Exception as error:  # a backend this GPU or dtype lacks
-                row = {"dtype": str(dtype).removeprefix("torch."), "kernel": name, "error": str(error).splitlines()[0][:120]}
+                row = {
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "kernel": name,
+                    "error": str(error).splitlines()[0][:120],
+                }
             rows.append(row)
             print(row, flush=True)
-    save(f"kernel_invariance-cuda-{d}", {"dim": d, "heads": args.heads, "tokens": n, "hidden": args.hidden,
-                                         "experts": args.experts, "k": args.k, "batches": BATCHES}, rows)
+    save(
+        f"kernel_invariance-cuda-{d}",
+        {
+            "dim": d,
+            "heads": args.heads,
+            "tokens": n,
+            "hidden": args.hidden,
+            "experts": args.experts,
+            "k": args.k,
+            "batches": BATCHES,
+        },
+        rows,
+    )
 
 
 if __name__ == "__main__":

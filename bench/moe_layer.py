@@ -16,14 +16,15 @@ keeps them): the table counts them per call. --head-to-head times only the serve
 the dense MLPs; running under MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824
 keeps every buffer mapped, which leaves arithmetic and memory traffic alone to compare.
 """
+
 from __future__ import annotations
 
 import argparse
 import resource
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -32,13 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_ratio, save, time_call, time_rounds  # noqa: E402
 
 from racedit.model.config import MoEConfig
-from racedit.server.engine import pick_device
 from racedit.model.exact import ROW_TILE, Execution
-from racedit.model.moe import (Experts, MoELayer, expert_race, grouped_dispatch, loop_dispatch,
-                               sorted_dispatch)
+from racedit.model.moe import Experts, MoELayer, expert_race, grouped_dispatch, loop_dispatch, sorted_dispatch
+from racedit.server.engine import pick_device
 
 
-def reference_loop(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: list[nn.Module]) -> torch.Tensor:
+def reference_loop(
+    x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: list[nn.Module]
+) -> torch.Tensor:
     """The DiT-MoE way: sort pairs by expert, loop over experts (host offsets), scatter_reduce into a cache."""
     token_index, expert_index = mask.nonzero(as_tuple=True)
     order = expert_index.argsort()
@@ -85,8 +87,10 @@ def whole_step(device: torch.device, dtype: torch.dtype, repeats: int) -> dict[s
     t, y = torch.rand(64, device=device), torch.randint(0, 10, (64,), device=device)
     compiled = torch.compile(model)
     with torch.no_grad():
-        return {"whole step, eager": time_call(lambda: model(x, t, y), repeats, cuda=True),
-                "whole step, torch.compile": time_call(lambda: compiled(x, t, y), repeats, cuda=True)}
+        return {
+            "whole step, eager": time_call(lambda: model(x, t, y), repeats, cuda=True),
+            "whole step, torch.compile": time_call(lambda: compiled(x, t, y), repeats, cuda=True),
+        }
 
 
 def main() -> None:
@@ -98,9 +102,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--compile", action="store_true", help="also time the whole step under torch.compile (CUDA)")
-    parser.add_argument("--head-to-head", action="store_true",
-                        help="only the served dispatch and the two dense MLPs, so no other variant's buffers "
-                             "shape the allocator's heap (saved as moe_layer-<device>-head-to-head)")
+    parser.add_argument(
+        "--head-to-head",
+        action="store_true",
+        help="only the served dispatch and the two dense MLPs, so no other variant's buffers "
+        "shape the allocator's heap (saved as moe_layer-<device>-head-to-head)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     device, dtype = pick_device(args.device, args.dtype)
@@ -110,10 +117,14 @@ def main() -> None:
     layer_linear = MoELayer(d, 4.0, MoEConfig(spec=args.spec, router="linear", inference="topk"), 16).to(device).eval()
     layer_mlp = MoELayer(d, 4.0, MoEConfig(spec=args.spec, router="mlp", inference="topk"), 16).to(device).eval()
     hidden = layer_linear.expert_hidden
-    dense = nn.Sequential(nn.Linear(d, hidden * k), nn.GELU(approximate="tanh"), nn.Linear(hidden * k, d)).to(device).eval()
+    dense = (
+        nn.Sequential(nn.Linear(d, hidden * k), nn.GELU(approximate="tanh"), nn.Linear(hidden * k, d)).to(device).eval()
+    )
     experts: Experts = layer_linear.experts
-    modules = [nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d)).to(device)
-               for _ in range(e)]
+    modules = [
+        nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d)).to(device)
+        for _ in range(e)
+    ]
     x = torch.randn(1, n, d, device=device)
     with torch.no_grad():
         scores = layer_linear.router(x, False)[0]
@@ -125,19 +136,25 @@ def main() -> None:
     dense_x = flat_x.to(dtype)  # the dense MLPs and the DiT-MoE loop take activations in `dtype`
     assert int(flat_m.sum()) == n * k
     dense_name = "dense MLP (equal activated FLOPs)"
-    served = ("grouped dispatch, row tiles (served on CUDA)" if Execution().resolve(device).dispatch == "grouped"
-              else "sorted dispatch, row tiles (served on CPU)")
+    served = (
+        "grouped dispatch, row tiles (served on CUDA)"
+        if Execution().resolve(device).dispatch == "grouped"
+        else "sorted dispatch, row tiles (served on CPU)"
+    )
     with torch.no_grad():
         variants = {
             dense_name: lambda: dense(dense_x),
-            "sorted dispatch, row tiles (served on CPU)": lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts,
-                                                                                  ROW_TILE),
+            "sorted dispatch, row tiles (served on CPU)": lambda: sorted_dispatch(
+                flat_x, flat_w, flat_m, experts, ROW_TILE
+            ),
             "sorted dispatch, no tiles": lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts, None),
             "dense MLP, GELU in place (the experts' kernels)": lambda: dense_gelu_in_place(dense_x, dense),
-            "grouped dispatch, row tiles (served on CUDA)": lambda: grouped_dispatch(flat_x, flat_w, flat_m, experts,
-                                                                                     ROW_TILE),
-            "grouped dispatch, no tiles (torch._grouped_mm on CUDA)": lambda: grouped_dispatch(flat_x, flat_w, flat_m,
-                                                                                                 experts, None),
+            "grouped dispatch, row tiles (served on CUDA)": lambda: grouped_dispatch(
+                flat_x, flat_w, flat_m, experts, ROW_TILE
+            ),
+            "grouped dispatch, no tiles (torch._grouped_mm on CUDA)": lambda: grouped_dispatch(
+                flat_x, flat_w, flat_m, experts, None
+            ),
             "per-expert NonZero loop (export path)": lambda: loop_dispatch(flat_x, flat_w, flat_m, experts),
             "DiT-MoE-style argsort loop + scatter_reduce": lambda: reference_loop(dense_x, flat_w, flat_m, modules),
             "MoE layer (linear router, served dispatch)": lambda: layer_linear(x),
@@ -151,10 +168,15 @@ def main() -> None:
         timings = {name: statistics.median(values) for name, values in rounds.items()}
     # "vs dense" is the median over rounds of the ratio within a round (this machine's load drifts
     # between rounds and moves every variant of a round alike), not a ratio of medians.
-    rows = [{"variant": name, "ms": seconds * 1000,
-             "vs dense": median_ratio(rounds, name, dense_name) if name in rounds else seconds / timings[dense_name],
-             "page faults per call": faults.get(name, float("nan"))}
-            for name, seconds in timings.items()]
+    rows = [
+        {
+            "variant": name,
+            "ms": seconds * 1000,
+            "vs dense": median_ratio(rounds, name, dense_name) if name in rounds else seconds / timings[dense_name],
+            "page faults per call": faults.get(name, float("nan")),
+        }
+        for name, seconds in timings.items()
+    ]
     pairs = {
         "served_dispatch_over_dense": (served, dense_name),
         "served_dispatch_over_per_expert_loop": (served, "per-expert NonZero loop (export path)"),
@@ -165,20 +187,35 @@ def main() -> None:
     }
     ratios = {key: median_ratio(rounds, a, b) for key, (a, b) in pairs.items() if a in rounds and b in rounds}
     for row in rows:
-        print(f"{row['variant']:45s} {row['ms']:8.3f} ms  {row['vs dense']:.3f}x dense  "
-              f"{row['page faults per call']:6.0f} page faults per call")
+        print(
+            f"{row['variant']:45s} {row['ms']:8.3f} ms  {row['vs dense']:.3f}x dense  "
+            f"{row['page faults per call']:6.0f} page faults per call"
+        )
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
     name = f"moe_layer-{device.type}" + ("-head-to-head" if args.head_to_head else "")
-    header = {"tokens": n, "dim": d, "spec": args.spec, "dtype": str(dtype).removeprefix("torch."),
-              "expert_hidden": hidden, "row_tile": ROW_TILE, "ratios": ratios}
+    header = {
+        "tokens": n,
+        "dim": d,
+        "spec": args.spec,
+        "dtype": str(dtype).removeprefix("torch."),
+        "expert_hidden": hidden,
+        "row_tile": ROW_TILE,
+        "ratios": ratios,
+    }
     print(f"saved {save(name, header, rows)}", flush=True)
     if args.compile and cuda:  # after the layer's figures are saved: compiling can take minutes
         try:
             with torch.no_grad():
                 for step_name, seconds in whole_step(device, dtype, args.repeats).items():
-                    rows.append({"variant": step_name, "ms": seconds * 1000, "vs dense": float("nan"),
-                                 "page faults per call": float("nan")})
+                    rows.append(
+                        {
+                            "variant": step_name,
+                            "ms": seconds * 1000,
+                            "vs dense": float("nan"),
+                            "page faults per call": float("nan"),
+                        }
+                    )
                     print(f"{step_name:45s} {seconds * 1000:8.3f} ms")
         except Exception as error:  # torch.compile of the served step is best effort: say why not
             header["whole_step_compile_error"] = f"{type(error).__name__}: {str(error)[:300]}"

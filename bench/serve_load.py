@@ -13,11 +13,13 @@ arrivals at a fixed rate, how traffic from many independent users looks.
 
 With `--ray-replicas`, step batching is measured on the plain server and on `racedit serve
 --ray` with each replica count (the host's cores split evenly between replicas), instead of
-step against static batching. Prints and saves bench/results/serve_load[-ray][-<preset>-<device>].{json,md}. On CUDA it also
+step against static batching. Prints and saves
+bench/results/serve_load[-ray][-<preset>-<device>].{json,md}. On CUDA it also
 reports the share of the GPU's bf16 dense peak that the served forwards reached
 (`--peak-tflops`, default 989 for an H100 SXM). All traffic stays on loopback,
 bounded in count and time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +48,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, batching: str, max_batch_rows: int, device: str, dtype: str = "auto",
-                 batch_invariant: bool = True, ray_replicas: Optional[int] = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    checkpoint: str,
+    batching: str,
+    max_batch_rows: int,
+    device: str,
+    dtype: str = "auto",
+    batch_invariant: bool = True,
+    ray_replicas: Optional[int] = None,
+) -> tuple[subprocess.Popen, str]:
     """`racedit serve` (or, with `ray_replicas`, `racedit serve --ray` on a local Ray) on loopback."""
     import tempfile
 
@@ -56,13 +65,38 @@ def start_server(checkpoint: str, batching: str, max_batch_rows: int, device: st
     if ray_replicas:
         cpus = (os.cpu_count() or 1) / ray_replicas
         extra = ["--ray", "--replicas", str(ray_replicas), "--replica-cpus", f"{cpus:g}"]
-        env.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="rd", dir="/tmp"), RAY_AUTH_MODE="disabled",
-                   RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.Popen([sys.executable, "-m", "racedit.cli", "serve", "--checkpoint", checkpoint,
-                             "--port", str(port), "--batching", batching, "--max-batch-rows", str(max_batch_rows),
-                             "--max-queue", "1024", "--log-level", "warning", "--device", device, "--dtype", dtype,
-                             "--batch-invariant" if batch_invariant else "--no-batch-invariant", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+        env.update(
+            RAY_TMPDIR=tempfile.mkdtemp(prefix="rd", dir="/tmp"), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0"
+        )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "racedit.cli",
+            "serve",
+            "--checkpoint",
+            checkpoint,
+            "--port",
+            str(port),
+            "--batching",
+            batching,
+            "--max-batch-rows",
+            str(max_batch_rows),
+            "--max-queue",
+            "1024",
+            "--log-level",
+            "warning",
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--batch-invariant" if batch_invariant else "--no-batch-invariant",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -94,12 +128,20 @@ def summarize(latencies: list[float], images: int, wall: float) -> dict:
     def pct(q: float) -> float:
         return 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]
 
-    return {"images": images, "measured": len(latencies), "wall_s": wall, "images_per_s": images / wall,
-            "p50_ms": 1000 * statistics.median(latencies), "p95_ms": pct(0.95), "p99_ms": pct(0.99)}
+    return {
+        "images": images,
+        "measured": len(latencies),
+        "wall_s": wall,
+        "images_per_s": images / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+    }
 
 
-async def closed_loop(url: str, concurrency: int, requests_per_client: int, warmup_per_client: int,
-                      steps: list[int], time_limit: float) -> dict:
+async def closed_loop(
+    url: str, concurrency: int, requests_per_client: int, warmup_per_client: int, steps: list[int], time_limit: float
+) -> dict:
     """`concurrency` clients, each sending its next request when the last one is answered.
 
     The first `warmup_per_client` answers of each client are not measured: they start as one
@@ -150,14 +192,27 @@ async def open_loop(url: str, rate: float, requests: int, steps: list[int], seed
     return summarize(latencies, requests, wall)
 
 
-def direct_engine(checkpoint: str, max_batch_rows: int, steps: list[int], requests: int, device: str,
-                  dtype: str = "auto", batch_invariant: bool = True) -> float:
+def direct_engine(
+    checkpoint: str,
+    max_batch_rows: int,
+    steps: list[int],
+    requests: int,
+    device: str,
+    dtype: str = "auto",
+    batch_invariant: bool = True,
+) -> float:
     """Images/s of the engine alone at saturation (every request queued at once)."""
     from racedit.server.engine import Engine, GenerationRequest, pick_device
 
     torch_device, torch_dtype = pick_device(device, dtype)
-    engine = Engine.build(load(checkpoint), torch_device, torch_dtype, max_batch_rows=max_batch_rows, max_queue=requests + 1,
-                    batch_invariant=batch_invariant).start()
+    engine = Engine.build(
+        load(checkpoint),
+        torch_device,
+        torch_dtype,
+        max_batch_rows=max_batch_rows,
+        max_queue=requests + 1,
+        batch_invariant=batch_invariant,
+    ).start()
     start = time.monotonic()
     futures = [engine.submit(GenerationRequest(**request_body(i, steps))) for i in range(requests)]
     for f in futures:
@@ -173,48 +228,92 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="serve a randomly initialised preset instead (e.g. B/2)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA)")
-    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
-                        help="whole row tiles for every GEMM (exact bytes whatever the batch)")
+    parser.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="whole row tiles for every GEMM (exact bytes whatever the batch)",
+    )
     parser.add_argument("--moe", default=None, help="MoE spec for --preset (e.g. 4in32 for XL/2)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU")
-    parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 40],
-                        help="step counts, cycled over requests (a mix, as real traffic has); one value for a uniform load")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[10, 25, 40],
+        help="step counts, cycled over requests (a mix, as real traffic has); one value for a uniform load",
+    )
     parser.add_argument("--max-batch-rows", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--requests", type=int, default=96,
-                        help="measured requests per closed-loop cell (at least 2 per client) and per open-loop rate")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=96,
+        help="measured requests per closed-loop cell (at least 2 per client) and per open-loop rate",
+    )
     parser.add_argument("--warmup-per-client", type=int, default=1, help="unmeasured first answers of each client")
-    parser.add_argument("--rates", type=float, nargs="*", default=[],
-                        help="open-loop Poisson arrival rates (requests/s) to run after the closed-loop sweep")
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="*",
+        default=[],
+        help="open-loop Poisson arrival rates (requests/s) to run after the closed-loop sweep",
+    )
     parser.add_argument("--time-limit", type=float, default=90.0, help="seconds per closed-loop cell")
-    parser.add_argument("--ray-replicas", type=int, nargs="*", default=[],
-                        help="measure Ray Serve with these replica counts against the plain server (step batching)")
+    parser.add_argument(
+        "--ray-replicas",
+        type=int,
+        nargs="*",
+        default=[],
+        help="measure Ray Serve with these replica counts against the plain server (step batching)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     if args.preset:
         args.checkpoint = random_checkpoint(args.preset, args.moe)
     if args.ray_replicas:
         return ray_scale_out(args)
-    name = "serve_load" + (f"-{args.preset.replace('/', '_')}{'-' + args.moe if args.moe else ''}-{args.device}"
-                           if args.preset else "") \
-        + ("-mixed" if len(args.steps) > 1 else "-uniform") + ("" if args.batch_invariant else "-not-invariant")
-    header = {"checkpoint": args.checkpoint, "preset": args.preset, "moe": args.moe, "device": args.device,
-              "dtype": args.dtype, "batch_invariant": args.batch_invariant, "steps": args.steps,
-              "max_batch_rows": args.max_batch_rows}
+    name = (
+        "serve_load"
+        + (f"-{args.preset.replace('/', '_')}{'-' + args.moe if args.moe else ''}-{args.device}" if args.preset else "")
+        + ("-mixed" if len(args.steps) > 1 else "-uniform")
+        + ("" if args.batch_invariant else "-not-invariant")
+    )
+    header = {
+        "checkpoint": args.checkpoint,
+        "preset": args.preset,
+        "moe": args.moe,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch_invariant": args.batch_invariant,
+        "steps": args.steps,
+        "max_batch_rows": args.max_batch_rows,
+    }
     saturation_requests = max(args.requests, 2 * max(args.concurrency))
-    direct = direct_engine(args.checkpoint, args.max_batch_rows, args.steps, saturation_requests, args.device,
-                           args.dtype, args.batch_invariant)
+    direct = direct_engine(
+        args.checkpoint,
+        args.max_batch_rows,
+        args.steps,
+        saturation_requests,
+        args.device,
+        args.dtype,
+        args.batch_invariant,
+    )
     print(f"direct engine: {direct:.2f} images/s ({saturation_requests} requests at once)")
     rows = []
     for batching in ("step", "static"):
-        proc, url = start_server(args.checkpoint, batching, args.max_batch_rows, args.device, args.dtype,
-                                 args.batch_invariant)
+        proc, url = start_server(
+            args.checkpoint, batching, args.max_batch_rows, args.device, args.dtype, args.batch_invariant
+        )
         try:
+
             def record(arrivals: str, concurrency: Optional[int], result: dict) -> None:
                 rows.append({"batching": batching, "arrivals": arrivals, "concurrency": concurrency, **result})
                 save(name, {**header, "summary": {"direct_engine_images_per_s": direct, "partial": True}}, rows)
-                print(f"{batching:6s} {arrivals}: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
-                      f"p95 {result['p95_ms']:.0f} ms ({result['measured']} measured of {result['images']})")
+                print(
+                    f"{batching:6s} {arrivals}: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
+                    f"p95 {result['p95_ms']:.0f} ms ({result['measured']} measured of {result['images']})"
+                )
 
             for c in args.concurrency:
                 record(closed_label(c), c, run_closed(args, url, c))
@@ -230,9 +329,11 @@ def main() -> None:
         p95 = {r["batching"]: r["p95_ms"] for r in rows if r["arrivals"] == arrivals}
         return p95["static"] / p95["step"] if len(p95) == 2 else None
 
-    summary = {"direct_engine_images_per_s": direct,
-               "server_over_direct_at_saturation": step_top["images_per_s"] / direct,
-               "p95_static_over_step_at_c16": p95_static_over_step(closed_label(16))}
+    summary = {
+        "direct_engine_images_per_s": direct,
+        "server_over_direct_at_saturation": step_top["images_per_s"] / direct,
+        "p95_static_over_step_at_c16": p95_static_over_step(closed_label(16)),
+    }
     for rate in args.rates:
         summary[f"p95_static_over_step_at_{rate:g}_per_s"] = p95_static_over_step(open_label(rate))
     if args.device != "cpu":
@@ -252,14 +353,23 @@ def ray_scale_out(args: argparse.Namespace) -> None:
     rows = []
     for replicas in [None, *args.ray_replicas]:
         server = f"ray x{replicas}" if replicas else "plain"
-        proc, url = start_server(args.checkpoint, "step", args.max_batch_rows, args.device, args.dtype,
-                                 args.batch_invariant, ray_replicas=replicas)
+        proc, url = start_server(
+            args.checkpoint,
+            "step",
+            args.max_batch_rows,
+            args.device,
+            args.dtype,
+            args.batch_invariant,
+            ray_replicas=replicas,
+        )
         try:
             for c in args.concurrency:
                 result = run_closed(args, url, c)
                 rows.append({"server": server, "replicas": replicas or 1, "concurrency": c, **result})
-                print(f"{server:8s} c={c}: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
-                      f"p95 {result['p95_ms']:.0f} ms ({result['measured']} measured of {result['images']})")
+                print(
+                    f"{server:8s} c={c}: {result['images_per_s']:.2f} images/s, p50 {result['p50_ms']:.0f} ms, "
+                    f"p95 {result['p95_ms']:.0f} ms ({result['measured']} measured of {result['images']})"
+                )
         finally:
             proc.terminate()
             proc.wait(timeout=120)
@@ -272,9 +382,20 @@ def ray_scale_out(args: argparse.Namespace) -> None:
             summary[f"ray_x{replicas}_over_ray_x1"] = rate[f"ray x{replicas}"] / rate["ray x1"]
     print(summary)
     name = "serve_load-ray" + (f"-{args.preset.replace('/', '_')}-{args.device}" if args.preset else "")
-    save(name, {"checkpoint": args.checkpoint, "preset": args.preset, "device": args.device, "dtype": args.dtype,
-                "steps": args.steps, "max_batch_rows": args.max_batch_rows, "ray_replicas": args.ray_replicas,
-                "summary": summary}, rows)
+    save(
+        name,
+        {
+            "checkpoint": args.checkpoint,
+            "preset": args.preset,
+            "device": args.device,
+            "dtype": args.dtype,
+            "steps": args.steps,
+            "max_batch_rows": args.max_batch_rows,
+            "ray_replicas": args.ray_replicas,
+            "summary": summary,
+        },
+        rows,
+    )
 
 
 def random_checkpoint(preset: str, moe: Optional[str] = None) -> str:
@@ -283,18 +404,27 @@ def random_checkpoint(preset: str, moe: Optional[str] = None) -> str:
 
     import torch
 
-    from racedit.model import build, save as save_checkpoint
+    from racedit.model import build
+    from racedit.model import save as save_checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # XL/2's forwards take a while on a CPU
     model = build(preset, **({"moe": {"spec": moe}} if moe else {})).to(device).train()
     cfg = model.config
     with torch.no_grad():
         for _ in range(2):
-            model(torch.randn(8, cfg.in_channels, cfg.image_size, cfg.image_size, device=device),
-                  torch.rand(8, device=device), torch.randint(0, cfg.num_classes, (8,), device=device))
+            model(
+                torch.randn(8, cfg.in_channels, cfg.image_size, cfg.image_size, device=device),
+                torch.rand(8, device=device),
+                torch.randint(0, cfg.num_classes, (8,), device=device),
+            )
     # bf16 weights where a GPU will serve them in bf16 anyway: half the bytes to write and read (XL/2-4in32: 4.8 GB)
-    return str(save_checkpoint(model.cpu().eval(), Path(tempfile.mkdtemp()) / "racedit-random",
-                               weights_dtype=torch.bfloat16 if device == "cuda" else None))
+    return str(
+        save_checkpoint(
+            model.cpu().eval(),
+            Path(tempfile.mkdtemp()) / "racedit-random",
+            weights_dtype=torch.bfloat16 if device == "cuda" else None,
+        )
+    )
 
 
 def flops_per_image(checkpoint: str, steps: list[int]) -> float:

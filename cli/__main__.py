@@ -1,4 +1,5 @@
 """`python -m racedit.cli ...`: the `racedit` command."""
+
 import sys
 
 from racedit.cli import main

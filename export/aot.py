@@ -4,6 +4,7 @@ The sparse dispatch's group sizes are data-dependent (unbacked) sizes in the
 exported graph, so the compiled artifact computes only the selected pairs too.
 Load it back with the public API: `torch._inductor.aoti_load_package(path)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ def export_program(model: RaceDiT, dtype: str = "float32", device: str = "cpu") 
     served = ServedDenoiser(model.to(device=device).set_precision(DTYPES[dtype]))
     inputs = tuple(i.to(device) for i in example_inputs(model, dtype=DTYPES[dtype]))
     batch = torch.export.Dim("batch", min=1, max=4096)
-    return torch.export.export(served, inputs, dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
-                               strict=False)
+    return torch.export.export(
+        served, inputs, dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}}, strict=False
+    )
 
 
 def export_aot(model: RaceDiT, path: Union[str, os.PathLike], dtype: str = "float32", device: str = "cpu") -> Path:
@@ -51,17 +53,26 @@ def contents(model: RaceDiT, dtype: str, device: str) -> dict:
     autoencoder = getattr(model, "autoencoder", None)
     return {
         "holds": "one denoiser forward (threshold routing, sparse dispatch): x, t, y -> v, experts_per_token, "
-                 "expert_load; no sampler, no guidance, no VAE",
+        "expert_load; no sampler, no guidance, no VAE",
         "inputs": {"x": ["B", *shape], "t": ["B"], "y": ["B"]},
-        "outputs": {"v": ["B", *shape], "experts_per_token": [len(model.moe_layers), "B", cfg.num_tokens],
-                    "expert_load": [len(model.moe_layers), "B", cfg.moe.num_experts if cfg.moe else 0]},
-        "objective": cfg.objective, "dtype": dtype, "device": device,
+        "outputs": {
+            "v": ["B", *shape],
+            "experts_per_token": [len(model.moe_layers), "B", cfg.num_tokens],
+            "expert_load": [len(model.moe_layers), "B", cfg.moe.num_experts if cfg.moe else 0],
+        },
+        "objective": cfg.objective,
+        "dtype": dtype,
+        "device": device,
         "thresholds": [float(layer.threshold) for layer in model.moe_layers],
         "space": "latent" if autoencoder is not None else "pixel",
-        "decode": (f"v integrates to latents; decode them with the checkpoint's VAE folder (diffusers AutoencoderKL): "
-                   f"images = vae.decode(latents / {autoencoder.scaling_factor}"
-                   + (f" + {autoencoder.shift_factor}" if autoencoder.shift_factor is not None else "") + ").sample"
-                   if autoencoder is not None else "samples are images in [-1, 1]"),
+        "decode": (
+            f"v integrates to latents; decode them with the checkpoint's VAE folder (diffusers AutoencoderKL): "
+            f"images = vae.decode(latents / {autoencoder.scaling_factor}"
+            + (f" + {autoencoder.shift_factor}" if autoencoder.shift_factor is not None else "")
+            + ").sample"
+            if autoencoder is not None
+            else "samples are images in [-1, 1]"
+        ),
         "load": "torch._inductor.aoti_load_package(path)",
     }
 

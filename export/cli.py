@@ -2,28 +2,38 @@
 
 torch and the exporters are imported after the flags are parsed, so `--help` answers at once.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="racedit export", description="Export a checkpoint for other runtimes")
-    parser.add_argument("format", choices=["onnx", "aot", "triton"],
-                        help="onnx: model.onnx; aot: model.pt2 (torch.export + AOTInductor); "
-                             "triton: a model repository")
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint folder (default: the bundled shapes10 model)")
+    parser.add_argument(
+        "format",
+        choices=["onnx", "aot", "triton"],
+        help="onnx: model.onnx; aot: model.pt2 (torch.export + AOTInductor); triton: a model repository",
+    )
+    parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the bundled shapes10 model)")
     parser.add_argument("--out", required=True, help="output folder (required)")
-    parser.add_argument("--dtype", default="float32",
-                        help="onnx, aot: precision of the exported network, float32 or float16 (default: %(default)s)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="onnx, aot: precision of the exported network, float32 or float16 (default: %(default)s)",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 16..20 (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="aot: compile for this device; triton: the denoiser's instance kind (KIND_CPU or "
-                             "KIND_GPU) (default: %(default)s)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="aot: compile for this device; triton: the denoiser's instance kind (KIND_CPU or "
+        "KIND_GPU) (default: %(default)s)",
+    )
     return parser
 
 

@@ -1,6 +1,7 @@
 """Denoisers that run outside PyTorch (onnxruntime, Triton BLS) and meet the same `Denoiser` contract
 as RaceDiT: same call, same routing statistics. The serving loop stays one code path.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,25 +34,41 @@ class ExternalDenoiser:
     def learned_thresholds(self) -> list[float]:
         return self.thresholds
 
-    def prepare(self, device: torch.device, dtype: torch.dtype, execution: Execution) -> "ExternalDenoiser":
+    def prepare(self, device: torch.device, dtype: torch.dtype, execution: Execution) -> ExternalDenoiser:
         """Nothing to move: the runtime fixes its own device and precision."""
         return self
 
-    def eval(self) -> "ExternalDenoiser":
+    def eval(self) -> ExternalDenoiser:
         return self
 
     def run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, thresholds: Optional[torch.Tensor] = None,
-                 return_stats: bool = False) -> DenoiserOutput:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        thresholds: Optional[torch.Tensor] = None,
+        return_stats: bool = False,
+    ) -> DenoiserOutput:
         if thresholds is not None:
             raise ValueError("this backend routes by its exported thresholds only (expert_budget 1.0)")
-        v, ept, load = self.run(x.detach().float().cpu().numpy(), t.detach().float().cpu().numpy(),
-                                y.detach().cpu().numpy().astype(np.int64))
+        v, ept, load = self.run(
+            x.detach().float().cpu().numpy(),
+            t.detach().float().cpu().numpy(),
+            y.detach().cpu().numpy().astype(np.int64),
+        )
         v = torch.from_numpy(np.ascontiguousarray(v)).to(x.device, x.dtype)
-        stats = ForwardStats(experts_per_token=torch.from_numpy(np.ascontiguousarray(ept)),
-                             expert_load=torch.from_numpy(np.ascontiguousarray(load)), routing=[]) if return_stats else None
+        stats = (
+            ForwardStats(
+                experts_per_token=torch.from_numpy(np.ascontiguousarray(ept)),
+                expert_load=torch.from_numpy(np.ascontiguousarray(load)),
+                routing=[],
+            )
+            if return_stats
+            else None
+        )
         return DenoiserOutput(v, stats)
 
     @classmethod
@@ -63,8 +80,13 @@ class ExternalDenoiser:
 class OrtDenoiser(ExternalDenoiser):
     """The exported ONNX denoiser in onnxruntime (CUDA provider where present, else CPU)."""
 
-    def __init__(self, onnx_path: Union[str, os.PathLike], config: ModelConfig, thresholds: list[float],
-                 providers: Optional[list[str]] = None):
+    def __init__(
+        self,
+        onnx_path: Union[str, os.PathLike],
+        config: ModelConfig,
+        thresholds: list[float],
+        providers: Optional[list[str]] = None,
+    ):
         import onnxruntime as ort
 
         super().__init__(config, thresholds)
@@ -81,9 +103,10 @@ class OrtDenoiser(ExternalDenoiser):
         return v, ept, load
 
 
-def load_onnx_model(checkpoint: Union[str, os.PathLike], onnx_path: Union[str, os.PathLike],
-                    device: Optional[torch.device] = None) -> OrtDenoiser:
-    """An onnxruntime denoiser with the checkpoint's config and thresholds (for `racedit serve --backend onnxruntime`)."""
+def load_onnx_model(
+    checkpoint: Union[str, os.PathLike], onnx_path: Union[str, os.PathLike], device: Optional[torch.device] = None
+) -> OrtDenoiser:
+    """An onnxruntime denoiser with the checkpoint's config and thresholds (`racedit serve --backend onnxruntime`)."""
     config, thresholds = ExternalDenoiser.config_of(checkpoint)
     providers = ["CPUExecutionProvider"] if device is not None and device.type == "cpu" else None
     return OrtDenoiser(onnx_path, config, thresholds, providers)

@@ -7,6 +7,7 @@ Routing is the served one (threshold: batch-independent). Only selected
 Gather/Gemm run on that data-dependent group, ScatterElements adds back. The
 per-layer-regularisation target head is unused at inference and is dropped.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,10 @@ def example_inputs(model: RaceDiT, batch: int = 2, dtype: torch.dtype = torch.fl
 
 def check_opset(opset: int) -> None:
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
-                          f"(sparse dispatch scatter-adds with ScatterElements reduction, opset >= 16)")
+        raise ExportError(
+            f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
+            f"(sparse dispatch scatter-adds with ScatterElements reduction, opset >= 16)"
+        )
 
 
 def prepare_output(path: Union[str, os.PathLike]) -> Path:
@@ -79,8 +82,9 @@ def prepare_output(path: Union[str, os.PathLike]) -> Path:
     return path
 
 
-def export_onnx(model: RaceDiT, path: Union[str, os.PathLike], opset: int = 17, dtype: str = "float32",
-                batch_first: bool = False) -> Path:
+def export_onnx(
+    model: RaceDiT, path: Union[str, os.PathLike], opset: int = 17, dtype: str = "float32", batch_first: bool = False
+) -> Path:
     """Write the ONNX file and validate it with onnx.checker (full check)."""
     import onnx
 
@@ -90,17 +94,31 @@ def export_onnx(model: RaceDiT, path: Union[str, os.PathLike], opset: int = 17, 
     path = prepare_output(path)
     served = ServedDenoiser(model.set_precision(DTYPES[dtype]), batch_first)
     stats_axis = 0 if batch_first else 1
-    batch_axes = {"x": {0: "batch"}, "t": {0: "batch"}, "y": {0: "batch"}, "v": {0: "batch"},
-                  "experts_per_token": {stats_axis: "batch"}, "expert_load": {stats_axis: "batch"}}
+    batch_axes = {
+        "x": {0: "batch"},
+        "t": {0: "batch"},
+        "y": {0: "batch"},
+        "v": {0: "batch"},
+        "experts_per_token": {stats_axis: "batch"},
+        "expert_load": {stats_axis: "batch"},
+    }
     with torch.no_grad(), warnings.catch_warnings():
-        # Two warnings the tracer prints that do not hold here (tests/test_export.py checks batches 1, 5
+        # Two warnings the tracer prints that do not hold here (tests/export/test_export.py checks batches 1, 5
         # and 16 against eager): each expert's scatter-add index is unique (moe.loop_dispatch), and the
         # row-tile padding it sees as a constant is none, as exports run without row tiles.
         warnings.filterwarnings("ignore", "Warning: ONNX export does not support duplicated values in 'index'")
         warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning)
-        torch.onnx.export(served, example_inputs(model, dtype=DTYPES[dtype]), str(path), dynamo=False,
-                          opset_version=opset, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-                          dynamic_axes=batch_axes, do_constant_folding=True)
+        torch.onnx.export(
+            served,
+            example_inputs(model, dtype=DTYPES[dtype]),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes=batch_axes,
+            do_constant_folding=True,
+        )
     onnx.checker.check_model(str(path), full_check=True)
     return path
 
@@ -117,8 +135,9 @@ class ServedDecoder(nn.Module):
         return self.vae.decode(self.autoencoder.to_vae_input(latents)).sample.clamp(-1, 1)
 
 
-def export_vae_decoder(autoencoder, latent_shape: tuple[int, int, int], path: Union[str, os.PathLike],
-                       opset: int = 17) -> Path:
+def export_vae_decoder(
+    autoencoder, latent_shape: tuple[int, int, int], path: Union[str, os.PathLike], opset: int = 17
+) -> Path:
     """Write the VAE decoder of a latent checkpoint (`model.autoencoder`) as ONNX: `latents` [B, C, h, w]
     -> `images` [B, 3, H, W] in [-1, 1], dynamic batch; validated with onnx.checker."""
     import onnx
@@ -128,8 +147,16 @@ def export_vae_decoder(autoencoder, latent_shape: tuple[int, int, int], path: Un
     served = ServedDecoder(autoencoder.load("cpu"), autoencoder)
     example = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.onnx.export(served, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=["latents"], output_names=["images"],
-                          dynamic_axes={"latents": {0: "batch"}, "images": {0: "batch"}}, do_constant_folding=True)
+        torch.onnx.export(
+            served,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["latents"],
+            output_names=["images"],
+            dynamic_axes={"latents": {0: "batch"}, "images": {0: "batch"}},
+            do_constant_folding=True,
+        )
     onnx.checker.check_model(str(path), full_check=True)
     return path

@@ -6,6 +6,7 @@ serving engine also uses) with a denoiser that forwards each step to the ONNX
 model over BLS, so Triton's dynamic batcher can merge steps of many requests.
 Needs `racedit` installed in the Python backend's environment (see README).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,9 @@ try:  # inside Triton
 except ImportError:  # imported for tests or docs outside Triton
     pb_utils = None
 
-from racedit.export.external import ExternalDenoiser
 import torch
 
+from racedit.export.external import ExternalDenoiser
 from racedit.model import generate
 from racedit.model.sampling import to_uint8
 
@@ -35,13 +36,21 @@ class BLSDenoiser(ExternalDenoiser):
 
     def run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray):
         request = pb_utils.InferenceRequest(
-            model_name=self.model_name, requested_output_names=["v", "experts_per_token", "expert_load"],
-            inputs=[pb_utils.Tensor("x", x), pb_utils.Tensor("t", t.reshape(-1, 1)), pb_utils.Tensor("y", y.reshape(-1, 1))])
+            model_name=self.model_name,
+            requested_output_names=["v", "experts_per_token", "expert_load"],
+            inputs=[
+                pb_utils.Tensor("x", x),
+                pb_utils.Tensor("t", t.reshape(-1, 1)),
+                pb_utils.Tensor("y", y.reshape(-1, 1)),
+            ],
+        )
         response = request.exec()
         if response.has_error():
             raise RuntimeError(response.error().message())
-        out = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()
-               for name in ("v", "experts_per_token", "expert_load")}
+        out = {
+            name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()
+            for name in ("v", "experts_per_token", "expert_load")
+        }
         # batch-first [B, n_layers, ...] -> [n_layers, B, ...] as the samplers expect
         return out["v"], out["experts_per_token"].transpose(1, 0, 2), out["expert_load"].transpose(1, 0, 2)
 
@@ -57,14 +66,20 @@ class TritonPythonModel:
         self.num_classes = config.num_classes
         # a latent checkpoint's repository has a VAE decoder model: samples are latents until it runs
         self.decoder = parameters.get("decoder", {}).get("string_value") or None
-        image_dims = next(o["dims"] for o in model_config.get("output", []) if o["name"] == "image") \
-            if model_config.get("output") else [-1, config.image_size, config.image_size, 3]
+        image_dims = (
+            next(o["dims"] for o in model_config.get("output", []) if o["name"] == "image")
+            if model_config.get("output")
+            else [-1, config.image_size, config.image_size, 3]
+        )
         self.image_size = int(image_dims[-2])
 
     def _decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents [N, C, h, w] -> images [N, 3, H, W] in [-1, 1], by the decoder model over BLS."""
-        request = pb_utils.InferenceRequest(model_name=self.decoder, requested_output_names=["images"],
-                                            inputs=[pb_utils.Tensor("latents", latents.astype(np.float32))])
+        request = pb_utils.InferenceRequest(
+            model_name=self.decoder,
+            requested_output_names=["images"],
+            inputs=[pb_utils.Tensor("latents", latents.astype(np.float32))],
+        )
         response = request.exec()
         if response.has_error():
             raise RuntimeError(response.error().message())
@@ -83,7 +98,9 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                labels = pb_utils.get_input_tensor_by_name(request, "class_label").as_numpy().reshape(-1).astype(np.int64)
+                labels = (
+                    pb_utils.get_input_tensor_by_name(request, "class_label").as_numpy().reshape(-1).astype(np.int64)
+                )
                 n = labels.shape[0]
                 if ((labels < 0) | (labels >= self.num_classes)).any():
                     raise ValueError(f"class_label must be in 0..{self.num_classes - 1}")
@@ -99,14 +116,26 @@ class TritonPythonModel:
                 experts = np.zeros(n, np.float32)
                 for count in np.unique(steps):  # one sampling loop per distinct step count
                     rows = np.nonzero(steps == count)[0]
-                    out, usage = generate(self.denoiser, labels=labels[rows].tolist(), cfg_scale=scales[rows].tolist(),
-                                          num_steps=int(count), seeds=seeds[rows].tolist(), as_float=True)
+                    out, usage = generate(
+                        self.denoiser,
+                        labels=labels[rows].tolist(),
+                        cfg_scale=scales[rows].tolist(),
+                        num_steps=int(count),
+                        seeds=seeds[rows].tolist(),
+                        as_float=True,
+                    )
                     pictures = self._decode(out.numpy()) if self.decoder else out.numpy()
                     images[rows] = to_uint8(torch.from_numpy(pictures)).permute(0, 2, 3, 1).numpy()
                     experts[rows] = [u.mean_experts_per_token for u in usage]
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("image", images), pb_utils.Tensor("mean_experts_per_token", experts),
-                    pb_utils.Tensor("seed", seeds)]))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[
+                            pb_utils.Tensor("image", images),
+                            pb_utils.Tensor("mean_experts_per_token", experts),
+                            pb_utils.Tensor("seed", seeds),
+                        ]
+                    )
+                )
             except Exception as exc:  # answer every request, never drop it
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))
         return responses

@@ -10,6 +10,7 @@
 
 The `racedit` model's inputs and outputs match the service's KServe v2 routes.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -58,8 +59,9 @@ instance_group [
 """
 
 
-def decoder_config(latent_shape: tuple[int, int, int], image_size: int, device: str = "cuda",
-                   max_batch_size: int = 64) -> str:
+def decoder_config(
+    latent_shape: tuple[int, int, int], image_size: int, device: str = "cuda", max_batch_size: int = 64
+) -> str:
     c, h, w = latent_shape
     return f"""name: "{DECODER}"
 backend: "onnxruntime"
@@ -79,14 +81,17 @@ instance_group [
 """
 
 
-def pipeline_config(model: RaceDiT, instances: int = 4, image_size: Optional[int] = None,
-                    decoder: bool = False) -> str:
+def pipeline_config(model: RaceDiT, instances: int = 4, image_size: Optional[int] = None, decoder: bool = False) -> str:
     size = image_size or model.config.image_size
-    decoder_parameter = f"""
+    decoder_parameter = (
+        f"""
 parameters {{
   key: "decoder"
   value: {{ string_value: "{DECODER}" }}
-}}""" if decoder else ""
+}}"""
+        if decoder
+        else ""
+    )
     return f"""name: "{PIPELINE}"
 backend: "python"
 max_batch_size: 0
@@ -129,8 +134,13 @@ def parse_config(text: str):
     return text_format.Parse(text, model_config_schema()())
 
 
-def build_triton_repo(model: RaceDiT, checkpoint: Union[str, os.PathLike], out: Union[str, os.PathLike],
-                      opset: int = 17, device: str = "cuda") -> Path:
+def build_triton_repo(
+    model: RaceDiT,
+    checkpoint: Union[str, os.PathLike],
+    out: Union[str, os.PathLike],
+    opset: int = 17,
+    device: str = "cuda",
+) -> Path:
     """Write the repository; `device` (cpu | cuda) is the denoiser's instance kind."""
     if device not in INSTANCE_KINDS:
         raise ValueError(f"device must be one of {', '.join(INSTANCE_KINDS)}, got {device!r}")
@@ -151,8 +161,9 @@ def build_triton_repo(model: RaceDiT, checkpoint: Union[str, os.PathLike], out: 
         export_vae_decoder(autoencoder, latent_shape, out / DECODER / "1" / "model.onnx", opset=opset)
         (out / DECODER / "config.pbtxt").write_text(decoder_config(latent_shape, image_size, device))
         names.append(DECODER)
-    (out / PIPELINE / "config.pbtxt").write_text(pipeline_config(model, image_size=image_size,
-                                                                 decoder=autoencoder is not None))
+    (out / PIPELINE / "config.pbtxt").write_text(
+        pipeline_config(model, image_size=image_size, decoder=autoencoder is not None)
+    )
     for name in names:
         parse_config((out / name / "config.pbtxt").read_text())
     return out

@@ -1,4 +1,5 @@
 """racedit.model: the Race-DiT network, routing, sampling and checkpoints (training: racedit.model.training)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,7 @@ from typing import Any, Union
 import torch
 
 from .checkpoint import CheckpointError, load, read_config, save
-from .config import ConfigError, ModelConfig, MoEConfig, PRESETS, preset_config
+from .config import PRESETS, ConfigError, ModelConfig, MoEConfig, preset_config
 from .denoiser import Denoiser, DenoiserOutput, ForwardStats
 from .dit import RaceDiT
 from .exact import EXPORT, SERVING, Execution
@@ -57,8 +58,26 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "build", "bundled", "load", "save", "generate", "read_config", "count_parameters", "parameter_counts",
-    "RaceDiT", "Denoiser", "DenoiserOutput", "Execution", "SERVING", "EXPORT", "ModelConfig", "MoEConfig",
-    "ForwardStats", "PRESETS", "preset_config",
-    "ConfigError", "CheckpointError", "DEFAULT_CHECKPOINT",
+    "build",
+    "bundled",
+    "load",
+    "save",
+    "generate",
+    "read_config",
+    "count_parameters",
+    "parameter_counts",
+    "RaceDiT",
+    "Denoiser",
+    "DenoiserOutput",
+    "Execution",
+    "SERVING",
+    "EXPORT",
+    "ModelConfig",
+    "MoEConfig",
+    "ForwardStats",
+    "PRESETS",
+    "preset_config",
+    "ConfigError",
+    "CheckpointError",
+    "DEFAULT_CHECKPOINT",
 ]

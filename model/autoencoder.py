@@ -8,6 +8,7 @@ A latent checkpoint's `config.json` names it under `autoencoder`:
 `folder/vae` in diffusers' `save_pretrained` layout) or an absolute local path. Nothing is ever
 fetched from a hub, and diffusers is only imported when a VAE is loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,26 +44,37 @@ class Autoencoder:
             path = str(self.path.resolve().relative_to(checkpoint_folder.resolve()))
         except ValueError:
             path = str(self.path.resolve())
-        return {"kind": self.kind, "path": path, "scaling_factor": self.scaling_factor,
-                "shift_factor": self.shift_factor}
+        return {
+            "kind": self.kind,
+            "path": path,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+        }
 
     @classmethod
-    def from_record(cls, record: dict[str, Any], checkpoint_folder: Path) -> "Autoencoder":
+    def from_record(cls, record: dict[str, Any], checkpoint_folder: Path) -> Autoencoder:
         if not isinstance(record, dict) or record.get("kind") != KIND:
-            raise AutoencoderError(f"{checkpoint_folder / 'config.json'}: autoencoder must be "
-                                   f"{{'kind': '{KIND}', 'path': ..., 'scaling_factor': ...}}, got {record!r}")
+            raise AutoencoderError(
+                f"{checkpoint_folder / 'config.json'}: autoencoder must be "
+                f"{{'kind': '{KIND}', 'path': ..., 'scaling_factor': ...}}, got {record!r}"
+            )
         path = Path(record.get("path") or FOLDER)
         path = path if path.is_absolute() else checkpoint_folder / path
         shift = record.get("shift_factor")
-        return cls(path=path, scaling_factor=float(record["scaling_factor"]),
-                   shift_factor=None if shift is None else float(shift))
+        return cls(
+            path=path,
+            scaling_factor=float(record["scaling_factor"]),
+            shift_factor=None if shift is None else float(shift),
+        )
 
     def check(self) -> None:
         """Fail now, naming the folder, if the VAE is not where the checkpoint says."""
         config = self.path / "config.json"
         if not config.is_file():
-            raise AutoencoderError(f"{self.path}: the checkpoint's VAE folder is missing or has no config.json "
-                                   f"(expected diffusers' save_pretrained layout)")
+            raise AutoencoderError(
+                f"{self.path}: the checkpoint's VAE folder is missing or has no config.json "
+                f"(expected diffusers' save_pretrained layout)"
+            )
         try:
             json.loads(config.read_text())
         except json.JSONDecodeError as exc:
@@ -77,8 +89,13 @@ class Autoencoder:
         try:
             # low_cpu_mem_usage=False: the plain load, which needs no `accelerate` (without it diffusers
             # falls back to this anyway, with a paragraph on every load).
-            vae = AutoencoderKL.from_pretrained(self.path, local_files_only=True, use_safetensors=True,
-                                                torch_dtype=torch.float32, low_cpu_mem_usage=False)
+            vae = AutoencoderKL.from_pretrained(
+                self.path,
+                local_files_only=True,
+                use_safetensors=True,
+                torch_dtype=torch.float32,
+                low_cpu_mem_usage=False,
+            )
         except Exception as exc:  # diffusers raises many kinds for a broken folder
             raise AutoencoderError(f"{self.path}: cannot load the VAE ({type(exc).__name__}: {exc})") from exc
         return vae.to(device).eval().requires_grad_(False)
@@ -101,8 +118,12 @@ def require_diffusers():
     return AutoencoderKL
 
 
-def copy_autoencoder(source: Union[str, os.PathLike, torch.nn.Module], checkpoint_folder: Path,
-                     scaling_factor: Optional[float] = None, shift_factor: Optional[float] = None) -> Autoencoder:
+def copy_autoencoder(
+    source: Union[str, os.PathLike, torch.nn.Module],
+    checkpoint_folder: Path,
+    scaling_factor: Optional[float] = None,
+    shift_factor: Optional[float] = None,
+) -> Autoencoder:
     """Put a VAE (an AutoencoderKL, or a save_pretrained folder) into `checkpoint_folder/vae`.
     Scaling and shift default to the VAE's own config (`scaling_factor`, `shift_factor`)."""
     target = checkpoint_folder / FOLDER

@@ -5,10 +5,12 @@ Budget b asks for about b * k experts per token: each MoE layer routes with the 
 table gives for b, interpolated linearly between the table's budgets; b = 1.0 is the learned
 thresholds exactly (the same bytes as no budget at all).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -19,7 +21,7 @@ class BudgetTable:
     thresholds: list[list[float]]  # [n_budgets][n_moe_layers]
 
     @classmethod
-    def from_metadata(cls, metadata: dict) -> Optional["BudgetTable"]:
+    def from_metadata(cls, metadata: dict) -> Optional[BudgetTable]:
         """The table of a checkpoint's metadata (a loaded model's or its config.json's), if any."""
         record = metadata.get("budget_table")
         return cls(list(record["budgets"]), [list(row) for row in record["thresholds"]]) if record else None
@@ -44,8 +46,10 @@ def thresholds_for(table: Optional[BudgetTable], learned: Sequence[float], budge
             columns.append(learned_t)
             continue
         if table is None:
-            raise ValueError("this checkpoint has no budget table (racedit calibrate CHECKPOINT writes one); "
-                             "only expert_budget 1.0 is served")
+            raise ValueError(
+                "this checkpoint has no budget table (racedit calibrate CHECKPOINT writes one); "
+                "only expert_budget 1.0 is served"
+            )
         grid, thresholds = table.budgets, torch.tensor(table.thresholds)  # [n_budgets, n_layers]
         if not grid[0] <= budget <= grid[-1]:
             raise ValueError(f"expert_budget {budget:g} is outside the calibrated range {grid[0]:g}..{grid[-1]:g}")

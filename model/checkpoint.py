@@ -2,6 +2,7 @@
 
 Never pickle: a pickled file is refused with the command that converts it.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
 CONVERT_HINT = (
     "racedit reads only safetensors + JSON checkpoints. Convert a trusted pickle with:\n"
-    "  python -c \"import torch; from racedit.model import build, save; "
+    '  python -c "import torch; from racedit.model import build, save; '
     "m = build('<preset>'); m.load_state_dict(torch.load('<file>', weights_only=True)); save(m, '<out dir>')\""
 )
 
@@ -35,9 +36,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, pickled or does not match its config."""
 
 
-def save(model: RaceDiT, path: Union[str, os.PathLike], metadata: Optional[dict[str, Any]] = None,
-         weights_dtype: Optional[torch.dtype] = None,
-         autoencoder: Union[None, str, os.PathLike, torch.nn.Module, Autoencoder] = None) -> Path:
+def save(
+    model: RaceDiT,
+    path: Union[str, os.PathLike],
+    metadata: Optional[dict[str, Any]] = None,
+    weights_dtype: Optional[torch.dtype] = None,
+    autoencoder: Union[None, str, os.PathLike, torch.nn.Module, Autoencoder] = None,
+) -> Path:
     """Write `path/model.safetensors` and `path/config.json`; returns the folder.
 
     `weights_dtype` (e.g. torch.float16) stores floating-point parameters in that
@@ -111,8 +116,9 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
         model = RaceDiT(config)
     _check_state(model, state, weights_path)
     # Parameters in fp32 as a built model has them, whatever dtype the file stores (weights_dtype).
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                          strict=True, assign=True)
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True, assign=True
+    )
     model.pos_embed = positions(config)  # the one buffer that is computed, not saved
     model.metadata = document.get("metadata", {})
     model.autoencoder = read_autoencoder(folder)
@@ -160,8 +166,11 @@ def _check_state(model: RaceDiT, state: dict[str, torch.Tensor], weights_path: P
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -5,6 +5,7 @@ A config is plain data: it round-trips through JSON (checkpoints) and YAML
 keys and wrong types are refused, naming the key) and `validate()` rejects
 impossible shapes before any tensor is allocated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,16 @@ InferenceMode = Literal["threshold", "topk"]
 Objective = Literal["rectified_flow", "ddpm_eps"]
 
 SHAPES10_CLASSES = [
-    "circle", "square", "triangle", "diamond", "pentagon",
-    "hexagon", "star", "cross", "ring", "heart",
+    "circle",
+    "square",
+    "triangle",
+    "diamond",
+    "pentagon",
+    "hexagon",
+    "star",
+    "cross",
+    "ring",
+    "heart",
 ]
 
 
@@ -42,9 +51,16 @@ class ConfigError(ValueError):
 
 
 Section = TypeVar("Section")
-_EXPECTED = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
-             "bool_type": "true or false", "dict_type": "a mapping", "dataclass_type": "a mapping",
-             "list_type": "a list", "int_from_float": "an integer"}
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "dict_type": "a mapping",
+    "dataclass_type": "a mapping",
+    "list_type": "a list",
+    "int_from_float": "an integer",
+}
 _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
@@ -154,7 +170,9 @@ class ModelConfig:
     learn_sigma: Bool = False
     timestep_freq_shift: Int = 0
     mlp_norm_eps: Float = 1e-6
-    position_order: Literal["row_col", "col_row"] = "row_col"  # which axis the first half of the sin-cos positions encodes; DiT: "col_row"
+    position_order: Literal["row_col", "col_row"] = (
+        "row_col"  # which axis the first half of the sin-cos positions encodes; DiT: "col_row"
+    )
 
     @property
     def out_channels(self) -> int:
@@ -202,7 +220,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         config = parse_section(cls, data, "model")
         config._check_shapes()
         return config
@@ -218,19 +236,69 @@ def _parse_spec(spec: str) -> tuple[int, int]:
 # Presets. Paper sizes follow Race-DiT Table 4 on 256x256 ImageNet latents (32x32x4).
 PRESETS: dict[str, dict[str, Any]] = {
     # Runs a forward in milliseconds on CPU: for tests.
-    "tiny": dict(image_size=16, in_channels=3, patch_size=4, hidden_size=64, depth=2, num_heads=4,
-                 num_classes=10, moe=dict(spec="2in4"), class_names=SHAPES10_CLASSES),
+    "tiny": dict(
+        image_size=16,
+        in_channels=3,
+        patch_size=4,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        num_classes=10,
+        moe=dict(spec="2in4"),
+        class_names=SHAPES10_CLASSES,
+    ),
     # The bundled default model trained on shapes10 (docs/training.md).
-    "shapes10": dict(image_size=32, in_channels=3, patch_size=4, hidden_size=192, depth=6, num_heads=6,
-                     num_classes=10, moe=dict(spec="2in8"), class_names=SHAPES10_CLASSES),
-    "B/2": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=768, depth=12, num_heads=12,
-                num_classes=1000, moe=dict(spec="4in32")),
-    "M/2": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=960, depth=16, num_heads=16,
-                num_classes=1000, moe=dict(spec="4in32")),
-    "L/2": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=1024, depth=24, num_heads=16,
-                num_classes=1000, moe=dict(spec="4in32")),
-    "XL/2": dict(image_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16,
-                 num_classes=1000, moe=dict(spec="4in32")),
+    "shapes10": dict(
+        image_size=32,
+        in_channels=3,
+        patch_size=4,
+        hidden_size=192,
+        depth=6,
+        num_heads=6,
+        num_classes=10,
+        moe=dict(spec="2in8"),
+        class_names=SHAPES10_CLASSES,
+    ),
+    "B/2": dict(
+        image_size=32,
+        in_channels=4,
+        patch_size=2,
+        hidden_size=768,
+        depth=12,
+        num_heads=12,
+        num_classes=1000,
+        moe=dict(spec="4in32"),
+    ),
+    "M/2": dict(
+        image_size=32,
+        in_channels=4,
+        patch_size=2,
+        hidden_size=960,
+        depth=16,
+        num_heads=16,
+        num_classes=1000,
+        moe=dict(spec="4in32"),
+    ),
+    "L/2": dict(
+        image_size=32,
+        in_channels=4,
+        patch_size=2,
+        hidden_size=1024,
+        depth=24,
+        num_heads=16,
+        num_classes=1000,
+        moe=dict(spec="4in32"),
+    ),
+    "XL/2": dict(
+        image_size=32,
+        in_channels=4,
+        patch_size=2,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        num_classes=1000,
+        moe=dict(spec="4in32"),
+    ),
 }
 
 

@@ -5,6 +5,7 @@ asked. Race-DiT (model/dit.py) and the exported ONNX graph (export/external.py) 
 the compute dial (per-row thresholds from a `BudgetTable`) is an optional capability: a denoiser
 without a table serves expert budget 1.0 alone and refuses `thresholds`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,10 +50,16 @@ class Denoiser(Protocol):
 
     def learned_thresholds(self) -> list[float]: ...
 
-    def prepare(self, device: torch.device, dtype: torch.dtype, execution: Execution) -> "Denoiser": ...
+    def prepare(self, device: torch.device, dtype: torch.dtype, execution: Execution) -> Denoiser: ...
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, thresholds: Optional[torch.Tensor] = None,
-                 return_stats: bool = False) -> DenoiserOutput: ...
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        thresholds: Optional[torch.Tensor] = None,
+        return_stats: bool = False,
+    ) -> DenoiserOutput: ...
 
 
 def device_of(denoiser: Denoiser) -> torch.device:

@@ -1,11 +1,12 @@
 """Race-DiT: a DiT (Peebles & Xie, 2023) whose MLPs are Expert-Race MoE layers.
 
-    x [B, C, H, W] --patchify--> tokens [B, L, D] + fixed 2-D sin-cos positions
-    c = t_emb(t) + y_emb(y)                         [B, D]
-    N x block:  x += gate_msa * Attn(modulate(LN(x), shift, scale))
-                x += gate_mlp * MoE (modulate(LN(x), shift, scale))   (adaLN-Zero)
-    final:      adaLN, Linear -> p*p*C, unpatchify  -> v [B, C, H, W]
+x [B, C, H, W] --patchify--> tokens [B, L, D] + fixed 2-D sin-cos positions
+c = t_emb(t) + y_emb(y)                         [B, D]
+N x block:  x += gate_msa * Attn(modulate(LN(x), shift, scale))
+            x += gate_mlp * MoE (modulate(LN(x), shift, scale))   (adaLN-Zero)
+final:      adaLN, Linear -> p*p*C, unpatchify  -> v [B, C, H, W]
 """
+
 from __future__ import annotations
 
 import math
@@ -131,12 +132,19 @@ class Block(nn.Module):
         self.attn = Attention(d, config.num_heads)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=config.mlp_norm_eps)
         target_dim = config.patch_size**2 * config.in_channels  # PLR predicts the patch's clean target
-        self.mlp = (MoELayer(d, config.mlp_ratio, config.moe, target_dim) if config.moe
-                    else MLP(d, int(d * config.mlp_ratio)))
+        self.mlp = (
+            MoELayer(d, config.mlp_ratio, config.moe, target_dim) if config.moe else MLP(d, int(d * config.mlp_ratio))
+        )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, exe: Execution, predict_target: bool,
-                thresholds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[Routing]]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        exe: Execution,
+        predict_target: bool,
+        thresholds: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[Routing]]:
         modulation = self.adaLN_modulation[1](F.silu(c), exe.row_tile)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), exe)
@@ -199,17 +207,17 @@ class RaceDiT(nn.Module):
         """The compute dial's table loaded with the checkpoint, if it has one."""
         return BudgetTable.from_metadata(self.metadata)
 
-    def with_execution(self, execution: Execution) -> "RaceDiT":
+    def with_execution(self, execution: Execution) -> RaceDiT:
         """How forwards run from now on (model/exact.py): serving's batch-invariant row tiles
         (`SERVING`, the default) or exports' shape-generic graph (`EXPORT`)."""
         self.execution = execution
         return self
 
-    def prepare(self, device: torch.device, dtype: torch.dtype, execution: Execution) -> "RaceDiT":
+    def prepare(self, device: torch.device, dtype: torch.dtype, execution: Execution) -> RaceDiT:
         """Ready to serve: on `device`, matmuls in `dtype`, `execution` resolved for the device, eval mode."""
         return self.to(device).eval().set_precision(dtype).with_execution(execution.resolve(device))
 
-    def set_precision(self, dtype: torch.dtype) -> "RaceDiT":
+    def set_precision(self, dtype: torch.dtype) -> RaceDiT:
         """Run the matmuls in `dtype`: only the parameters are cast. `Module.to(dtype)` would also cast
         the buffers -- the learned thresholds, the positions -- and the inputs would follow (t = 0.96
         becomes 0.9609 in bf16); thresholds, timesteps and activations between GEMMs stay fp32."""
@@ -256,8 +264,14 @@ class RaceDiT(nn.Module):
         x = x.view(x.shape[0], g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, thresholds: Optional[torch.Tensor] = None,
-                return_stats: bool = False) -> DenoiserOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        thresholds: Optional[torch.Tensor] = None,
+        return_stats: bool = False,
+    ) -> DenoiserOutput:
         """The prediction for (x_t, t, y): velocity, or DiT's noise (`config.objective`), and with
         `return_stats` the routing statistics. x: [B, C, H, W], t: [B] in [0, 1] (x 1000 = DiT's
         timestep), y: [B] int (null class allowed).
@@ -274,8 +288,9 @@ class RaceDiT(nn.Module):
         c = self.t_embedder(t.float(), exe.row_tile) + self.y_embedder(y)  # [B, D]
         routings: list[Routing] = []
         for block in self.blocks:
-            layer_thresholds = None if thresholds is None or not isinstance(block.mlp, MoELayer) \
-                else thresholds[len(routings)].float()
+            layer_thresholds = (
+                None if thresholds is None or not isinstance(block.mlp, MoELayer) else thresholds[len(routings)].float()
+            )
             h, routing = block(h, c, exe, predict_target=self.training, thresholds=layer_thresholds)
             if routing is not None:
                 routings.append(routing)

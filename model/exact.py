@@ -26,6 +26,7 @@ Triton kernel instead (model/kernels.py), and attention on a kernel without spli
 The engine checks the whole forward end to end at start-up (`Engine.batch_invariant`),
 because no library documents these kernel choices as a contract.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -51,8 +52,9 @@ def pad_rows(rows: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
     return F.pad(rows, (0, 0, 0, extra)) if extra else rows
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor, tile: Optional[int],
-                buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gather_rows(
+    x: torch.Tensor, index: torch.Tensor, tile: Optional[int], buffer: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """x[index] ([M, K]) zero-padded to a multiple of `tile` rows. Without autograd the rows are
     gathered straight into the padded buffer (the first rows of `buffer` when given), saving the
     copy that padding afterwards makes."""
@@ -145,12 +147,15 @@ class Execution:
     def batch_invariant(self) -> bool:
         return self.row_tile is not None
 
-    def resolve(self, device: torch.device) -> "Execution":
+    def resolve(self, device: torch.device) -> Execution:
         """The concrete setting on `device` (no "auto" left)."""
         cuda = device.type == "cuda"
         dispatch = self.dispatch if self.dispatch != "auto" else ("grouped" if cuda else "sorted")
-        attention = self.attention if self.attention != "auto" else (
-            "efficient" if cuda and self.batch_invariant else "default")
+        attention = (
+            self.attention
+            if self.attention != "auto"
+            else ("efficient" if cuda and self.batch_invariant else "default")
+        )
         return replace(self, dispatch=dispatch, attention=attention)
 
 
@@ -159,7 +164,7 @@ EXPORT = Execution(row_tile=None, dispatch="loop")  # shape-generic graphs, true
 
 
 def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """rows [R, K] @ weights[g] for the rows of group g, the groups `sizes` rows long in order (R = their sum) -> [R, N].
+    """rows [R, K] @ weights[g] for the rows of group g, the groups `sizes` rows long in order (R their sum) -> [R, N].
 
     One grouped GEMM (`torch._grouped_mm`) on CUDA for bf16 on Hopper and newer; elsewhere
     the groups one after another (their sizes are already on the host: no sync). Not batch-
@@ -169,4 +174,6 @@ def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int]) -> t
         ends = torch.tensor(sizes, device=rows.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(rows, weights, offs=ends)
     starts = [0, *itertools.accumulate(sizes)][:-1]
-    return torch.cat([rows[start:start + size] @ weights[g] for g, (start, size) in enumerate(zip(starts, sizes)) if size])
+    return torch.cat(
+        [rows[start : start + size] @ weights[g] for g, (start, size) in enumerate(zip(starts, sizes)) if size]
+    )

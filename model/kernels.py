@@ -13,6 +13,7 @@ fp32 activations are rounded to the weights' dtype as they are loaded, results t
 they are stored. `combine` then sums each token's gated expert outputs in expert order, one
 program per token (no atomics). Measured on an H200: bench/results/gpu-h200-2026-11-26/.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -33,10 +34,32 @@ FP32_CONFIG = (64, 64, 32, 4, 3)  # full-precision fp32 FMAs (no TF32): small ti
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel whatever the row count
-def _tiled_mm(a_ptr, a_index_ptr, b_ptr, bias_ptr, c_ptr, tile_group_ptr, M, N, K: tl.constexpr,
-              stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
-              HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GROUPED: tl.constexpr, GATHER: tl.constexpr,
-              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tiled_mm(
+    a_ptr,
+    a_index_ptr,
+    b_ptr,
+    bias_ptr,
+    c_ptr,
+    tile_group_ptr,
+    M,
+    N,
+    K: tl.constexpr,
+    stride_am,
+    stride_ak,
+    stride_bg,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,
+    GROUPED: tl.constexpr,
+    GATHER: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """C[m, n] = act(sum_k A[r(m), k] B[g, k, n] (+ bias[g, n])), rounded to B's dtype, stored as C's.
 
     g = tile_group[m // BLOCK_M] when GROUPED, else 0; r(m) = a_index[m] when GATHER (-1: a padding
@@ -80,44 +103,84 @@ def _tiled_mm(a_ptr, a_index_ptr, b_ptr, bias_ptr, c_ptr, tile_group_ptr, M, N, 
     tl.store(c, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: Optional[torch.dtype],
-            tile_group: Optional[torch.Tensor] = None, tile: Optional[int] = None,
-            a_index: Optional[torch.Tensor] = None, gelu: bool = False) -> torch.Tensor:
+def _launch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: Optional[torch.dtype],
+    tile_group: Optional[torch.Tensor] = None,
+    tile: Optional[int] = None,
+    a_index: Optional[torch.Tensor] = None,
+    gelu: bool = False,
+) -> torch.Tensor:
     k = a.shape[1]
     m = a_index.shape[0] if a_index is not None else a.shape[0]
     n = b.shape[-1]
     b3 = b if b.dim() == 3 else b.unsqueeze(0)  # [G, K, N]
-    config_m, block_n, block_k, warps, stages = CONFIGS.get(("grouped" if tile_group is not None else "dense", b.dtype),
-                                                            FP32_CONFIG)
+    config_m, block_n, block_k, warps, stages = CONFIGS.get(
+        ("grouped" if tile_group is not None else "dense", b.dtype), FP32_CONFIG
+    )
     block_m = tile or config_m
     out = a.new_empty(m, n, dtype=out_dtype or b.dtype)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _tiled_mm[grid](a, a_index if a_index is not None else a, b3, bias.contiguous() if bias is not None else a, out,
-                    tile_group if tile_group is not None else a, m, n, k,
-                    a.stride(0), a.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), out.stride(0), out.stride(1),
-                    HAS_BIAS=bias is not None, GELU=gelu, GROUPED=tile_group is not None, GATHER=a_index is not None,
-                    IEEE=b.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                    num_warps=warps, num_stages=stages)
+    _tiled_mm[grid](
+        a,
+        a_index if a_index is not None else a,
+        b3,
+        bias.contiguous() if bias is not None else a,
+        out,
+        tile_group if tile_group is not None else a,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        b3.stride(0),
+        b3.stride(1),
+        b3.stride(2),
+        out.stride(0),
+        out.stride(1),
+        HAS_BIAS=bias is not None,
+        GELU=gelu,
+        GROUPED=tile_group is not None,
+        GATHER=a_index is not None,
+        IEEE=b.dtype == torch.float32,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return out
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def matmul(
+    a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
     """a [M, K] (any float dtype, rounded to b's) @ b [K, N] (+ bias [N]), rounded to b's dtype and
     returned as `out_dtype` (default b's) -- row by row the same for any M."""
     return _launch(a, b, bias, out_dtype)
 
 
-def grouped_matmul(a: torch.Tensor, b: torch.Tensor, tile_group: torch.Tensor, tile: int,
-                   bias: Optional[torch.Tensor] = None, gelu: bool = False, a_index: Optional[torch.Tensor] = None,
-                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def grouped_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tile_group: torch.Tensor,
+    tile: int,
+    bias: Optional[torch.Tensor] = None,
+    gelu: bool = False,
+    a_index: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """For each `tile`-row tile t of the rows: rows @ b[g] (+ bias[g], then GELU if asked), g = tile_group[t]
     (int32 [R / tile]). The rows are a's, or with `a_index` [R] the rows a[a_index] (-1: a row of zeros),
     gathered in the kernel. Rounded to b's dtype, returned as `out_dtype` (default b's)."""
     rows = a_index.shape[0] if a_index is not None else a.shape[0]
     if tile not in (16, 32, 64, 128) or rows != tile_group.shape[0] * tile:
-        raise ValueError(f"grouped rows must be whole tiles of 16, 32, 64 or 128 rows, got {rows} rows "
-                         f"for {tile_group.shape[0]} tiles of {tile}")
+        raise ValueError(
+            f"grouped rows must be whole tiles of 16, 32, 64 or 128 rows, got {rows} rows "
+            f"for {tile_group.shape[0]} tiles of {tile}"
+        )
     return _launch(a, b, bias, out_dtype, tile_group, tile, a_index, gelu)
 
 
@@ -141,6 +204,7 @@ def combine(y: torch.Tensor, row: torch.Tensor, gate: torch.Tensor, start: torch
     tokens, dim = start.shape[0] - 1, y.shape[1]
     out = y.new_empty(tokens, dim)
     block_d = 256
-    _combine[(tokens, triton.cdiv(dim, block_d))](y, row, gate, start, out, dim, y.stride(0), out.stride(0),
-                                                  BLOCK_D=block_d, num_warps=4)
+    _combine[(tokens, triton.cdiv(dim, block_d))](
+        y, row, gate, start, out, dim, y.stride(0), out.stride(0), BLOCK_D=block_d, num_warps=4
+    )
     return out

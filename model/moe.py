@@ -19,18 +19,33 @@ Only selected pairs are computed (sparse dispatch), never all experts densely:
                       data-dependent sizes with no host sync, so ONNX and torch.export
                       keep true sparse compute
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .exact import (GPU_GROUP_TILE, ROW_TILE, Execution, Linear, gather_rows, gemm_dtype, gpu_invariant, grouped_mm,
-                    operand, pad_rows, padded, rounded, triton_device)
+from .exact import (
+    GPU_GROUP_TILE,
+    ROW_TILE,
+    Execution,
+    Linear,
+    gather_rows,
+    gemm_dtype,
+    gpu_invariant,
+    grouped_mm,
+    operand,
+    pad_rows,
+    padded,
+    rounded,
+    triton_device,
+)
 
 
 # ---------------------------------------------------------------- gating ----
@@ -99,8 +114,9 @@ class Router(nn.Module):
             self.gate_head = Linear(dim, num_experts)
             self.target_head = None
 
-    def forward(self, x: torch.Tensor, tile: Optional[int], predict_target: bool
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, tile: Optional[int], predict_target: bool
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.kind == "mlp":
             h = F.gelu(self.hidden(x, tile))
             target = self.target_head(h, tile) if predict_target else None
@@ -122,13 +138,15 @@ class Experts(nn.Module):
         nn.init.uniform_(self.w1, -bound1, bound1)
         nn.init.uniform_(self.w2, -bound2, bound2)
 
-    def workspace(self, x: torch.Tensor, max_rows: int) -> "Workspace":
+    def workspace(self, x: torch.Tensor, max_rows: int) -> Workspace:
         """Buffers for groups of up to `max_rows` of the tokens x, the activations in the dtypes the GEMMs run in."""
-        return Workspace(rows=x.new_empty(max_rows, x.shape[1]),
-                         hidden=self.w1.new_empty(max_rows, self.w1.shape[2], dtype=gemm_dtype(self.w1)),
-                         out=self.w2.new_empty(max_rows, self.w2.shape[2], dtype=gemm_dtype(self.w2)))
+        return Workspace(
+            rows=x.new_empty(max_rows, x.shape[1]),
+            hidden=self.w1.new_empty(max_rows, self.w1.shape[2], dtype=gemm_dtype(self.w1)),
+            out=self.w2.new_empty(max_rows, self.w2.shape[2], dtype=gemm_dtype(self.w2)),
+        )
 
-    def run(self, e: int, x: torch.Tensor, workspace: Optional["Workspace"] = None) -> torch.Tensor:
+    def run(self, e: int, x: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
         """Expert e on its gathered tokens x: [n, D] -> [n, D] (fp32 in and out); its activations
         are written into the first n rows of `workspace` when one is given."""
         n = x.shape[0]
@@ -202,9 +220,10 @@ def groups(counts: list[int]) -> Iterator[tuple[int, int, int]]:
         start += count
 
 
-def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts,
-                     row_tile: Optional[int] = ROW_TILE) -> torch.Tensor:
-    """Only the selected pairs, all experts as one grouped GEMM per matrix. x: [N, D], weights and mask: [N, E] -> [N, D].
+def grouped_dispatch(
+    x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts, row_tile: Optional[int] = ROW_TILE
+) -> torch.Tensor:
+    """Only the selected pairs, all experts as one grouped GEMM per matrix. x [N, D], weights and mask [N, E] -> [N, D].
 
     Each expert's group starts at a whole tile of a padded buffer and is zero-padded to whole
     tiles (on a GPU, tiles of the grouped kernel's height), so a row is computed by the same kernel
@@ -223,7 +242,8 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     # Pair i (sorted by expert) sits at row i + (padding before its expert's group) of the buffer.
     slot = torch.arange(token.numel(), device=x.device) + (padding.cumsum(0) - padding)[pairs.expert]
     tile_expert = torch.arange(mask.shape[1], device=x.device, dtype=torch.int32).repeat_interleave(
-        (pairs.device_counts + padding) // tile, output_size=total // tile)
+        (pairs.device_counts + padding) // tile, output_size=total // tile
+    )
     if gpu_invariant(x, row_tile):
         source = torch.full((total,), -1, device=x.device).index_copy_(0, slot, token)
         y = experts.run_tiled(x, source, tile_expert, tile)  # [R, D]
@@ -243,8 +263,9 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
     return out
 
 
-def sorted_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts,
-                    row_tile: Optional[int] = ROW_TILE) -> torch.Tensor:
+def sorted_dispatch(
+    x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts, row_tile: Optional[int] = ROW_TILE
+) -> torch.Tensor:
     """The same sorted, tile-padded groups as `grouped_dispatch`, run one after another while each
     group's rows are in cache, in one `Workspace` when no autograd runs: the faster form on a CPU
     (the one-pass form measured 1.3x slower there; cutting groups into 256-row chunks helped on one
@@ -254,17 +275,20 @@ def sorted_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, 
     pairs = sort_pairs(weights, mask)
     out = torch.zeros_like(x, dtype=torch.float32)
     training = torch.is_grad_enabled() and (x.requires_grad or experts.w1.requires_grad)
-    workspace = None if training or not pairs.token.numel() else experts.workspace(x, padded(max(pairs.counts), row_tile))
+    workspace = (
+        None if training or not pairs.token.numel() else experts.workspace(x, padded(max(pairs.counts), row_tile))
+    )
     for e, start, stop in groups(pairs.counts):
         index = pairs.token[start:stop]
         rows = gather_rows(x, index, row_tile, workspace.rows if workspace is not None else None)
-        y = experts.run(e, rows, workspace)[:stop - start]
+        y = experts.run(e, rows, workspace)[: stop - start]
         out.index_add_(0, index, y.mul_(pairs.gate_values[start:stop]))
     return out
 
 
-def loop_dispatch(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts,
-                  row_tile: Optional[int] = None) -> torch.Tensor:
+def loop_dispatch(
+    x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, experts: Experts, row_tile: Optional[int] = None
+) -> torch.Tensor:
     """The export path: per expert, gather its tokens, run it, scale and scatter-add back.
 
     Group sizes are data-dependent tensors (no host sync), so the same code exports to
@@ -304,9 +328,9 @@ class MoELayer(nn.Module):
         self.router = Router(dim, self.num_experts, config.router, target_dim)
         self.experts = Experts(self.num_experts, dim, self.expert_hidden)
         self.shared_expert = (
-            nn.Sequential(Linear(dim, self.expert_hidden), nn.GELU(approximate="tanh"),
-                          Linear(self.expert_hidden, dim))
-            if config.shared_expert else None
+            nn.Sequential(Linear(dim, self.expert_hidden), nn.GELU(approximate="tanh"), Linear(self.expert_hidden, dim))
+            if config.shared_expert
+            else None
         )
         # Learned threshold tau: EMA of the race's K-th largest gate value (saved in checkpoints).
         self.register_buffer("threshold", torch.zeros(()))
@@ -333,15 +357,21 @@ class MoELayer(nn.Module):
         self.threshold.mul_(m).add_((1.0 - m) * kth.float())
         self.threshold_updates.add_(1)
 
-    def forward(self, x: torch.Tensor, exe: Execution, predict_target: bool = False,
-                thresholds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Routing]:
+    def forward(
+        self, x: torch.Tensor, exe: Execution, predict_target: bool = False, thresholds: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Routing]:
         """x [B, L, D] -> [B, L, D] and the routing; `exe` resolved (model/exact.py)."""
         batch, seq_len, dim = x.shape
         logits, target = self.router(x, exe.row_tile, predict_target)  # [B, L, E]
         scores = gate(logits, self.config.gating)
         mask = self.select(scores, thresholds)
-        out = DISPATCH[exe.dispatch](x.reshape(-1, dim), scores.reshape(-1, self.num_experts),
-                                     mask.reshape(-1, self.num_experts), self.experts, exe.row_tile)
+        out = DISPATCH[exe.dispatch](
+            x.reshape(-1, dim),
+            scores.reshape(-1, self.num_experts),
+            mask.reshape(-1, self.num_experts),
+            self.experts,
+            exe.row_tile,
+        )
         out = out.view(batch, seq_len, dim)
         if self.shared_expert is not None:
             first, _, second = self.shared_expert

@@ -10,10 +10,12 @@ the same two calls, so the library and the service sample identically:
 Time runs from t = 1 (noise) to t = 0 (image); the prediction is the velocity dx/dt = eps - x_0 of
 rectified flow. Updates stay fp32 whatever precision the network ran in.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 

@@ -4,9 +4,11 @@
 engine call, and the samplers (model/samplers.py) are the same objects in both, so a request's
 images are the same whichever of the two produced them.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 
@@ -18,9 +20,14 @@ from .usage import UsageAccumulator, UsageSummary, usage_by_image
 
 
 @torch.no_grad()
-def guided_prediction(model: Denoiser, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                      cfg_scales: torch.Tensor, thresholds: Optional[torch.Tensor] = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def guided_prediction(
+    model: Denoiser,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    cfg_scales: torch.Tensor,
+    thresholds: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """v = v_u + s (v_c - v_u) for N images, each with its own t, label and scale, in one forward;
     with `thresholds` [n_moe_layers, N], each image's rows route by its own (the compute dial).
 
@@ -36,7 +43,7 @@ def guided_prediction(model: Denoiser, x: torch.Tensor, t: torch.Tensor, labels:
     out = model(rows_x, rows_t, rows_y, thresholds=rows_thresholds, return_stats=True)
     v = out.prediction[: x.shape[0]].clone()
     if guided.numel():
-        v_u = out.prediction[x.shape[0]:]
+        v_u = out.prediction[x.shape[0] :]
         s = cfg_scales[guided].view(-1, 1, 1, 1).to(v.dtype)
         v[guided] = v_u + s * (v[guided] - v_u)
     owner = torch.cat([torch.arange(x.shape[0], device=x.device), guided])
@@ -58,14 +65,21 @@ def require_flow_model(config: ModelConfig) -> None:
     if objective != "rectified_flow":
         raise ObjectiveError(
             f"this checkpoint predicts {objective!r} (imported from DiT), but racedit samples rectified-flow "
-            "velocity: fine-tune it first with `racedit train --config CONFIG --init CHECKPOINT` (docs/latents.md)")
+            "velocity: fine-tune it first with `racedit train --config CONFIG --init CHECKPOINT` (docs/latents.md)"
+        )
 
 
 @torch.no_grad()
-def generate(model: Denoiser, labels: Sequence[int], cfg_scale: Union[float, Sequence[float]] = 4.0,
-             num_steps: int = 25, seeds: Optional[Sequence[int]] = None, sampler: str = "euler",
-             as_float: bool = False, expert_budget: Union[float, Sequence[float]] = 1.0,
-             ) -> tuple[torch.Tensor, list[UsageSummary]]:
+def generate(
+    model: Denoiser,
+    labels: Sequence[int],
+    cfg_scale: Union[float, Sequence[float]] = 4.0,
+    num_steps: int = 25,
+    seeds: Optional[Sequence[int]] = None,
+    sampler: str = "euler",
+    as_float: bool = False,
+    expert_budget: Union[float, Sequence[float]] = 1.0,
+) -> tuple[torch.Tensor, list[UsageSummary]]:
     """Images uint8 [N, 3, H, W] and per-image expert usage.
 
     `as_float` returns the final fp32 samples [N, C, H, W] as the sampler ends them instead
@@ -81,7 +95,9 @@ def generate(model: Denoiser, labels: Sequence[int], cfg_scale: Union[float, Seq
     n = len(labels)
     seeds = list(seeds) if seeds is not None else list(range(n))
     scales = [float(cfg_scale)] * n if isinstance(cfg_scale, (int, float)) else [float(s) for s in cfg_scale]
-    budgets = [float(expert_budget)] * n if isinstance(expert_budget, (int, float)) else [float(b) for b in expert_budget]
+    budgets = (
+        [float(expert_budget)] * n if isinstance(expert_budget, (int, float)) else [float(b) for b in expert_budget]
+    )
     if len(seeds) != n or len(scales) != n or len(budgets) != n:
         raise ValueError("labels, seeds, cfg_scale and expert_budget must have the same length")
     thresholds = None

@@ -5,6 +5,7 @@ forward's routing statistics into one tensor of counts per image (one copy to th
 `UsageAccumulator` per image or request sums them. `UsageAccumulator.summary()` gives a
 `UsageSummary`; the server turns it into the wire model (`racedit_client.models.ExpertUsage`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
-def usage_by_image(experts_per_token: torch.Tensor, expert_load: torch.Tensor, owner: torch.Tensor,
-                   num_images: int) -> torch.Tensor:
+def usage_by_image(
+    experts_per_token: torch.Tensor, expert_load: torch.Tensor, owner: torch.Tensor, num_images: int
+) -> torch.Tensor:
     """One step's routing counts summed over each image's rows, in one tensor (one copy to the host).
 
     experts_per_token [n_layers, R, L], expert_load [n_layers, R, E], owner [R] -> [n_layers, N, L + E + E + 1]
@@ -68,16 +70,24 @@ class UsageAccumulator:
     step_slots: list[int] = field(default_factory=list)  # (layer, row, token) slots in each step
 
     @classmethod
-    def for_model(cls, config: ModelConfig) -> "UsageAccumulator":
+    def for_model(cls, config: ModelConfig) -> UsageAccumulator:
         moe = config.moe
-        return cls(num_layers=config.num_moe_layers, num_experts=moe.num_experts if moe else 0,
-                   num_tokens=config.num_tokens, k=moe.k if moe else 0)
+        return cls(
+            num_layers=config.num_moe_layers,
+            num_experts=moe.num_experts if moe else 0,
+            num_tokens=config.num_tokens,
+            k=moe.k if moe else 0,
+        )
 
     def add(self, counts: torch.Tensor, rows: int) -> None:
         """One step of this image or request: counts [n_layers, L + E + E + 1] (`usage_by_image`, summed
         over its images) from `rows` forward rows."""
         load_end = self.num_tokens + self.num_experts
-        tokens, load, histogram = counts[:, :self.num_tokens], counts[:, self.num_tokens:load_end], counts[:, load_end:]
+        tokens, load, histogram = (
+            counts[:, : self.num_tokens],
+            counts[:, self.num_tokens : load_end],
+            counts[:, load_end:],
+        )
         self.token_sum = tokens if self.token_sum is None else self.token_sum + tokens
         self.load_sum = load if self.load_sum is None else self.load_sum + load
         self.histogram_sum = histogram if self.histogram_sum is None else self.histogram_sum + histogram
@@ -92,9 +102,18 @@ class UsageAccumulator:
 
     def summary(self) -> UsageSummary:
         if self.token_sum is None or self.rows == 0:
-            return UsageSummary(self.num_layers, self.num_experts, self.k, 0.0, 0, 0,
-                                [LayerSummary(0.0, [0] * self.num_experts) for _ in range(self.num_layers)],
-                                [], [], [0.0] * (self.num_experts + 1))
+            return UsageSummary(
+                self.num_layers,
+                self.num_experts,
+                self.k,
+                0.0,
+                0,
+                0,
+                [LayerSummary(0.0, [0] * self.num_experts) for _ in range(self.num_layers)],
+                [],
+                [],
+                [0.0] * (self.num_experts + 1),
+            )
         per_token = self.token_sum.float() / self.rows  # [n_layers, L]
         grid = int(round(self.num_tokens**0.5))
         return UsageSummary(
@@ -104,8 +123,10 @@ class UsageAccumulator:
             mean_experts_per_token=float(per_token.mean()),
             activated_pairs=int(self.token_sum.sum()),
             nominal_pairs=self.rows * self.num_tokens * self.k * self.num_layers,
-            per_layer=[LayerSummary(float(per_token[i].mean()), [int(v) for v in self.load_sum[i]])
-                       for i in range(self.num_layers)],
+            per_layer=[
+                LayerSummary(float(per_token[i].mean()), [int(v) for v in self.load_sum[i]])
+                for i in range(self.num_layers)
+            ],
             per_step=[round(a / b, 4) if b else 0.0 for a, b in zip(self.step_selected, self.step_slots)],
             token_map=per_token.mean(0).view(grid, grid).tolist(),
             experts_per_token_histogram=(self.histogram_sum.sum(0).double() / self.histogram_sum.sum()).tolist(),

@@ -7,6 +7,7 @@ out/latent-demo/vae (a tiny, randomly initialised diffusers AutoencoderKL in sav
 32x32x3 images <-> 8x8x4 latents). A random VAE decodes to noise-like pictures; it stands in for a
 real one (e.g. sd-vae-ft-ema) so the whole path -- encode, train, save, serve, decode -- runs here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,17 @@ def main() -> None:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
     vae.save_pretrained(args.out / "vae", safe_serialization=True)
     print(f"wrote {args.out / 'images'} ({', '.join(CLASSES)}) and {args.out / 'vae'}")
 

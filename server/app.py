@@ -1,5 +1,6 @@
 """The app: assembly of the HTTP layer (server/middleware.py, server/routes.py, server/kserve.py) around one
 engine. The HTTP layer validates, submits to the engine and encodes results; nothing more."""
+
 import logging
 from contextlib import asynccontextmanager
 from typing import Any, Optional
@@ -38,13 +39,23 @@ def create_app(settings: Optional[ServeSettings] = None, engine: Optional[Engine
         app.state.model_name = settings.model_name or _default_name(settings)
         log.info("racedit ready: model %s on %s", app.state.model_name, app.state.engine.runner.device)
         if settings.api_key is None:
-            log.warning("serving WITHOUT authentication: no API key is set (--api-key or RACEDIT_API_KEY), so "
-                        "anyone who reaches %s:%s can generate", settings.host, settings.port)
+            log.warning(
+                "serving WITHOUT authentication: no API key is set (--api-key or RACEDIT_API_KEY), so "
+                "anyone who reaches %s:%s can generate",
+                settings.host,
+                settings.port,
+            )
         yield
         await run_in_threadpool(app.state.engine.stop, True, settings.drain_timeout_s)
 
-    app = FastAPI(title="racedit", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Class-conditional image generation with Race-DiT (Expert-Race MoE diffusion transformers).")
+    app = FastAPI(
+        title="racedit",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Class-conditional image generation with Race-DiT (Expert-Race MoE diffusion transformers).",
+    )
     app.state.settings, app.state.limits = settings, limits
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     middleware.install(app, settings)
@@ -76,9 +87,18 @@ def build_engine(settings: ServeSettings) -> Engine:
         model = load(settings.checkpoint)
     autoencoder = read_autoencoder(settings.checkpoint)
     decoder = Decoder(autoencoder, device) if autoencoder is not None else None
-    return Engine.build(model, device, dtype, max_batch_rows=settings.max_batch_rows, max_queue=settings.max_queue,
-                        mode=settings.batching, static_wait_ms=settings.static_wait_ms, metrics=EngineMetrics(),
-                        batch_invariant=settings.batch_invariant, decoder=decoder)
+    return Engine.build(
+        model,
+        device,
+        dtype,
+        max_batch_rows=settings.max_batch_rows,
+        max_queue=settings.max_queue,
+        mode=settings.batching,
+        static_wait_ms=settings.static_wait_ms,
+        metrics=EngineMetrics(),
+        batch_invariant=settings.batch_invariant,
+        decoder=decoder,
+    )
 
 
 def served_model(settings: ServeSettings, engine: Optional[Engine]) -> ServedModel:
@@ -114,8 +134,9 @@ def document_stream_events(app: FastAPI) -> None:
                     components.setdefault(name, definition)
                 components.setdefault(model.__name__, schema)
             stream = document["paths"]["/generate/stream"]["post"]["responses"]["200"]["content"]["text/event-stream"]
-            stream["schema"] = {"oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"}
-                                          for m in schemas.STREAM_EVENTS.values()]}
+            stream["schema"] = {
+                "oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in schemas.STREAM_EVENTS.values()]
+            }
             app.openapi_schema = document
         return app.openapi_schema
 
@@ -125,4 +146,7 @@ def document_stream_events(app: FastAPI) -> None:
 def _default_name(settings: ServeSettings) -> str:
     from racedit.model import read_config
 
-    return read_config(settings.checkpoint).get("metadata", {}).get("name") or f"racedit-{settings.checkpoint.name.removeprefix('racedit-')}"
+    return (
+        read_config(settings.checkpoint).get("metadata", {}).get("name")
+        or f"racedit-{settings.checkpoint.name.removeprefix('racedit-')}"
+    )

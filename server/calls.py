@@ -1,15 +1,25 @@
 """The one path every generating route takes, from decoded bodies to engine requests to results:
 `/generate` (one body), `/generate/stream` (one body, with a progress listener) and KServe v2's infer
 (one body per row, all under the request's one id). Also the one mapping from engine errors to statuses."""
+
 import asyncio
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from fastapi import Request
+
 from racedit_client.models import GenerateRequest
 
 from .engine import Engine
-from .requests import (DeadlineExceeded, DuplicateRequest, GenerationRequest, GenerationResult, QueueFull,
-                       ShuttingDown, StepFailed)
+from .requests import (
+    DeadlineExceeded,
+    DuplicateRequest,
+    GenerationRequest,
+    GenerationResult,
+    QueueFull,
+    ShuttingDown,
+    StepFailed,
+)
 from .validation import Limits, build_request
 
 
@@ -37,8 +47,9 @@ def engine_error(exc: Exception, retry_after: int) -> tuple[int, str, dict[str, 
     return 500, f"internal error: {type(exc).__name__}", {}
 
 
-async def run_on_engine(engine: Engine, jobs: Sequence[GenerationRequest],
-                        request: Request) -> Optional[list[GenerationResult]]:
+async def run_on_engine(
+    engine: Engine, jobs: Sequence[GenerationRequest], request: Request
+) -> Optional[list[GenerationResult]]:
     """Submit the jobs of one request (under its one id: all or none) and wait for all of them.
 
     If one fails, or the client disconnects, or this handler is cancelled (a shutdown past its grace), the

@@ -1,4 +1,5 @@
 """`racedit serve`: flags generated from ServeSettings (each also a RACEDIT_* variable)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,8 @@ import socket
 import sys
 import threading
 import typing
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal, Optional
 
 import uvicorn
 from pydantic import ValidationError
@@ -21,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="racedit serve",
         description="Serve a Race-DiT checkpoint over HTTP. Every flag is also an environment variable "
-                    "RACEDIT_<FLAG> (e.g. RACEDIT_MAX_BATCH_ROWS=128); flags win over variables.")
+        "RACEDIT_<FLAG> (e.g. RACEDIT_MAX_BATCH_ROWS=128); flags win over variables.",
+    )
     for name, field in ServeSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} (env RACEDIT_{name.upper()}{_default(field)})"
@@ -36,12 +39,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _default(field: FieldInfo) -> str:
-    """", default X" for the help line; nothing where the description already says it in words."""
+    """ ", default X" for the help line; nothing where the description already says it in words."""
     if field.default_factory is not None or "default:" in (field.description or ""):
         return ""
     value = field.default
-    return ", default " + ({None: "none", True: "on", False: "off"}.get(value, str(value))
-                           if isinstance(value, (bool, type(None))) else str(value))
+    return ", default " + (
+        {None: "none", True: "on", False: "off"}.get(value, str(value))
+        if isinstance(value, (bool, type(None)))
+        else str(value)
+    )
 
 
 def settings_from_args(argv: Sequence[str]) -> ServeSettings:
@@ -127,8 +133,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("racedit serve: error: --backend onnxruntime needs --onnx PATH", file=sys.stderr)
         return 2
     if (busy := port_in_use(settings.host, settings.port)) is not None:  # before minutes of model loading
-        print(f"racedit serve: error: cannot listen on {settings.host}:{settings.port}: {busy}; "
-              f"choose another with --port (or RACEDIT_PORT), or stop what holds it", file=sys.stderr)
+        print(
+            f"racedit serve: error: cannot listen on {settings.host}:{settings.port}: {busy}; "
+            f"choose another with --port (or RACEDIT_PORT), or stop what holds it",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.ray:
@@ -142,9 +151,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .middleware import GuardedH11Protocol
 
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            http=GuardedH11Protocol.with_read_timeout(settings.read_timeout_s),
-                            h11_max_incomplete_event_size=settings.max_header_bytes,
-                            timeout_graceful_shutdown=ANSWER_GRACE_S)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        http=GuardedH11Protocol.with_read_timeout(settings.read_timeout_s),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_graceful_shutdown=ANSWER_GRACE_S,
+    )
     DrainingServer(config).run()
     return 0

@@ -1,6 +1,7 @@
 """Results into the wire format: images and samples, server-sent events, the /generate answer and the
 model card. Every answer the routes send is built here, from the engine's results (numpy) and the SDK's
 wire models (`racedit_client.models`, served as `schemas`)."""
+
 import base64
 import dataclasses
 import io
@@ -14,8 +15,7 @@ from racedit.model.usage import UsageSummary
 
 from .engine import Engine
 from .requests import GenerationRequest, GenerationResult, StepProgress
-from .schemas import (ExpertUsage, GenerateResponse, ImageOut, ModelCard, PreviewEvent, ProgressEvent,
-                      ResolvedRequest)
+from .schemas import ExpertUsage, GenerateResponse, ImageOut, ModelCard, PreviewEvent, ProgressEvent, ResolvedRequest
 from .validation import Limits
 
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
@@ -47,9 +47,16 @@ def sse(event: str, data: BaseModel) -> bytes:
 
 
 def progress_event(progress: StepProgress) -> bytes:
-    return sse("progress", ProgressEvent(step=progress.step, num_steps=progress.num_steps, t=progress.t,
-                                         mean_experts_per_token=progress.mean_experts_per_token,
-                                         elapsed_ms=progress.elapsed_ms))
+    return sse(
+        "progress",
+        ProgressEvent(
+            step=progress.step,
+            num_steps=progress.num_steps,
+            t=progress.t,
+            mean_experts_per_token=progress.mean_experts_per_token,
+            elapsed_ms=progress.elapsed_ms,
+        ),
+    )
 
 
 def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
@@ -71,8 +78,12 @@ def images_out(seeds: list[int], encoded: list[bytes], fmt: str) -> list[ImageOu
 
 def preview_event(progress: StepProgress, seeds: list[int]) -> bytes:
     """`event: preview`: a streaming request's predicted clean samples as PNGs."""
-    return sse("preview", PreviewEvent(step=progress.step, t=progress.t,
-                                       images=images_out(seeds, encode_preview(progress.preview), "png")))
+    return sse(
+        "preview",
+        PreviewEvent(
+            step=progress.step, t=progress.t, images=images_out(seeds, encode_preview(progress.preview), "png")
+        ),
+    )
 
 
 def expert_usage(summary: UsageSummary) -> ExpertUsage:
@@ -80,19 +91,40 @@ def expert_usage(summary: UsageSummary) -> ExpertUsage:
     return ExpertUsage.model_validate(dataclasses.asdict(summary))
 
 
-def generate_response(request_id: str, model: str, job: GenerationRequest, output_format: str,
-                      result: GenerationResult, encoded: list[bytes], class_names: list[str]) -> GenerateResponse:
+def generate_response(
+    request_id: str,
+    model: str,
+    job: GenerationRequest,
+    output_format: str,
+    result: GenerationResult,
+    encoded: list[bytes],
+    class_names: list[str],
+) -> GenerateResponse:
     """The /generate answer (also the stream's `result` event)."""
     return GenerateResponse(
-        id=request_id, model=model, seed=job.seed,
-        request=ResolvedRequest(class_label=job.class_label, class_name=class_names[job.class_label],
-                                cfg_scale=job.cfg_scale, num_steps=job.num_steps, num_images=job.num_images,
-                                seed=job.seed, expert_budget=job.expert_budget, sampler=job.sampler,
-                                output_format=output_format),
+        id=request_id,
+        model=model,
+        seed=job.seed,
+        request=ResolvedRequest(
+            class_label=job.class_label,
+            class_name=class_names[job.class_label],
+            cfg_scale=job.cfg_scale,
+            num_steps=job.num_steps,
+            num_images=job.num_images,
+            seed=job.seed,
+            expert_budget=job.expert_budget,
+            sampler=job.sampler,
+            output_format=output_format,
+        ),
         images=images_out(result.seeds, encoded, output_format),
         expert_usage=expert_usage(result.expert_usage),
-        timing={"queue_ms": result.queue_ms, "inference_ms": result.inference_ms, "total_ms": result.total_ms,
-                "decode_ms": result.decode_ms})
+        timing={
+            "queue_ms": result.queue_ms,
+            "inference_ms": result.inference_ms,
+            "total_ms": result.total_ms,
+            "decode_ms": result.decode_ms,
+        },
+    )
 
 
 def model_card(engine: Engine, name: str, backend: str, limits: Limits) -> ModelCard:
@@ -103,17 +135,33 @@ def model_card(engine: Engine, name: str, backend: str, limits: Limits) -> Model
     total, activated = parameter_counts(cfg)
     decoder = runner.decoder
     return ModelCard(
-        id=name, classes=class_names_of(cfg),
-        image_size=cfg.image_size, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
+        id=name,
+        classes=class_names_of(cfg),
+        image_size=cfg.image_size,
+        in_channels=cfg.in_channels,
+        patch_size=cfg.patch_size,
         image_shape=list(runner.output_shape),
         latent_shape=list(runner.image_shape) if decoder is not None else None,
-        autoencoder=({"kind": decoder.autoencoder.kind, "scaling_factor": decoder.autoencoder.scaling_factor,
-                      "shift_factor": decoder.autoencoder.shift_factor} if decoder is not None else None),
-        routing=cfg.moe.__dict__ if cfg.moe else None, parameters_total=total, parameters_activated=activated,
-        thresholds=runner.layer_thresholds, backend=backend,
-        dtype=str(runner.dtype).removeprefix("torch."), batch_invariant=engine.batch_invariant,
-        expert_budget_range=list(runner.budget_range), samplers=list(limits.samplers),
-        default_sampler=limits.default_sampler)
+        autoencoder=(
+            {
+                "kind": decoder.autoencoder.kind,
+                "scaling_factor": decoder.autoencoder.scaling_factor,
+                "shift_factor": decoder.autoencoder.shift_factor,
+            }
+            if decoder is not None
+            else None
+        ),
+        routing=cfg.moe.__dict__ if cfg.moe else None,
+        parameters_total=total,
+        parameters_activated=activated,
+        thresholds=runner.layer_thresholds,
+        backend=backend,
+        dtype=str(runner.dtype).removeprefix("torch."),
+        batch_invariant=engine.batch_invariant,
+        expert_budget_range=list(runner.budget_range),
+        samplers=list(limits.samplers),
+        default_sampler=limits.default_sampler,
+    )
 
 
 def class_names_of(config: Any) -> list[str]:

@@ -13,14 +13,16 @@ scheduler exactly once, so each is answered exactly once and nothing is accepted
 The engine knows nothing of HTTP: it takes `GenerationRequest`s and resolves
 `concurrent.futures.Future`s with `GenerationResult`s or engine errors.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -28,11 +30,36 @@ from racedit.model.denoiser import Denoiser
 from racedit.model.exact import SERVING, Execution
 
 from .metrics import EngineMetrics
-from .requests import (Cancelled, DeadlineExceeded, DuplicateRequest, EngineError, GenerationRequest,  # noqa: F401
-                       GenerationResult, QueueFull, ShuttingDown, StepFailed, StepProgress)
+from .requests import (
+    Cancelled,
+    DeadlineExceeded,
+    DuplicateRequest,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    QueueFull,
+    ShuttingDown,
+    StepFailed,
+    StepProgress,
+)
 from .runner import Decoder, RequestState, Runner
 from .scheduler import Job, Scheduler, policy
 
+# The engine's surface: what it takes, what its futures resolve to, and the errors they fail with.
+__all__ = [
+    "Engine",
+    "GenerationRequest",
+    "GenerationResult",
+    "StepProgress",
+    "EngineError",
+    "QueueFull",
+    "ShuttingDown",
+    "DeadlineExceeded",
+    "Cancelled",
+    "DuplicateRequest",
+    "StepFailed",
+    "pick_device",
+]
 log = logging.getLogger("racedit.engine")
 
 
@@ -51,8 +78,13 @@ class Ticket:
 class Engine:
     """Owns a runner (the model on one device) and serves `GenerationRequest`s from a bounded queue."""
 
-    def __init__(self, runner: Runner, scheduler: Scheduler, metrics: Optional[EngineMetrics] = None,
-                 check_invariance: bool = True):
+    def __init__(
+        self,
+        runner: Runner,
+        scheduler: Scheduler,
+        metrics: Optional[EngineMetrics] = None,
+        check_invariance: bool = True,
+    ):
         self.runner, self.scheduler = runner, scheduler
         self.metrics = metrics or EngineMetrics()
         self.check_invariance = check_invariance
@@ -68,14 +100,26 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
 
     @classmethod
-    def build(cls, denoiser: Denoiser, device: torch.device, dtype: torch.dtype = torch.float32,
-              max_batch_rows: int = 64, max_queue: int = 256, mode: str = "step", static_wait_ms: float = 20.0,
-              metrics: Optional[EngineMetrics] = None, batch_invariant: bool = True,
-              decoder: Optional[Decoder] = None) -> "Engine":
+    def build(
+        cls,
+        denoiser: Denoiser,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        max_batch_rows: int = 64,
+        max_queue: int = 256,
+        mode: str = "step",
+        static_wait_ms: float = 20.0,
+        metrics: Optional[EngineMetrics] = None,
+        batch_invariant: bool = True,
+        decoder: Optional[Decoder] = None,
+    ) -> Engine:
         """The usual assembly: a runner with serving's execution (or plain GEMMs) and a scheduler by mode."""
         execution = SERVING if batch_invariant else Execution(row_tile=None)
-        return cls(Runner(denoiser, device, dtype, execution, decoder),
-                   Scheduler(max_batch_rows, max_queue, policy(mode, static_wait_ms)), metrics)
+        return cls(
+            Runner(denoiser, device, dtype, execution, decoder),
+            Scheduler(max_batch_rows, max_queue, policy(mode, static_wait_ms)),
+            metrics,
+        )
 
     # What the HTTP layer reads about the model (read once at start: never a device sync).
     @property
@@ -87,7 +131,7 @@ class Engine:
         return self.scheduler.max_batch_rows
 
     # ---------------------------------------------------------- lifecycle ----
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self.check_invariance:
             self.batch_invariant = self.runner.check_batch_invariance(self.scheduler.max_batch_rows)
             if not self.batch_invariant:
@@ -164,8 +208,9 @@ class Engine:
             if request_id in self._requests:
                 raise DuplicateRequest(f"a request with id {request_id!r} is already in flight")
             try:
-                dropped = self.scheduler.submit_all([Job(t.key, t.request.rows, now, t.request.timeout_s)
-                                                     for t in tickets], now)
+                dropped = self.scheduler.submit_all(
+                    [Job(t.key, t.request.rows, now, t.request.timeout_s) for t in tickets], now
+                )
             except QueueFull:
                 self.metrics.rejected.labels(reason="queue_full").inc()
                 raise
@@ -213,8 +258,12 @@ class Engine:
                     with self._lock:
                         running = [self._tickets[job.id] for job in self.scheduler.active if job.id in self._tickets]
                     for ticket in running:
-                        self._fail(ticket, StepFailed(f"request {ticket.request.request_id}: engine error: "
-                                                      f"{type(exc).__name__}: {exc}"))
+                        self._fail(
+                            ticket,
+                            StepFailed(
+                                f"request {ticket.request.request_id}: engine error: {type(exc).__name__}: {exc}"
+                            ),
+                        )
         finally:
             if not self._stop.is_set():
                 self.worker_died = True
@@ -250,8 +299,7 @@ class Engine:
             ticket.state = self.runner.start(request)
         except Exception as exc:
             log.exception("could not start request %s", request.request_id)
-            self._fail(ticket, StepFailed(f"request {request.request_id} could not start: "
-                                          f"{type(exc).__name__}: {exc}"))
+            self._fail(ticket, StepFailed(f"request {request.request_id} could not start: {type(exc).__name__}: {exc}"))
             return
         self.metrics.queue_seconds.observe(ticket.state.started - ticket.submitted)
 
@@ -265,8 +313,12 @@ class Engine:
                 try:
                     self._step([ticket])
                 except Exception as exc:
-                    self._fail(ticket, StepFailed(f"request {ticket.request.request_id}: denoising step failed: "
-                                                  f"{type(exc).__name__}: {exc}"))
+                    self._fail(
+                        ticket,
+                        StepFailed(
+                            f"request {ticket.request.request_id}: denoising step failed: {type(exc).__name__}: {exc}"
+                        ),
+                    )
 
     def _step(self, tickets: list[Ticket]) -> None:
         start = time.perf_counter()
@@ -291,8 +343,9 @@ class Engine:
                 result = self.runner.result(ticket.state, images.get(id(ticket.state)), ticket.submitted, decode_ms)
             except Exception as exc:
                 log.exception("could not finish request %s", request_id)
-                self._fail(ticket, StepFailed(f"request {request_id} could not be finished: "
-                                              f"{type(exc).__name__}: {exc}"))
+                self._fail(
+                    ticket, StepFailed(f"request {request_id} could not be finished: {type(exc).__name__}: {exc}")
+                )
                 continue
             with self._lock:
                 self.scheduler.finish(ticket.key)
@@ -316,8 +369,11 @@ class Engine:
 
     def _take(self, dropped: list[tuple[str, EngineError]]) -> list[tuple[Ticket, EngineError]]:
         """Tickets of jobs that left the scheduler (caller holds the lock)."""
-        return [(ticket, error) for ticket, error in ((self._pop(key), error) for key, error in dropped)
-                if ticket is not None]
+        return [
+            (ticket, error)
+            for ticket, error in ((self._pop(key), error) for key, error in dropped)
+            if ticket is not None
+        ]
 
     def _answer_dropped(self, dropped: list[tuple[Ticket, EngineError]]) -> None:
         for ticket, error in dropped:

@@ -13,6 +13,7 @@ type's range) or binary size, and each row as a /generate body of one image (--m
 the class names, the budget range). Any problem is a 400 {"error", "request_id"} naming it. The N rows
 run as N engine jobs under the request's one id (`Engine.submit_all`).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+
 from racedit_client.models import GenerateRequest
 
 from .calls import engine_jobs, run_on_engine
@@ -29,9 +31,20 @@ from .engine import Engine, GenerationRequest
 from .settings import ServeSettings
 from .validation import Limits, describe
 
-DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-          "INT64": np.int64, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-          "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+DTYPES = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
 INPUTS = {"class_label": "INT64", "cfg_scale": "FP32", "num_steps": "INT32", "seed": "INT64", "expert_budget": "FP32"}
 OUTPUTS = ("image", "mean_experts_per_token", "seed")
 HEADER = "inference-header-content-length"
@@ -102,9 +115,11 @@ def split_body(body: bytes, header_length: Optional[str]) -> tuple[bytes, bytes]
     if header_length is None:
         return body, b""
     if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
-        raise InferError(f"Inference-Header-Content-Length must be a byte count within the body's {len(body)} "
-                         f"bytes, got {header_length[:40]!r}")
-    return body[:int(header_length)], body[int(header_length):]
+        raise InferError(
+            f"Inference-Header-Content-Length must be a byte count within the body's {len(body)} "
+            f"bytes, got {header_length[:40]!r}"
+        )
+    return body[: int(header_length)], body[int(header_length) :]
 
 
 def parse_infer(body: bytes, header_length: Optional[str], max_rows: int) -> tuple[InferRequest, dict[str, np.ndarray]]:
@@ -136,8 +151,10 @@ def parse_infer(body: bytes, header_length: Optional[str], max_rows: int) -> tup
         dtype = np.dtype(DTYPES[item.datatype])
         if size is not None:
             if size != n * dtype.itemsize or offset + size > len(binary):
-                raise InferError(f"input {name}: binary_data_size {size} with {len(binary) - offset} bytes left; "
-                                 f"shape [{n}] of {item.datatype} is {n * dtype.itemsize} bytes")
+                raise InferError(
+                    f"input {name}: binary_data_size {size} with {len(binary) - offset} bytes left; "
+                    f"shape [{n}] of {item.datatype} is {n * dtype.itemsize} bytes"
+                )
             tensors[name] = np.frombuffer(binary, dtype=dtype, count=n, offset=offset)
             offset += size
         else:
@@ -157,22 +174,25 @@ def parse_infer(body: bytes, header_length: Optional[str], max_rows: int) -> tup
     return document, tensors
 
 
-def build_jobs(tensors: dict[str, np.ndarray], request_model: type[GenerateRequest], limits: Limits,
-               request_id: str) -> list[GenerationRequest]:
+def build_jobs(
+    tensors: dict[str, np.ndarray], request_model: type[GenerateRequest], limits: Limits, request_id: str
+) -> list[GenerationRequest]:
     """One engine job per row, each row validated as a /generate body of one image (its defaults, its ranges)."""
     bodies = []
     for i in range(len(tensors["class_label"])):
         try:
-            body = request_model.model_validate({name: column[i].item() for name, column in tensors.items()}
-                                                | {"num_images": 1})
+            body = request_model.model_validate(
+                {name: column[i].item() for name, column in tensors.items()} | {"num_images": 1}
+            )
         except ValidationError as exc:
             raise InferError(f"row {i}: {describe(exc)}") from None
         bodies.append(body)
     return engine_jobs(limits, bodies, request_id)  # one id for the request, however many rows
 
 
-def encode_outputs(document: InferRequest, outputs: dict[str, tuple[str, np.ndarray]], model: str,
-                   rid: str) -> Response:
+def encode_outputs(
+    document: InferRequest, outputs: dict[str, tuple[str, np.ndarray]], model: str, rid: str
+) -> Response:
     """Answer with the requested outputs, in binary where the request asked for it."""
     wanted = document.outputs or [InferOutput(name=n) for n in outputs]
     all_binary = bool(document.parameters is not None and document.parameters.binary_data_output)
@@ -187,12 +207,16 @@ def encode_outputs(document: InferRequest, outputs: dict[str, tuple[str, np.ndar
         else:
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
-    head = json.dumps({"model_name": model, "model_version": "1", "id": document.id or rid,
-                       "outputs": entries}).encode()
+    head = json.dumps(
+        {"model_name": model, "model_version": "1", "id": document.id or rid, "outputs": entries}
+    ).encode()
     if not blobs:
         return Response(head, media_type="application/json")
-    return Response(head + b"".join(blobs), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(head))})
+    return Response(
+        head + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
 
 
 def kserve_router(settings: ServeSettings, request_model: type[GenerateRequest]) -> APIRouter:
@@ -202,8 +226,9 @@ def kserve_router(settings: ServeSettings, request_model: type[GenerateRequest])
 
     def check_model(request: Request, name: str) -> None:
         if name != request.app.state.model_name:
-            raise HTTPException(404, f"unknown model {name[:64]!r}; this server serves "
-                                     f"{request.app.state.model_name!r}")
+            raise HTTPException(
+                404, f"unknown model {name[:64]!r}; this server serves {request.app.state.model_name!r}"
+            )
 
     @router.get("/v2/health/live")
     async def live() -> dict:
@@ -225,11 +250,17 @@ def kserve_router(settings: ServeSettings, request_model: type[GenerateRequest])
     async def model_metadata(name: str, request: Request, version: Optional[str] = None) -> Any:
         check_model(request, name)
         _, height, width = request.app.state.engine.runner.output_shape  # decoded pictures for latent models
-        return {"name": name, "versions": ["1"], "platform": "racedit",
-                "inputs": [{"name": n, "datatype": d, "shape": [-1]} for n, d in INPUTS.items()],
-                "outputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, height, width, 3]},
-                            {"name": "mean_experts_per_token", "datatype": "FP32", "shape": [-1]},
-                            {"name": "seed", "datatype": "INT64", "shape": [-1]}]}
+        return {
+            "name": name,
+            "versions": ["1"],
+            "platform": "racedit",
+            "inputs": [{"name": n, "datatype": d, "shape": [-1]} for n, d in INPUTS.items()],
+            "outputs": [
+                {"name": "image", "datatype": "UINT8", "shape": [-1, height, width, 3]},
+                {"name": "mean_experts_per_token", "datatype": "FP32", "shape": [-1]},
+                {"name": "seed", "datatype": "INT64", "shape": [-1]},
+            ],
+        }
 
     @router.get("/v2/models/{name}/ready")
     @router.get("/v2/models/{name}/versions/{version}/ready")
@@ -253,7 +284,11 @@ def kserve_router(settings: ServeSettings, request_model: type[GenerateRequest])
         images = np.concatenate([r.images for r in results])
         ept = np.array([r.expert_usage.mean_experts_per_token for r in results], dtype=np.float32)
         seeds = np.array([job.seed for job in jobs], dtype=np.int64)
-        return encode_outputs(document, {"image": ("UINT8", images), "mean_experts_per_token": ("FP32", ept),
-                                         "seed": ("INT64", seeds)}, name, request.state.request_id)
+        return encode_outputs(
+            document,
+            {"image": ("UINT8", images), "mean_experts_per_token": ("FP32", ept), "seed": ("INT64", seeds)},
+            name,
+            request.state.request_id,
+        )
 
     return router

@@ -13,14 +13,16 @@ that every refusal uses, wherever it is made.
 - `install`: the three in that order, and the exception handlers that give every error answer of the
   routes the same JSON shape and the request id.
 """
+
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
 import uuid
+from collections.abc import Sequence
 from http import HTTPStatus
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import h11
 from fastapi import FastAPI, HTTPException, Request
@@ -56,8 +58,9 @@ def error_bytes(document: dict[str, Any], headers: Sequence[tuple[bytes, bytes]]
     return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers], body
 
 
-async def send_error(scope: Scope, send: Send, status: int, detail: Any,
-                     headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+async def send_error(
+    scope: Scope, send: Send, status: int, detail: Any, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     """Answer from an ASGI middleware, before the routes, in the shape the routes use."""
     document = error_document(scope["path"], detail, scope.get("state", {}).get("request_id"))
     head, body = error_bytes(document, headers)
@@ -79,8 +82,13 @@ class RequireKey:
         scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token, self.key):
             return await self.app(scope, receive, send)
-        await send_error(scope, send, 401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                         [(b"www-authenticate", b"Bearer")])
+        await send_error(
+            scope,
+            send,
+            401,
+            "missing or wrong API key (send 'Authorization: Bearer <key>')",
+            [(b"www-authenticate", b"Bearer")],
+        )
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -92,7 +100,7 @@ class GuardedH11Protocol(H11Protocol):
     read_timeout_s: float = 10.0
 
     @classmethod
-    def with_read_timeout(cls, seconds: float) -> type["GuardedH11Protocol"]:
+    def with_read_timeout(cls, seconds: float) -> type[GuardedH11Protocol]:
         return type(cls.__name__, (cls,), {"read_timeout_s": seconds})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -153,10 +161,13 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm_head_timer()
         self._refused = True
         request_id = uuid.uuid4().hex
-        headers, body = error_bytes({"detail": detail, "request_id": request_id},
-                                    [(b"x-request-id", request_id.encode()), (b"connection", b"close")])
+        headers, body = error_bytes(
+            {"detail": detail, "request_id": request_id},
+            [(b"x-request-id", request_id.encode()), (b"connection", b"close")],
+        )
         head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode() + b"".join(
-            name + b": " + value + b"\r\n" for name, value in headers)
+            name + b": " + value + b"\r\n" for name, value in headers
+        )
         self.logger.info("refused a connection's request with %d: %s", status, detail)
         self.transport.write(head + b"\r\n" + body)
         if self.transport.can_write_eof():
@@ -178,14 +189,20 @@ class RequestId:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"")
-        head = len(scope.get("raw_path") or b"") + len(scope["query_string"]) + sum(
-            len(name) + len(value) + 4 for name, value in scope["headers"])
+        head = (
+            len(scope.get("raw_path") or b"")
+            + len(scope["query_string"])
+            + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        )
         refusal = (
             (431, f"request head (request line and headers) exceeds {self.max_head_bytes} bytes")
-            if head > self.max_head_bytes else
-            (431, f"X-Request-ID is longer than {REQUEST_ID_MAX} characters") if len(given) > REQUEST_ID_MAX else
-            (400, "X-Request-ID must be visible ASCII characters (no spaces)")
-            if given and not all(0x21 <= c <= 0x7E for c in given) else None)
+            if head > self.max_head_bytes
+            else (431, f"X-Request-ID is longer than {REQUEST_ID_MAX} characters")
+            if len(given) > REQUEST_ID_MAX
+            else (400, "X-Request-ID must be visible ASCII characters (no spaces)")
+            if given and not all(0x21 <= c <= 0x7E for c in given)
+            else None
+        )
         rid = given.decode("ascii") if given and refusal is None else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
 
@@ -223,8 +240,9 @@ class BodyLimit:
             try:
                 message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
             except asyncio.TimeoutError:
-                raise HTTPException(408, f"request body not received within {self.timeout_s:g} s",
-                                    headers={"Connection": "close"}) from None
+                raise HTTPException(
+                    408, f"request body not received within {self.timeout_s:g} s", headers={"Connection": "close"}
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 complete = not message.get("more_body", False)

@@ -13,6 +13,7 @@ and when every replica is at that bound Ray's proxy holds up to `max_queue` more
 Start it with `racedit serve --ray --replicas N`, or `serve run deploy/ray/racedit.yaml`
 (whose `import_path` is `racedit.server.ray_serve:app_builder`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -106,8 +107,12 @@ def run(settings: ServeSettings) -> int:
     """
     import ray
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS"),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     stop = threading.Event()
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -115,10 +120,13 @@ def run(settings: ServeSettings) -> int:
         # Ours last: ray.init and Serve's start-up install handlers of their own.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        log.warning("racedit on Ray Serve: %d replica(s) on http://%s:%d", settings.replicas, settings.host,
-                    settings.port)
-        print(f"racedit ready on Ray Serve: http://{settings.host}:{settings.port} "
-              f"({settings.replicas} replica(s))", flush=True)
+        log.warning(
+            "racedit on Ray Serve: %d replica(s) on http://%s:%d", settings.replicas, settings.host, settings.port
+        )
+        print(
+            f"racedit ready on Ray Serve: http://{settings.host}:{settings.port} ({settings.replicas} replica(s))",
+            flush=True,
+        )
         while not stop.wait(0.5):  # a timed wait, so the handler runs soon after the signal
             pass
         log.warning("draining replicas (up to %.0f s)", settings.drain_timeout_s)
@@ -126,4 +134,3 @@ def run(settings: ServeSettings) -> int:
     finally:
         ray.shutdown()
     return 0
-

@@ -1,10 +1,12 @@
 """What passes between the HTTP layer and the engine: requests, progress, results and the engine's
 errors. Torch-free, so the scheduler and the HTTP layer import it without the network."""
+
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -50,7 +52,7 @@ class GenerationRequest:
     timeout_s: Optional[float] = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Called on the engine's thread after each of this request's steps (streaming); it must not block.
-    on_step: Optional[Callable[["StepProgress"], None]] = None
+    on_step: Optional[Callable[[StepProgress], None]] = None
     preview_every: int = 0  # with on_step: the predicted clean sample every n steps (and at the last)
     expert_budget: float = 1.0  # the compute dial: about expert_budget * k experts per token (1.0: learned)
     sampler: str = "euler"  # model/samplers.py

@@ -7,12 +7,14 @@ independent and each image's noise comes from its own seed, so a request's sampl
 on its batch-mates; with a batch-invariant `Execution` they are the same bytes alone or in any
 batch, which `check_batch_invariance` verifies on this host.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -53,8 +55,14 @@ class StepReport:
 class Runner:
     """Owns the denoiser on its device; stateless between calls apart from what it read at start."""
 
-    def __init__(self, denoiser: Denoiser, device: torch.device, dtype: torch.dtype = torch.float32,
-                 execution: Execution = SERVING, decoder: Optional[Decoder] = None):
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        execution: Execution = SERVING,
+        decoder: Optional[Decoder] = None,
+    ):
         require_flow_model(denoiser.config)
         self.denoiser = denoiser.prepare(device, dtype, execution)
         self.device, self.dtype, self.decoder = device, dtype, decoder
@@ -78,7 +86,7 @@ class Runner:
         t = torch.rand(n, generator=g).to(self.device)
         y = torch.randint(0, self.config.num_classes + 1, (n,), generator=g).to(self.device)
         alone = self.denoiser(x[:1], t[:1], y[:1]).prediction
-        mixed = self.denoiser(x.roll(n // 2, 0), t.roll(n // 2, 0), y.roll(n // 2, 0)).prediction[n // 2:n // 2 + 1]
+        mixed = self.denoiser(x.roll(n // 2, 0), t.roll(n // 2, 0), y.roll(n // 2, 0)).prediction[n // 2 : n // 2 + 1]
         return torch.equal(alone, mixed)
 
     def check(self, request: GenerationRequest) -> None:
@@ -93,8 +101,13 @@ class Runner:
         if request.expert_budget != 1.0:
             thresholds = thresholds_for(self.budget_table, self.layer_thresholds, [request.expert_budget])[:, 0]
             thresholds = thresholds.to(self.device)
-        return RequestState(request, make_sampler(request.sampler, noise, time_grid(request.num_steps)),
-                            UsageAccumulator.for_model(self.config), thresholds, time.monotonic())
+        return RequestState(
+            request,
+            make_sampler(request.sampler, noise, time_grid(request.num_steps)),
+            UsageAccumulator.for_model(self.config),
+            thresholds,
+            time.monotonic(),
+        )
 
     @torch.no_grad()
     def step(self, states: list[RequestState]) -> StepReport:
@@ -111,20 +124,30 @@ class Runner:
         scales = per_image([state.request.cfg_scale for state in states])
         x_t = torch.cat([x for x, _ in queries])
         dialled = any(state.thresholds is not None for state in states)  # else the learned thresholds, as ever
-        thresholds = torch.cat([(self.learned if s.thresholds is None else s.thresholds).unsqueeze(1).expand(-1, n)
-                                for s, n in zip(states, counts)], dim=1) if dialled else None
+        thresholds = (
+            torch.cat(
+                [
+                    (self.learned if s.thresholds is None else s.thresholds).unsqueeze(1).expand(-1, n)
+                    for s, n in zip(states, counts)
+                ],
+                dim=1,
+            )
+            if dialled
+            else None
+        )
         v, ept, load, owner = guided_prediction(self.denoiser, x_t, t, labels, scales, thresholds)
         usage = usage_by_image(ept, load, owner, x_t.shape[0]).cpu()  # [n_layers, N, L + E + E + 1]
         progress, offset = [], 0
         for state, n, (x_q, t_q) in zip(states, counts, queries):
-            state.usage.add(usage[:, offset:offset + n].sum(1), state.request.rows)
-            if state.sampler.update(v[offset:offset + n]) and state.request.on_step is not None:
-                progress.append((state, self._progress(state, x_q, t_q, v[offset:offset + n])))
+            state.usage.add(usage[:, offset : offset + n].sum(1), state.request.rows)
+            if state.sampler.update(v[offset : offset + n]) and state.request.on_step is not None:
+                progress.append((state, self._progress(state, x_q, t_q, v[offset : offset + n])))
             offset += n
         slots = int(ept.shape[0] * ept.shape[1] * ept.shape[2])
-        tokens = int(usage[:, :, :ept.shape[2]].sum())
-        return StepReport(rows=int(owner.numel()), mean_experts_per_token=tokens / slots if slots else 0.0,
-                          progress=progress)
+        tokens = int(usage[:, :, : ept.shape[2]].sum())
+        return StepReport(
+            rows=int(owner.numel()), mean_experts_per_token=tokens / slots if slots else 0.0, progress=progress
+        )
 
     def _progress(self, state: RequestState, x_t: torch.Tensor, t: float, v: torch.Tensor) -> StepProgress:
         """A completed step of a streaming request (its own rows only); the preview is x0 = x_t - t * v."""
@@ -133,9 +156,15 @@ class Runner:
         if r.preview_every and (sampler.step % r.preview_every == 0 or sampler.done):
             preview = x_t.float() - t * v.float()
             preview = (self.decoder(preview) if self.decoder is not None else preview).cpu().numpy()
-        return StepProgress(request_id=r.request_id, step=sampler.step, num_steps=sampler.num_steps,
-                            t=sampler.grid[sampler.step - 1], mean_experts_per_token=state.usage.mean_so_far(),
-                            elapsed_ms=(time.monotonic() - state.started) * 1000, preview=preview)
+        return StepProgress(
+            request_id=r.request_id,
+            step=sampler.step,
+            num_steps=sampler.num_steps,
+            t=sampler.grid[sampler.step - 1],
+            mean_experts_per_token=state.usage.mean_so_far(),
+            elapsed_ms=(time.monotonic() - state.started) * 1000,
+            preview=preview,
+        )
 
     def decode(self, states: list[RequestState]) -> tuple[dict[int, torch.Tensor], float]:
         """Images in [-1, 1] of finished requests, by id(state): a latent model's VAE decodes them all as
@@ -156,8 +185,9 @@ class Runner:
                     log.exception("VAE decode of request %s failed", s.request.request_id)
         return out, (time.perf_counter() - start) * 1000
 
-    def result(self, state: RequestState, image: Optional[torch.Tensor], submitted: float,
-               decode_ms: float) -> GenerationResult:
+    def result(
+        self, state: RequestState, image: Optional[torch.Tensor], submitted: float, decode_ms: float
+    ) -> GenerationResult:
         """The answer of a finished request; `image` its decoded pictures (None: the decode failed)."""
         if image is None:
             raise RuntimeError("the VAE could not decode its latents")
@@ -165,6 +195,11 @@ class Runner:
         return GenerationResult(
             request_id=state.request.request_id,
             images=to_uint8(image.cpu()).permute(0, 2, 3, 1).numpy(),
-            samples=state.sampler.x.float().cpu().numpy(), seeds=state.request.seeds,
-            expert_usage=state.usage.summary(), queue_ms=(state.started - submitted) * 1000,
-            inference_ms=(now - state.started) * 1000, total_ms=(now - submitted) * 1000, decode_ms=decode_ms)
+            samples=state.sampler.x.float().cpu().numpy(),
+            seeds=state.request.seeds,
+            expert_usage=state.usage.summary(),
+            queue_ms=(state.started - submitted) * 1000,
+            inference_ms=(now - state.started) * 1000,
+            total_ms=(now - submitted) * 1000,
+            decode_ms=decode_ms,
+        )

@@ -11,6 +11,7 @@ start, which run, and which leave (cancelled, or past their deadline). Policies 
 
 The scheduler is not thread-safe: the engine calls it under its lock.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -44,7 +45,7 @@ class StepPlan:
     running: list[str] = field(default_factory=list)  # every active job, in admission order (started included)
     dropped: list[tuple[str, EngineError]] = field(default_factory=list)  # left: cancelled or overdue
 
-    def rows(self, scheduler: "Scheduler") -> int:
+    def rows(self, scheduler: Scheduler) -> int:
         return sum(scheduler.jobs[i].rows for i in self.running)
 
 
@@ -187,7 +188,9 @@ class Scheduler:
         overdue = [job for job in self.queue if job.overdue(now)]
         for job in overdue:
             self._remove(job)
-        return [(job.id, DeadlineExceeded(f"waited in the queue past its {job.timeout_s} s deadline")) for job in overdue]
+        return [
+            (job.id, DeadlineExceeded(f"waited in the queue past its {job.timeout_s} s deadline")) for job in overdue
+        ]
 
     def _remove(self, job: Job) -> None:
         if job in self.queue:

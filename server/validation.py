@@ -1,5 +1,6 @@
 """Wire values to engine requests. The request model carries this server's limits, so the OpenAPI
 schema shows them and pydantic names every bad field at once; KServe rows go through the same model."""
+
 from __future__ import annotations
 
 import secrets
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from pydantic import Field, StrictInt, ValidationError, create_model, field_validator, model_validator
+
 from racedit_client.models import GenerateRequest, StrictFloat
 
 from .requests import GenerationRequest
@@ -28,10 +30,18 @@ class Limits:
     default_sampler: str = "euler"
 
     @classmethod
-    def from_settings(cls, settings: ServeSettings, model: "ServedModel") -> "Limits":
-        return cls(model.class_names, settings.max_steps, settings.max_images, settings.max_cfg_scale,
-                   settings.max_batch_rows, settings.request_timeout_s, model.budget_range, model.samplers,
-                   model.default_sampler)
+    def from_settings(cls, settings: ServeSettings, model: ServedModel) -> Limits:
+        return cls(
+            model.class_names,
+            settings.max_steps,
+            settings.max_images,
+            settings.max_cfg_scale,
+            settings.max_batch_rows,
+            settings.request_timeout_s,
+            model.budget_range,
+            model.samplers,
+            model.default_sampler,
+        )
 
 
 @dataclass
@@ -72,46 +82,69 @@ def request_model(limits: Limits, base: type[GenerateRequest] = GenerateRequest)
 
     def calibrated_budget(value: float) -> float:
         if not low <= value <= high:
-            raise ValueError(f"expert_budget {value:g} is outside this model's calibrated range {low:g}..{high:g}"
-                             + ("" if high > low else " (its checkpoint has no budget table: racedit calibrate)"))
+            raise ValueError(
+                f"expert_budget {value:g} is outside this model's calibrated range {low:g}..{high:g}"
+                + ("" if high > low else " (its checkpoint has no budget table: racedit calibrate)")
+            )
         return value
 
     def fits(request: GenerateRequest) -> GenerateRequest:
         rows_per_image = 1 if request.cfg_scale == 1.0 else 2
         most = min(limits.max_images, limits.max_batch_rows // rows_per_image)
         if request.num_images > most:
-            raise ValueError(f"num_images {request.num_images} needs {request.num_images * rows_per_image} rows; "
-                             f"this server's batch holds {limits.max_batch_rows}, so at most {most} "
-                             f"{'unguided' if rows_per_image == 1 else 'guided'} images")
+            raise ValueError(
+                f"num_images {request.num_images} needs {request.num_images * rows_per_image} rows; "
+                f"this server's batch holds {limits.max_batch_rows}, so at most {most} "
+                f"{'unguided' if rows_per_image == 1 else 'guided'} images"
+            )
         if request.seed is not None and request.seed > MAX_SEED - request.num_images:
             raise ValueError(f"seed + num_images must stay below 2**63 (seed at most {MAX_SEED - request.num_images})")
         return request
 
     return create_model(
-        base.__name__, __base__=base, __module__=__name__, __doc__=base.__doc__,
-        cfg_scale=(StrictFloat, Field(4.0, ge=0, le=limits.max_cfg_scale, allow_inf_nan=False,
-                                      description=field["cfg_scale"].description)),
+        base.__name__,
+        __base__=base,
+        __module__=__name__,
+        __doc__=base.__doc__,
+        cfg_scale=(
+            StrictFloat,
+            Field(4.0, ge=0, le=limits.max_cfg_scale, allow_inf_nan=False, description=field["cfg_scale"].description),
+        ),
         num_steps=(StrictInt, Field(25, ge=1, le=limits.max_steps, description=field["num_steps"].description)),
         num_images=(StrictInt, Field(1, ge=1, le=limits.max_images, description=field["num_images"].description)),
-        expert_budget=(StrictFloat, Field(1.0, allow_inf_nan=False, description=field["expert_budget"].description,
-                                          json_schema_extra={"minimum": low, "maximum": high})),
+        expert_budget=(
+            StrictFloat,
+            Field(
+                1.0,
+                allow_inf_nan=False,
+                description=field["expert_budget"].description,
+                json_schema_extra={"minimum": low, "maximum": high},
+            ),
+        ),
         sampler=(Optional[Literal[limits.samplers]], Field(None, description=field["sampler"].description)),
-        __validators__={"known_class": field_validator("class_label")(known_class),
-                        "calibrated_budget": field_validator("expert_budget")(calibrated_budget),
-                        "fits": model_validator(mode="after")(fits)},
+        __validators__={
+            "known_class": field_validator("class_label")(known_class),
+            "calibrated_budget": field_validator("expert_budget")(calibrated_budget),
+            "fits": model_validator(mode="after")(fits),
+        },
     )
 
 
 def build_request(limits: Limits, body: GenerateRequest) -> GenerationRequest:
     """An engine request from a validated body; a seed left out is drawn at random."""
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    return GenerationRequest(class_label=resolve_class(body.class_label, limits.class_names),
-                             cfg_scale=float(body.cfg_scale), num_steps=body.num_steps, seed=seed,
-                             num_images=body.num_images, timeout_s=limits.timeout_s,
-                             expert_budget=float(body.expert_budget), sampler=body.sampler or limits.default_sampler)
+    return GenerationRequest(
+        class_label=resolve_class(body.class_label, limits.class_names),
+        cfg_scale=float(body.cfg_scale),
+        num_steps=body.num_steps,
+        seed=seed,
+        num_images=body.num_images,
+        timeout_s=limits.timeout_s,
+        expert_budget=float(body.expert_budget),
+        sampler=body.sampler or limits.default_sampler,
+    )
 
 
 def describe(exc: ValidationError) -> str:
     """One line naming every bad field, for answers that are not 422 lists (KServe's 400)."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors())
-

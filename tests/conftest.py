@@ -1,3 +1,13 @@
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
 import pytest
 import torch
 
@@ -19,16 +29,6 @@ def batch(model, n, seed=0):
 
 
 # ------------------------------------------------------------ servers ----
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import httpx
 
 
 def metric(text: str, name: str) -> float:
@@ -71,16 +71,34 @@ def free_port() -> int:
 class ServerProcess:
     """`racedit serve` in a real process on loopback."""
 
-    def __init__(self, checkpoint: Path, log_path: Path, *flags: str, env: dict | None = None,
-                 launcher: tuple[str, ...] = ("-m", "racedit.cli", "serve")):
+    def __init__(
+        self,
+        checkpoint: Path,
+        log_path: Path,
+        *flags: str,
+        env: dict | None = None,
+        launcher: tuple[str, ...] = ("-m", "racedit.cli", "serve"),
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, *launcher, "--checkpoint", str(checkpoint),
-             "--port", str(self.port), "--log-level", "warning", *flags],
-            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=environment)
+            [
+                sys.executable,
+                *launcher,
+                "--checkpoint",
+                str(checkpoint),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *flags,
+            ],
+            stdout=open(log_path, "w"),
+            stderr=subprocess.STDOUT,
+            env=environment,
+        )
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -106,7 +124,9 @@ class ServerProcess:
 def server_factory(tmp_path_factory, tiny_checkpoint):
     started = []
 
-    def start(*flags: str, env: dict | None = None, checkpoint: Path | None = None, faults: dict | None = None) -> ServerProcess:
+    def start(
+        *flags: str, env: dict | None = None, checkpoint: Path | None = None, faults: dict | None = None
+    ) -> ServerProcess:
         """`faults` ({"FAULT_LABEL": 9, ...}) serves through tests/faulty_serve.py with those injections."""
         log = tmp_path_factory.mktemp("server") / "server.log"
         launcher = ("-m", "racedit.cli", "serve")
@@ -128,10 +148,19 @@ def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5,
-                         shift_factor=0.1).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    ).eval()
 
 
 def make_latent_checkpoint(path: Path, vae=None) -> Path:

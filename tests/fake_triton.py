@@ -3,6 +3,7 @@
 BLS requests are executed by a real onnxruntime session on the exported denoiser,
 with the `reshape` that the denoiser's config.pbtxt declares for t and y.
 """
+
 import numpy as np
 import onnxruntime as ort
 
@@ -41,7 +42,11 @@ class InferenceResponse:
 
 class InferenceRequest:
     def __init__(self, model_name=None, requested_output_names=(), inputs=()):
-        self.model_name, self.requested_output_names, self.inputs = model_name, list(requested_output_names), list(inputs)
+        self.model_name, self.requested_output_names, self.inputs = (
+            model_name,
+            list(requested_output_names),
+            list(inputs),
+        )
 
     def exec(self):
         session = SESSIONS[self.model_name]

@@ -7,6 +7,7 @@ Only forwards on the engine's worker thread are affected (the start-up check run
 RACEDIT_TEST_ENCODE_FAULT=fmt: encoding an answer's images as fmt (png, jpeg, webp) raises RuntimeError, an
 unexpected error in a route (a bug, answered 500).
 """
+
 import os
 import sys
 import threading

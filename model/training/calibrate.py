@@ -11,10 +11,12 @@ pass, the layer activates k experts per token on average, while the split across
 timesteps and tokens stays the model's own. Sampling trajectories depend on the
 thresholds, so the pass repeats a few times (a fixed point; two are usually enough).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -40,6 +42,7 @@ def calibrate_thresholds(model: RaceDiT, calibration: Optional[Calibration] = No
     def collect(index: int):
         def hook(module, inputs, output) -> None:
             scores[index].append(output[1].scores.reshape(-1).float().cpu())
+
         return hook
 
     history = []
@@ -48,8 +51,9 @@ def calibrate_thresholds(model: RaceDiT, calibration: Optional[Calibration] = No
         for _ in range(calibration.iterations):
             for s in scores:
                 s.clear()
-            _, usage = generate(model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps,
-                                seeds=seeds)
+            _, usage = generate(
+                model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps, seeds=seeds
+            )
             history.append(sum(u.mean_experts_per_token for u in usage) / n)
             for layer, collected in zip(layers, scores):
                 gates = torch.cat(collected)
@@ -60,17 +64,20 @@ def calibrate_thresholds(model: RaceDiT, calibration: Optional[Calibration] = No
             handle.remove()
     _, usage = generate(model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps, seeds=seeds)
     history.append(sum(u.mean_experts_per_token for u in usage) / n)
-    return {**asdict(calibration), "method": "race K-th gate over the model's own sampling pass",
-            "thresholds_before": before, "thresholds": [float(layer.threshold) for layer in layers],
-            "mean_experts_per_token_by_iteration": [round(v, 4) for v in history]}
+    return {
+        **asdict(calibration),
+        "method": "race K-th gate over the model's own sampling pass",
+        "thresholds_before": before,
+        "thresholds": [float(layer.threshold) for layer in layers],
+        "mean_experts_per_token_by_iteration": [round(v, 4) for v in history],
+    }
 
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 @torch.no_grad()
-def budget_table(model: RaceDiT, calibration: Optional[Calibration] = None,
-                 budgets: Sequence[float] = BUDGETS) -> dict:
+def budget_table(model: RaceDiT, calibration: Optional[Calibration] = None, budgets: Sequence[float] = BUDGETS) -> dict:
     """The compute dial's table: per budget b, per-layer thresholds for about b * k experts per token.
 
     From the gates of one sampling pass at the learned thresholds, each layer's threshold for b is
@@ -89,9 +96,12 @@ def budget_table(model: RaceDiT, calibration: Optional[Calibration] = None,
     labels = [i % model.config.num_classes for i in range(n)]
     seeds = list(range(calibration.seed, calibration.seed + n))
     scores: list[list[torch.Tensor]] = [[] for _ in layers]
-    handles = [layer.register_forward_hook(
-        lambda module, inputs, output, i=i: scores[i].append(output[1].scores.reshape(-1).float().cpu()))
-        for i, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_hook(
+            lambda module, inputs, output, i=i: scores[i].append(output[1].scores.reshape(-1).float().cpu())
+        )
+        for i, layer in enumerate(layers)
+    ]
     try:
         generate(model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps, seeds=seeds)
     finally:
@@ -109,8 +119,14 @@ def budget_table(model: RaceDiT, calibration: Optional[Calibration] = None,
     model.metadata = {**getattr(model, "metadata", {}), "budget_table": record}
     realised = []
     for budget in budgets:
-        _, usage = generate(model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps,
-                            seeds=seeds, expert_budget=budget)
+        _, usage = generate(
+            model,
+            labels,
+            cfg_scale=calibration.cfg_scale,
+            num_steps=calibration.num_steps,
+            seeds=seeds,
+            expert_budget=budget,
+        )
         realised.append(round(sum(u.mean_experts_per_token for u in usage) / n, 4))
     record["mean_experts_per_token"] = realised
     return record

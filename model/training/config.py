@@ -7,6 +7,7 @@ as `Literal`, ranges as `Field` bounds, unknown keys refused; errors name the ke
 (`optim.steps must be >= 1, got 0`). What one field cannot say alone (a cool-down that must fit
 in its run, a VAE's channels against the model's) is checked in `parse_config`, before anything is built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,6 +47,7 @@ class DataConfig:
 class Restart:
     """A warm restart (SGDR): from step `at` a new piece holds `lr`, then cools down to
     `min_lr` over its own last `decay_steps`; the piece before it ends at `at`."""
+
     __pydantic_config__ = FORBID_UNKNOWN
 
     at: Int
@@ -114,9 +116,13 @@ class TrainConfig:
     calibration: Calibration = field(default_factory=Calibration)  # thresholds re-estimated on each saved EMA
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data),
-                "optim": dataclasses.asdict(self.optim), "loss": dataclasses.asdict(self.loss),
-                "calibration": dataclasses.asdict(self.calibration)}
+        return {
+            "model": self.model.to_dict(),
+            "data": dataclasses.asdict(self.data),
+            "optim": dataclasses.asdict(self.optim),
+            "loss": dataclasses.asdict(self.loss),
+            "calibration": dataclasses.asdict(self.calibration),
+        }
 
 
 # ---------------------------------------------------------- cross-field ----
@@ -127,14 +133,17 @@ def check_restarts(o: OptimConfig) -> None:
         name = f"optim.restarts[{i}]"
         earliest = start + max(1, cooldown)
         if r.at < earliest:
-            raise ConfigError(f"{name}.at must be >= {earliest} (the previous piece's start plus its "
-                              f"cool-down), got {r.at}")
+            raise ConfigError(
+                f"{name}.at must be >= {earliest} (the previous piece's start plus its cool-down), got {r.at}"
+            )
         if r.min_lr > r.lr:
             raise ConfigError(f"{name} needs min_lr in 0..lr, got {dataclasses.asdict(r)}")
         start, cooldown = r.at, r.decay_steps
     if start + max(1, cooldown) > o.steps:
-        raise ConfigError(f"optim.steps ({o.steps}) must leave room for the last piece, which starts at "
-                          f"{start} and cools down over {cooldown} steps")
+        raise ConfigError(
+            f"optim.steps ({o.steps}) must leave room for the last piece, which starts at "
+            f"{start} and cools down over {cooldown} steps"
+        )
 
 
 def check_latent_data(data: DataConfig, model: ModelConfig) -> None:
@@ -147,8 +156,9 @@ def check_latent_data(data: DataConfig, model: ModelConfig) -> None:
         raise ConfigError(f"data.vae: {exc}") from None
     channels = read_vae_config(Path(data.vae)).get("latent_channels", 4)
     if model.in_channels != channels:
-        raise ConfigError(f"model.in_channels is {model.in_channels} but the VAE {data.vae} makes "
-                          f"{channels}-channel latents")
+        raise ConfigError(
+            f"model.in_channels is {model.in_channels} but the VAE {data.vae} makes {channels}-channel latents"
+        )
 
 
 def check_class_weights(data: DataConfig, class_names: list[str]) -> None:
@@ -172,20 +182,23 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
     source = model_doc.pop("checkpoint", None)
     if source is not None:  # the architecture of an existing checkpoint (e.g. racedit import-dit's), trained as flow
         if preset is not None or model_doc:
-            raise ConfigError("model.checkpoint takes the whole architecture from the checkpoint: "
-                              f"drop the other model keys ({', '.join(['preset'] * bool(preset) + list(model_doc))})")
+            raise ConfigError(
+                "model.checkpoint takes the whole architecture from the checkpoint: "
+                f"drop the other model keys ({', '.join(['preset'] * bool(preset) + list(model_doc))})"
+            )
         model_doc = {**checkpoint.read_config(source)["model"], "objective": "rectified_flow"}
     model = preset_config(preset, **model_doc) if preset else ModelConfig.from_dict(model_doc)
-    config = parse_section(TrainConfig, {**{k: ({} if v is None else v) for k, v in document.items()},
-                                         "model": model})
+    config = parse_section(TrainConfig, {**{k: ({} if v is None else v) for k, v in document.items()}, "model": model})
     data = config.data
     if data.name == "imagefolder" and not data.root:
         raise ConfigError("data.root is required for data.name imagefolder")
     if data.vae is not None:
         check_latent_data(data, model)
     elif data.name == "imagefolder" and model.in_channels != 3:
-        raise ConfigError("training on an ImageFolder in pixel space needs model.in_channels 3 "
-                          "(or data.vae, a VAE folder, to train in its latent space)")
+        raise ConfigError(
+            "training on an ImageFolder in pixel space needs model.in_channels 3 "
+            "(or data.vae, a VAE folder, to train in its latent space)"
+        )
     if model.class_names is not None:  # an ImageFolder's classes are known once it is read
         check_class_weights(data, model.class_names)
     optim = config.optim

@@ -5,15 +5,17 @@ same on every machine and nothing is downloaded. Shapes are drawn at 4x
 resolution and box-filtered down (anti-aliasing), in a random colour of good
 contrast over a gradient or a low-frequency texture.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -59,8 +61,11 @@ def _outline(name: str, radius: float, angle: float) -> list[tuple[float, float]
     if name == "triangle":
         return [(x, y + 0.15 * radius) for x, y in _polygon(3, radius * 1.1, angle)]
     if name == "diamond":
-        return [(x * 0.8, y) for x, y in _polygon(4, radius, 0.0)] if angle == 0 else \
-            _rotate([(x * 0.8, y) for x, y in _polygon(4, radius, 0.0)], angle)
+        return (
+            [(x * 0.8, y) for x, y in _polygon(4, radius, 0.0)]
+            if angle == 0
+            else _rotate([(x * 0.8, y) for x, y in _polygon(4, radius, 0.0)], angle)
+        )
     if name == "pentagon":
         return _polygon(5, radius, angle)
     if name == "hexagon":
@@ -69,8 +74,20 @@ def _outline(name: str, radius: float, angle: float) -> list[tuple[float, float]
         return _polygon(5, radius, angle, inner=0.42)
     if name == "cross":
         w = 0.32 * radius
-        arm = [(-w, -radius), (w, -radius), (w, -w), (radius, -w), (radius, w), (w, w),
-               (w, radius), (-w, radius), (-w, w), (-radius, w), (-radius, -w), (-w, -w)]
+        arm = [
+            (-w, -radius),
+            (w, -radius),
+            (w, -w),
+            (radius, -w),
+            (radius, w),
+            (w, w),
+            (w, radius),
+            (-w, radius),
+            (-w, w),
+            (-radius, w),
+            (-radius, -w),
+            (-w, -w),
+        ]
         return _rotate(arm, angle)
     if name == "heart":
         pts = []
@@ -146,8 +163,14 @@ class Shapes10(Dataset):
 
     class_names = SHAPES10_CLASSES
 
-    def __init__(self, split: str = "train", image_size: int = 32, seed: int = 0,
-                 length: Optional[int] = None, style: Optional[ShapesStyle] = None):
+    def __init__(
+        self,
+        split: str = "train",
+        image_size: int = 32,
+        seed: int = 0,
+        length: Optional[int] = None,
+        style: Optional[ShapesStyle] = None,
+    ):
         if split not in SPLIT_OFFSETS:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.split, self.image_size, self.seed = split, image_size, seed
@@ -198,16 +221,24 @@ class ImageFolder(Dataset):
 
     EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
-    def __init__(self, root: Union[str, os.PathLike], image_size: int = 32,
-                 encoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        image_size: int = 32,
+        encoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolder: {self.root} is not a folder")
         self.class_names = sorted(d.name for d in self.root.iterdir() if d.is_dir())
         if not self.class_names:
             raise ValueError(f"ImageFolder: {self.root} has no class sub-folders")
-        self.samples = [(p, label) for label, name in enumerate(self.class_names)
-                        for p in sorted((self.root / name).rglob("*")) if p.suffix.lower() in self.EXTENSIONS]
+        self.samples = [
+            (p, label)
+            for label, name in enumerate(self.class_names)
+            for p in sorted((self.root / name).rglob("*"))
+            if p.suffix.lower() in self.EXTENSIONS
+        ]
         if not self.samples:
             raise ValueError(f"ImageFolder: no images ({', '.join(sorted(self.EXTENSIONS))}) under {self.root}")
         self.image_size, self.encoder = image_size, encoder
@@ -229,8 +260,9 @@ class ImageFolder(Dataset):
         return x, label
 
 
-def vae_encoder(vae: Union[torch.nn.Module, str, os.PathLike], scale: Optional[float] = None,
-                shift: Optional[float] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def vae_encoder(
+    vae: Union[torch.nn.Module, str, os.PathLike], scale: Optional[float] = None, shift: Optional[float] = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """An ImageFolder encoder from a diffusers AutoencoderKL: a module, or a local folder
     written by `save_pretrained` (loaded with `local_files_only`, so nothing is fetched).
 
@@ -245,7 +277,9 @@ def vae_encoder(vae: Union[torch.nn.Module, str, os.PathLike], scale: Optional[f
             raise ImportError("encoding to latents needs diffusers: pip install diffusers") from exc
         path = Path(vae)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: not an AutoencoderKL folder (no config.json); write one with save_pretrained")
+            raise FileNotFoundError(
+                f"{path}: not an AutoencoderKL folder (no config.json); write one with save_pretrained"
+            )
         vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)  # as Autoencoder.load
     vae = vae.eval()
     config = getattr(vae, "config", None)

@@ -7,14 +7,16 @@ that classifier's 64-d feature space against real val images drawn in the style 
 was trained on (its checkpoint's `data.style`), and also against shapes10's default style
 when that differs. The Fig. 6 plot shows mean experts per token against the sampling timestep.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,9 +26,9 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load
 from ..config import SHAPES10_CLASSES
-from .data import Shapes10, ShapesStyle
 from ..samplers import time_grid
 from ..sampling import generate
+from .data import Shapes10, ShapesStyle
 
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[1] / "weights" / "shapes10-classifier"  # in model/weights
 
@@ -38,11 +40,24 @@ class ShapesClassifier(nn.Module):
         super().__init__()
 
         def stage(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            )
 
-        self.body = nn.Sequential(stage(3, 16), nn.MaxPool2d(2), stage(16, 32), nn.MaxPool2d(2),
-                                  stage(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            stage(3, 16),
+            nn.MaxPool2d(2),
+            stage(16, 32),
+            nn.MaxPool2d(2),
+            stage(32, 64),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(64, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +82,9 @@ def load_classifier(path: Optional[Path] = None) -> ShapesClassifier:
 
 
 @torch.no_grad()
-def classify(model: ShapesClassifier, images_uint8: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(
+    model: ShapesClassifier, images_uint8: torch.Tensor, batch: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels [N] and features [N, 64]."""
     preds, feats = [], []
     for chunk in images_uint8.split(batch):
@@ -114,15 +131,22 @@ def train_classifier(out: Path, steps: int = 600, batch: int = 64, seed: int = 0
     accuracy = float((preds == val_labels).float().mean())
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({"classes": SHAPES10_CLASSES, "val_accuracy": accuracy,
-                                                 "steps": steps, "batch": batch, "seed": seed}, indent=2) + "\n")
+    (out / "config.json").write_text(
+        json.dumps(
+            {"classes": SHAPES10_CLASSES, "val_accuracy": accuracy, "steps": steps, "batch": batch, "seed": seed},
+            indent=2,
+        )
+        + "\n"
+    )
     return accuracy
 
 
-def plot_experts_per_timestep(grid_t: Sequence[float], per_step: Sequence[float], k: int, path: Path,
-                               title: str) -> None:
+def plot_experts_per_timestep(
+    grid_t: Sequence[float], per_step: Sequence[float], k: int, path: Path, title: str
+) -> None:
     """Mean experts per token at each sampling step, t running from 1 (noise) to 0 as sampling does."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -144,6 +168,7 @@ def plot_experts_per_timestep(grid_t: Sequence[float], per_step: Sequence[float]
 def plot_sample_grid(images: torch.Tensor, class_names: Sequence[str], path: Path, columns: int = 10) -> None:
     """uint8 [N, 3, H, W], image i of class i % columns: one column per class, labelled."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -155,15 +180,15 @@ def plot_sample_grid(images: torch.Tensor, class_names: Sequence[str], path: Pat
             ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
         if i < columns:
             ax.set_title(class_names[i % len(class_names)], fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (rows * 0.9 + 0.3), wspace=0.05,
-                        hspace=0.05)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (rows * 0.9 + 0.3), wspace=0.05, hspace=0.05)
     fig.savefig(path)
     plt.close(fig)
 
 
 @torch.no_grad()
-def routing_probe(model, images_uint8: torch.Tensor, labels: torch.Tensor, grid_t: Sequence[float],
-                  seed: int = 0) -> float:
+def routing_probe(
+    model, images_uint8: torch.Tensor, labels: torch.Tensor, grid_t: Sequence[float], seed: int = 0
+) -> float:
     """Combination usage (docs/design.md, paper Fig. 13) of real images noised to each t of the time
     grid: per layer and t over the batch's tokens, then averaged."""
     from .losses import combination_usage
@@ -188,8 +213,16 @@ def reference_style(model) -> ShapesStyle:
     return ShapesStyle()
 
 
-def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: int, batch_size: int,
-             out: Path, classifier_path: Optional[Path] = None, dtype: str = "float32") -> dict:
+def evaluate(
+    checkpoint: Path,
+    num_samples: int,
+    cfg_scale: float,
+    num_steps: int,
+    batch_size: int,
+    out: Path,
+    classifier_path: Optional[Path] = None,
+    dtype: str = "float32",
+) -> dict:
     from .losses import max_violation
 
     model = load(checkpoint).set_precision(getattr(torch, dtype))
@@ -199,9 +232,10 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
     images, usages = [], []
     start = time.time()
     for lo in range(0, num_samples, batch_size):
-        chunk = labels[lo:lo + batch_size]
-        imgs, usage = generate(model, chunk, cfg_scale=cfg_scale, num_steps=num_steps,
-                               seeds=list(range(lo, lo + len(chunk))))
+        chunk = labels[lo : lo + batch_size]
+        imgs, usage = generate(
+            model, chunk, cfg_scale=cfg_scale, num_steps=num_steps, seeds=list(range(lo, lo + len(chunk)))
+        )
         images.append(imgs)
         usages.extend(usage)
     images = torch.cat(images)
@@ -222,25 +256,39 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
     out.mkdir(parents=True, exist_ok=True)
     names = model.config.class_names or [str(c) for c in range(n_classes)]
     plot_sample_grid(images[: min(100, num_samples)], names[:n_classes], out / "samples.png", columns=n_classes)
-    plot_experts_per_timestep(grid_t, per_step, k, out / "experts_per_timestep.png",
-                              title=f"Experts per token over sampling (cfg {cfg_scale:g}, {num_steps} steps)")
+    plot_experts_per_timestep(
+        grid_t,
+        per_step,
+        k,
+        out / "experts_per_timestep.png",
+        title=f"Experts per token over sampling (cfg {cfg_scale:g}, {num_steps} steps)",
+    )
     report = {
         "checkpoint": str(checkpoint),
-        "num_samples": num_samples, "cfg_scale": cfg_scale, "num_steps": num_steps, "dtype": dtype,
+        "num_samples": num_samples,
+        "cfg_scale": cfg_scale,
+        "num_steps": num_steps,
+        "dtype": dtype,
         "class_fidelity": float((preds == target).float().mean()),
-        "per_class_fidelity": {SHAPES10_CLASSES[c]: float((preds[target == c] == c).float().mean())
-                               for c in range(n_classes) if (target == c).any()},
+        "per_class_fidelity": {
+            SHAPES10_CLASSES[c]: float((preds[target == c] == c).float().mean())
+            for c in range(n_classes)
+            if (target == c).any()
+        },
         "frechet_distance": frechet_distance(feats, real_feats),
         "frechet_reference": {"split": "val", "images": len(val_images), "style": dataclasses.asdict(style)},
         **default_fd,
         "mean_experts_per_token": float(np.mean([u.mean_experts_per_token for u in usages])),
         # share of (layer, token, step) slots whose token used 0..E experts, over all samples
-        "experts_per_token_histogram": np.mean([u.experts_per_token_histogram for u in usages], axis=0).round(6).tolist(),
+        "experts_per_token_histogram": np.mean([u.experts_per_token_histogram for u in usages], axis=0)
+        .round(6)
+        .tolist(),
         # per layer over every token and step of the samples, then averaged over layers
         "maxvio": float(np.mean([max_violation(torch.from_numpy(layer)) for layer in loads])) if k else 0.0,
         # real val images (one per class, in turn) noised to each t of the grid
-        "combination_usage": routing_probe(model, val_images[:n_classes * 5], val_labels[:n_classes * 5],
-                                           grid_t) if k else 0.0,
+        "combination_usage": routing_probe(model, val_images[: n_classes * 5], val_labels[: n_classes * 5], grid_t)
+        if k
+        else 0.0,
         "experts_per_token_by_t": {f"{t:.2f}": round(v, 4) for t, v in zip(grid_t, per_step)},
         "generation_seconds": round(seconds, 2),
     }
@@ -251,9 +299,16 @@ def evaluate(checkpoint: Path, num_samples: int, cfg_scale: float, num_steps: in
 def main(args: argparse.Namespace) -> int:
     from .. import DEFAULT_CHECKPOINT
 
-    report = evaluate(Path(args.checkpoint or DEFAULT_CHECKPOINT), args.num_samples, args.cfg_scale,
-                      args.num_steps, args.batch_size, Path(args.out),
-                      Path(args.classifier) if args.classifier else None, args.dtype)
+    report = evaluate(
+        Path(args.checkpoint or DEFAULT_CHECKPOINT),
+        args.num_samples,
+        args.cfg_scale,
+        args.num_steps,
+        args.batch_size,
+        Path(args.out),
+        Path(args.classifier) if args.classifier else None,
+        args.dtype,
+    )
     print(json.dumps({k: v for k, v in report.items() if k != "experts_per_token_by_t"}, indent=2))
     print(f"wrote {args.out}/report.json, samples.png, experts_per_timestep.png")
     return 0

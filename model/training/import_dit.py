@@ -9,6 +9,7 @@ the router starts near uniform. DiT predicts DDPM noise, so the checkpoint recor
 
 Nothing here unpickles code: `.pt` files are read with `torch.load(weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ def read_source(source: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{path}: not a plain tensor state dict ({type(exc).__name__}: {exc}); "
-                                  "racedit never unpickles code") from exc
+            raise CheckpointError(
+                f"{path}: not a plain tensor state dict ({type(exc).__name__}: {exc}); racedit never unpickles code"
+            ) from exc
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # DiT's training checkpoints nest the weights ({"model", "ema", "opt"})
         if not isinstance(state, dict) or "x_embedder.proj.weight" not in state:
@@ -59,22 +61,35 @@ def read_source(source: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict
     raise CheckpointError(f"{path}: no such file or folder")
 
 
-def dense_config(state: dict[str, torch.Tensor], config: dict[str, Any], kind: str,
-                 num_heads: Optional[int] = None) -> ModelConfig:
+def dense_config(
+    state: dict[str, torch.Tensor], config: dict[str, Any], kind: str, num_heads: Optional[int] = None
+) -> ModelConfig:
     """The racedit config of the source backbone (dense: moe=None), objective ddpm_eps."""
     if kind == "diffusers":
-        if config.get("activation_fn", "gelu-approximate") != "gelu-approximate" or config.get("norm_elementwise_affine"):
+        if config.get("activation_fn", "gelu-approximate") != "gelu-approximate" or config.get(
+            "norm_elementwise_affine"
+        ):
             raise CheckpointError("only DiT's own block (gelu-approximate MLP, LayerNorms without affine) imports")
         hidden = config["num_attention_heads"] * config["attention_head_dim"]
         in_channels = config.get("in_channels", 4)
         out_channels = config.get("out_channels") or in_channels
         fc1 = state["transformer_blocks.0.ff.net.0.proj.weight"]
         return ModelConfig(
-            image_size=config.get("sample_size", 32), in_channels=in_channels, patch_size=config.get("patch_size", 2),
-            hidden_size=hidden, depth=config.get("num_layers", 28), num_heads=config["num_attention_heads"],
-            mlp_ratio=fc1.shape[0] / hidden, num_classes=config.get("num_embeds_ada_norm", 1000), moe=None,
-            objective="ddpm_eps", learn_sigma=out_channels == 2 * in_channels, timestep_freq_shift=1,
-            mlp_norm_eps=float(config.get("norm_eps", 1e-5)), position_order="col_row")
+            image_size=config.get("sample_size", 32),
+            in_channels=in_channels,
+            patch_size=config.get("patch_size", 2),
+            hidden_size=hidden,
+            depth=config.get("num_layers", 28),
+            num_heads=config["num_attention_heads"],
+            mlp_ratio=fc1.shape[0] / hidden,
+            num_classes=config.get("num_embeds_ada_norm", 1000),
+            moe=None,
+            objective="ddpm_eps",
+            learn_sigma=out_channels == 2 * in_channels,
+            timestep_freq_shift=1,
+            mlp_norm_eps=float(config.get("norm_eps", 1e-5)),
+            position_order="col_row",
+        )
     weight = state["x_embedder.proj.weight"]  # [D, C, p, p]
     hidden, in_channels, patch = weight.shape[0], weight.shape[1], weight.shape[2]
     tokens = state["pos_embed"].shape[1]
@@ -84,27 +99,44 @@ def dense_config(state: dict[str, torch.Tensor], config: dict[str, Any], kind: s
         raise CheckpointError(f"a DiT of width {hidden} is none of DiT's sizes: give its head count (--num-heads)")
     out = state["final_layer.linear.weight"].shape[0] // patch**2
     return ModelConfig(
-        image_size=int(round(tokens**0.5)) * patch, in_channels=in_channels, patch_size=patch, hidden_size=hidden,
-        depth=depth, num_heads=heads, mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
-        num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1, moe=None, objective="ddpm_eps",
-        learn_sigma=out == 2 * in_channels, timestep_freq_shift=0, mlp_norm_eps=1e-6, position_order="col_row")
+        image_size=int(round(tokens**0.5)) * patch,
+        in_channels=in_channels,
+        patch_size=patch,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
+        moe=None,
+        objective="ddpm_eps",
+        learn_sigma=out == 2 * in_channels,
+        timestep_freq_shift=0,
+        mlp_norm_eps=1e-6,
+        position_order="col_row",
+    )
 
 
 def racedit_state(state: dict[str, torch.Tensor], kind: str, depth: int) -> dict[str, torch.Tensor]:
     """The source's tensors under racedit's (dense) names."""
     if kind == "dit":
-        out = {k.replace("x_embedder.proj.", "x_embedder.").replace("y_embedder.embedding_table", "y_embedder.table"): v
-               for k, v in state.items() if k != "pos_embed"}
+        out = {
+            k.replace("x_embedder.proj.", "x_embedder.").replace("y_embedder.embedding_table", "y_embedder.table"): v
+            for k, v in state.items()
+            if k != "pos_embed"
+        }
         return out
     emb = "transformer_blocks.{}.norm1.emb."
     for i in range(1, depth):  # diffusers keeps a copy of the conditioning embedding in every block
         for name in ("timestep_embedder.linear_1.weight", "class_embedder.embedding_table.weight"):
             if not torch.equal(state[emb.format(0) + name], state[emb.format(i) + name]):
-                raise CheckpointError(f"block {i}'s conditioning embedding differs from block 0's: "
-                                      "racedit shares one embedding across blocks")
+                raise CheckpointError(
+                    f"block {i}'s conditioning embedding differs from block 0's: "
+                    "racedit shares one embedding across blocks"
+                )
     e = emb.format(0)
     out = {
-        "x_embedder.weight": state["pos_embed.proj.weight"], "x_embedder.bias": state["pos_embed.proj.bias"],
+        "x_embedder.weight": state["pos_embed.proj.weight"],
+        "x_embedder.bias": state["pos_embed.proj.bias"],
         "t_embedder.mlp.0.weight": state[e + "timestep_embedder.linear_1.weight"],
         "t_embedder.mlp.0.bias": state[e + "timestep_embedder.linear_1.bias"],
         "t_embedder.mlp.2.weight": state[e + "timestep_embedder.linear_2.weight"],
@@ -112,7 +144,8 @@ def racedit_state(state: dict[str, torch.Tensor], kind: str, depth: int) -> dict
         "y_embedder.table.weight": state[e + "class_embedder.embedding_table.weight"],
         "final_layer.adaLN_modulation.1.weight": state["proj_out_1.weight"],
         "final_layer.adaLN_modulation.1.bias": state["proj_out_1.bias"],
-        "final_layer.linear.weight": state["proj_out_2.weight"], "final_layer.linear.bias": state["proj_out_2.bias"],
+        "final_layer.linear.weight": state["proj_out_2.weight"],
+        "final_layer.linear.bias": state["proj_out_2.bias"],
     }
     for i in range(depth):
         b = f"transformer_blocks.{i}."
@@ -125,15 +158,19 @@ def racedit_state(state: dict[str, torch.Tensor], kind: str, depth: int) -> dict
     return out
 
 
-def import_dit(source: Union[str, Path], moe: Optional[MoEConfig] = None, num_heads: Optional[int] = None,
-               seed: int = 0) -> RaceDiT:
+def import_dit(
+    source: Union[str, Path], moe: Optional[MoEConfig] = None, num_heads: Optional[int] = None, seed: int = 0
+) -> RaceDiT:
     """A racedit model holding the source DiT's weights: dense, or upcycled into `moe`'s experts."""
     state, config, kind = read_source(source)
     dense_cfg = dense_config(state, config, kind, num_heads)
     dense = RaceDiT(dense_cfg)
     weights = {k: v.float() for k, v in racedit_state(state, kind, dense_cfg.depth).items()}
-    if kind == "dit" and not torch.allclose(state["pos_embed"].float()[0], sincos_pos_embed_2d(
-            dense_cfg.hidden_size, dense_cfg.grid_size, "col_row"), atol=1e-5):
+    if kind == "dit" and not torch.allclose(
+        state["pos_embed"].float()[0],
+        sincos_pos_embed_2d(dense_cfg.hidden_size, dense_cfg.grid_size, "col_row"),
+        atol=1e-5,
+    ):
         raise CheckpointError(f"{source}: its pos_embed is not DiT's fixed 2-D sin-cos embedding")
     missing, unexpected = dense.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -179,7 +216,7 @@ def upcycle(dense: RaceDiT, moe: MoEConfig, seed: int = 0, calibration_batches: 
         head.bias.fill_(bias)
     # thresholds: the race's K-th value over random noisy inputs at every t (what training's EMA would start from)
     model.train()
-    for i in range(calibration_batches):
+    for _ in range(calibration_batches):
         x = torch.randn(16, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
         t = (torch.arange(16) + 0.5) / 16
         y = torch.randint(0, cfg.num_classes, (16,), generator=generator)
@@ -208,7 +245,9 @@ def upcycling_report(dense: RaceDiT, upcycled: RaceDiT, num_inputs: int = 64, se
         moe_out, _ = block.mlp(h, upcycled.execution.resolve(h.device))
         want = dense_block.mlp(h, dense.execution.resolve(h.device))
         errors.append(float((moe_out - want).norm() / want.norm()))
-    return {"relative_error_output": round(float((out - reference).norm() / reference.norm()), 4),
-            "relative_error_mlp_mean": round(sum(errors) / len(errors), 4),
-            "experts_per_token": round(float(stats.experts_per_token.float().mean()), 3),
-            "num_inputs": num_inputs}
+    return {
+        "relative_error_output": round(float((out - reference).norm() / reference.norm()), 4),
+        "relative_error_mlp_mean": round(sum(errors) / len(errors), 4),
+        "experts_per_token": round(float(stats.experts_per_token.float().mean()), 3),
+        "num_inputs": num_inputs,
+    }

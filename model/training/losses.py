@@ -1,4 +1,5 @@
 """Auxiliary MoE losses and routing metrics (docs/design.md, "Training and evaluation")."""
+
 from __future__ import annotations
 
 import torch

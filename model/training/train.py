@@ -9,6 +9,7 @@ periodic checkpoints and sample grids, a CSV of loss terms and routing metrics.
 Everything is seeded: the same config on the same machine gives the same losses.
 Resumable state (raw weights, optimizer moments, RNG) is safetensors + JSON too.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -28,12 +30,12 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from . import losses
 from .. import checkpoint
 from ..autoencoder import Autoencoder, Decoder, copy_autoencoder
 from ..config import ConfigError
 from ..dit import RaceDiT
 from ..sampling import generate, to_uint8
+from . import losses
 from .calibrate import calibrate_thresholds
 from .config import DataConfig, OptimConfig, Pipeline, TrainConfig, check_class_weights
 from .data import ImageFolder, Shapes10, vae_encoder
@@ -79,8 +81,13 @@ def train_pipeline(pipeline: Pipeline, configs: list[TrainConfig], out: Path, pr
             previous = folder / "checkpoint"
             continue
         print(f"stage {stage.name}: {'resumed at step ' + str(done) if done else 'started'} -> {folder}", flush=True)
-        previous = train(config, folder, resume=folder / "checkpoint" if done else None,
-                         init=None if done else previous, progress=progress)
+        previous = train(
+            config,
+            folder,
+            resume=folder / "checkpoint" if done else None,
+            init=None if done else previous,
+            progress=progress,
+        )
     if pipeline.ship is None:
         return previous
     from .calibrate import budget_table
@@ -88,8 +95,9 @@ def train_pipeline(pipeline: Pipeline, configs: list[TrainConfig], out: Path, pr
     ship = pipeline.ship
     dtype = getattr(torch, ship.weights_dtype)
     model = checkpoint.load(previous)
-    shipped = checkpoint.save(model, out / "shipped", metadata=model.metadata, weights_dtype=dtype,
-                              autoencoder=model.autoencoder)
+    shipped = checkpoint.save(
+        model, out / "shipped", metadata=model.metadata, weights_dtype=dtype, autoencoder=model.autoencoder
+    )
     if ship.budget_table:  # on the weights as shipped, as `racedit calibrate --iterations 0` does
         model = checkpoint.load(shipped)
         budget_table(model)  # into model.metadata
@@ -98,8 +106,14 @@ def train_pipeline(pipeline: Pipeline, configs: list[TrainConfig], out: Path, pr
 
 
 # ------------------------------------------------------------ resumable ----
-def _save_state(folder: Path, model: RaceDiT, optimizer: torch.optim.Optimizer, step: int,
-                generator: torch.Generator, history: list[dict]) -> None:
+def _save_state(
+    folder: Path,
+    model: RaceDiT,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    generator: torch.Generator,
+    history: list[dict],
+) -> None:
     """Raw weights, AdamW moments and RNG as safetensors; scalars as JSON."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -114,8 +128,9 @@ def _save_state(folder: Path, model: RaceDiT, optimizer: torch.optim.Optimizer, 
     (folder / "train_state.json").write_text(json.dumps({"step": step, "history": history}, indent=2))
 
 
-def _load_state(folder: Path, model: RaceDiT, optimizer: torch.optim.Optimizer,
-                generator: torch.Generator) -> tuple[int, list[dict]]:
+def _load_state(
+    folder: Path, model: RaceDiT, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> tuple[int, list[dict]]:
     state_path = folder / "train_state.safetensors"
     if not state_path.is_file():
         raise checkpoint.CheckpointError(f"{state_path}: missing; --resume takes a training output folder's checkpoint")
@@ -144,19 +159,30 @@ def _with_folder_classes(config: TrainConfig, folder: ImageFolder) -> TrainConfi
     """An ImageFolder's sub-folders are the classes: the checkpoint must carry their names."""
     names = folder.class_names
     if len(names) != config.model.num_classes:
-        raise ConfigError(f"model.num_classes is {config.model.num_classes} but data.root {config.data.root} "
-                          f"has {len(names)} class folders ({', '.join(names)})")
+        raise ConfigError(
+            f"model.num_classes is {config.model.num_classes} but data.root {config.data.root} "
+            f"has {len(names)} class folders ({', '.join(names)})"
+        )
     return dataclasses.replace(config, model=dataclasses.replace(config.model, class_names=names))
 
 
-def _dataset(config: TrainConfig, folder: Optional[ImageFolder], vae: Optional[Autoencoder] = None,
-             device: Union[str, torch.device] = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def _dataset(
+    config: TrainConfig,
+    folder: Optional[ImageFolder],
+    vae: Optional[Autoencoder] = None,
+    device: Union[str, torch.device] = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole training set in host memory and its labels [N]: uint8 images [N, 3, H, W], or with a
     VAE, float32 latents [N, C, h, w] (posterior means in the checkpoint's scaling), encoded once on
     `device`, 64 images at a time, so only the latents are held (ImageNet at 256 px: about 21 GB)."""
     if folder is None:
-        ds = Shapes10("train", image_size=config.model.image_size, seed=config.data.seed,
-                      length=config.data.length, style=config.data.style)
+        ds = Shapes10(
+            "train",
+            image_size=config.model.image_size,
+            seed=config.data.seed,
+            length=config.data.length,
+            style=config.data.style,
+        )
         return ds.materialize()
     if vae is None:
         xs, ys = zip(*(folder[i] for i in range(len(folder))))
@@ -182,14 +208,14 @@ def class_weight_vector(data: DataConfig, class_names: list[str]) -> torch.Tenso
     return torch.tensor([float(data.class_weights.get(name, 1.0)) for name in class_names])
 
 
-def batch_sampler(config: TrainConfig, labels: torch.Tensor,
-                  device: torch.device) -> Callable[[torch.Generator], torch.Tensor]:
+def batch_sampler(
+    config: TrainConfig, labels: torch.Tensor, device: torch.device
+) -> Callable[[torch.Generator], torch.Tensor]:
     """Draws a batch of dataset indices: uniform, or weighted by class when `data.class_weights`
     asks for more of some classes (the hard ones) per batch."""
     size = config.optim.batch_size
     if not config.data.class_weights:
-        return lambda generator: torch.randint(0, labels.shape[0], (size,), generator=generator,
-                                               device=device).cpu()
+        return lambda generator: torch.randint(0, labels.shape[0], (size,), generator=generator, device=device).cpu()
     by_class = class_weight_vector(config.data, config.model.class_names)
     weights = by_class[labels].to(device)
     return lambda generator: torch.multinomial(weights, size, replacement=True, generator=generator).cpu()
@@ -202,7 +228,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 10, scale: int = 
     canvas = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = image.permute(1, 2, 0).numpy()
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = image.permute(1, 2, 0).numpy()
     Image.fromarray(canvas).resize((columns * w * scale, rows * h * scale), Image.NEAREST).save(path)
 
 
@@ -216,13 +242,16 @@ def _routing_metrics(stats, t: torch.Tensor) -> dict[str, float]:
     for b in range(TIMESTEP_BUCKETS):
         rows = (bucket == b).nonzero().squeeze(1)
         out[f"ept_t{b}"] = float(ept[:, rows].mean()) if rows.numel() else float("nan")
-    out["maxvio"] = float(np.mean([losses.max_violation(r.mask.reshape(-1, r.mask.shape[-1]).sum(0)) for r in stats.routing]))
+    out["maxvio"] = float(
+        np.mean([losses.max_violation(r.mask.reshape(-1, r.mask.shape[-1]).sum(0)) for r in stats.routing])
+    )
     out["comb_usage"] = float(np.mean([losses.combination_usage(r.mask) for r in stats.routing]))
     return out
 
 
-def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progress: bool = True,
-          init: Optional[Path] = None) -> Path:
+def train(
+    config: TrainConfig, out: Path, resume: Optional[Path] = None, progress: bool = True, init: Optional[Path] = None
+) -> Path:
     """Train, checkpointing to `out/checkpoint` (EMA weights, loadable by racedit.model.load).
 
     `resume` continues a run exactly (weights, optimizer, RNG); `init` starts a new run
@@ -263,9 +292,15 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
         # EMA first: building it draws from the global RNG, which _load_state then restores.
         ema.load_state_dict(checkpoint.load(resume).state_dict())
         step, history = _load_state(resume, model, optimizer, generator)
-    run_record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_step": step, "to_step": config.optim.steps,
-                  "world_size": world, "device": str(device), "resumed_from": str(resume) if resume else None,
-                  "initialised_from": str(init) if init else None}
+    run_record = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "from_step": step,
+        "to_step": config.optim.steps,
+        "world_size": world,
+        "device": str(device),
+        "resumed_from": str(resume) if resume else None,
+        "initialised_from": str(init) if init else None,
+    }
     images, labels = _dataset(config, folder, vae, device)
     decoder = None
     draw_batch = batch_sampler(config, labels, device)
@@ -275,6 +310,7 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
     bar = None
     if rank == 0 and progress:
         from tqdm import tqdm
+
         bar = tqdm(total=config.optim.steps, initial=step, unit="step", dynamic_ncols=True)
     start = time.time()
     start_step = step
@@ -306,8 +342,14 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}", mse=f"{terms['mse']:.4f}")
         if step % o.log_every == 0 or step == o.steps:
-            row = {"step": step, "lr": lr, "grad_norm": float(grad_norm), **terms, **_routing_metrics(stats, t),
-                   "sec_per_step": (time.time() - start) / (step - start_step)}
+            row = {
+                "step": step,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                **terms,
+                **_routing_metrics(stats, t),
+                "sec_per_step": (time.time() - start) / (step - start_step),
+            }
             for i, layer in enumerate(model.moe_layers):
                 row[f"tau{i}"] = float(layer.threshold)
             new_file = not csv_path.exists()
@@ -317,20 +359,35 @@ def train(config: TrainConfig, out: Path, resume: Optional[Path] = None, progres
                     writer.writeheader()
                 writer.writerow(row)
         if step % o.sample_every == 0 or step == o.steps:
-            grid, _ = generate(ema, labels=[i % config.model.num_classes for i in range(40)], cfg_scale=4.0,
-                               num_steps=25, seeds=list(range(40)), as_float=vae is not None)
+            grid, _ = generate(
+                ema,
+                labels=[i % config.model.num_classes for i in range(40)],
+                cfg_scale=4.0,
+                num_steps=25,
+                seeds=list(range(40)),
+                as_float=vae is not None,
+            )
             if vae is not None:  # latents: what the VAE makes of them
                 decoder = decoder or Decoder(vae, device)
                 grid = to_uint8(decoder(grid.to(device)))
             save_grid(grid, out / f"samples-{step:07d}.png")
         if step % o.checkpoint_every == 0 or step == o.steps:
-            record = {**run_record, "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "to_step": step,
-                      "wall_seconds": round(time.time() - start, 1), "final_terms": terms}
+            record = {
+                **run_record,
+                "ended": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "to_step": step,
+                "wall_seconds": round(time.time() - start, 1),
+                "final_terms": terms,
+            }
             # The EMA inherits the live model's thresholds; re-estimate them on the EMA weights it ships
             # (model/training/calibrate.py). The next step copies the live thresholds back, so training is unchanged.
             calibration = calibrate_thresholds(ema, config.calibration)
-            metadata = {"train_config": config.to_dict(), "step": step, "history": history + [record],
-                        "threshold_calibration": calibration}
+            metadata = {
+                "train_config": config.to_dict(),
+                "step": step,
+                "history": history + [record],
+                "threshold_calibration": calibration,
+            }
             ck = checkpoint.save(ema, out / "checkpoint", metadata=metadata, autoencoder=vae)
             _save_state(ck, model, optimizer, step, generator, history + [record])
     if bar is not None:

@@ -1,11 +1,13 @@
 """`racedit-client generate|models`: talk to a racedit server from the shell."""
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from .client import Client, GenerateResult
 from .errors import RaceditError
@@ -26,15 +28,20 @@ def usage_summary(result: GenerateResult) -> str:
     ]
     if u.per_step:
         hi = max(u.per_step) or 1.0
-        lines.append("per step (t=1 -> 0): " + "".join(SPARK[min(9, int(v / hi * 9))] for v in u.per_step)
-                     + f"  [{min(u.per_step):.2f} .. {max(u.per_step):.2f}]")
+        lines.append(
+            "per step (t=1 -> 0): "
+            + "".join(SPARK[min(9, int(v / hi * 9))] for v in u.per_step)
+            + f"  [{min(u.per_step):.2f} .. {max(u.per_step):.2f}]"
+        )
     return "\n".join(lines)
 
 
 def progress_bar(event: ProgressEvent, width: int = 30) -> str:
     done = round(width * event.step / event.num_steps)
-    return (f"\r[{'#' * done}{'.' * (width - done)}] {event.step}/{event.num_steps} t={event.t:.2f} "
-            f"experts/token {event.mean_experts_per_token:.2f} {event.elapsed_ms / 1000:.1f}s")
+    return (
+        f"\r[{'#' * done}{'.' * (width - done)}] {event.step}/{event.num_steps} t={event.t:.2f} "
+        f"experts/token {event.mean_experts_per_token:.2f} {event.elapsed_ms / 1000:.1f}s"
+    )
 
 
 def streamed(client: Client, label: Any, options: dict) -> GenerateResult:
@@ -58,10 +65,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(argv: Optional[Sequence[str]]) -> int:
     defaults = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="racedit-client", description="Client of a racedit server",
-                                     formatter_class=defaults)
-    parser.add_argument("--url", default=os.environ.get("RACEDIT_URL", "http://127.0.0.1:8000"),
-                        help="server address (env RACEDIT_URL)")
+    parser = argparse.ArgumentParser(
+        prog="racedit-client", description="Client of a racedit server", formatter_class=defaults
+    )
+    parser.add_argument(
+        "--url", default=os.environ.get("RACEDIT_URL", "http://127.0.0.1:8000"), help="server address (env RACEDIT_URL)"
+    )
     parser.add_argument("--api-key", default=os.environ.get("RACEDIT_API_KEY"), help="bearer key (env RACEDIT_API_KEY)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,17 +78,31 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     g.add_argument("--class", dest="class_label", required=True, help="class name or index")
     g.add_argument("--cfg", type=float, default=4.0, help="guidance scale")
     g.add_argument("--steps", type=int, default=25, help="sampler steps")
-    g.add_argument("--sampler", default=None, help="euler, heun, ... (racedit-client models lists the model's; "
-                                                   "default: the model's own)")
+    g.add_argument(
+        "--sampler",
+        default=None,
+        help="euler, heun, ... (racedit-client models lists the model's; default: the model's own)",
+    )
     g.add_argument("--seed", type=int, default=None, help="seed of the first image (None: the server draws one)")
     g.add_argument("-n", "--num-images", type=int, default=1, help="images to generate")
-    g.add_argument("--format", default="png", choices=["png", "jpeg", "webp", "npy"],
-                   help="npy: the final float32 samples, saved as .npy files")
+    g.add_argument(
+        "--format",
+        default="png",
+        choices=["png", "jpeg", "webp", "npy"],
+        help="npy: the final float32 samples, saved as .npy files",
+    )
     g.add_argument("-o", "--out", default=".", help="output folder")
-    g.add_argument("--budget", type=float, default=1.0,
-                   help="expert budget: about budget * k experts per token (the model's calibrated range)")
-    g.add_argument("--stream", action="store_true",
-                   help="stream progress (a bar on stderr) through POST /generate/stream; the images are the same")
+    g.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        help="expert budget: about budget * k experts per token (the model's calibrated range)",
+    )
+    g.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream progress (a bar on stderr) through POST /generate/stream; the images are the same",
+    )
     sub.add_parser("models", help="list the served models")
     args = parser.parse_args(argv)
     label = int(args.class_label) if getattr(args, "class_label", "").isdigit() else getattr(args, "class_label", None)
@@ -88,11 +111,21 @@ def _run(argv: Optional[Sequence[str]]) -> int:
             if args.command == "models":
                 for card in client.models().data:
                     space = f" (latents {'x'.join(map(str, card.latent_shape))})" if card.latent_shape else ""
-                    print(f"{card.id}: {card.image_shape[1]}x{card.image_shape[2]}{space}, classes {', '.join(card.classes)}; "
-                          f"{card.parameters_activated / 1e6:.1f} M of {card.parameters_total / 1e6:.1f} M parameters active")
+                    print(
+                        f"{card.id}: {card.image_shape[1]}x{card.image_shape[2]}{space}, "
+                        f"classes {', '.join(card.classes)}; {card.parameters_activated / 1e6:.1f} M of "
+                        f"{card.parameters_total / 1e6:.1f} M parameters active"
+                    )
                 return 0
-            options = dict(cfg_scale=args.cfg, num_steps=args.steps, seed=args.seed, num_images=args.num_images,
-                           output_format=args.format, expert_budget=args.budget, sampler=args.sampler)
+            options = dict(
+                cfg_scale=args.cfg,
+                num_steps=args.steps,
+                seed=args.seed,
+                num_images=args.num_images,
+                output_format=args.format,
+                expert_budget=args.budget,
+                sampler=args.sampler,
+            )
             if args.stream:
                 result = streamed(client, label, options)
             else:

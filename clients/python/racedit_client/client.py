@@ -1,4 +1,5 @@
 """Sync and async clients. Both share `_Core`: request building, error mapping and retry policy."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,15 +7,27 @@ import base64
 import io
 import random
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import httpx
 from PIL import Image
 
 from . import errors
-from .models import (ExpertUsage, GenerateRequest, GenerateResponse, GenerateStreamRequest, Health, ModelList,
-                     PreviewEvent, ProgressEvent, ResolvedRequest, StreamError, Timing)
+from .models import (
+    ExpertUsage,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateStreamRequest,
+    Health,
+    ModelList,
+    PreviewEvent,
+    ProgressEvent,
+    ResolvedRequest,
+    StreamError,
+    Timing,
+)
 
 RETRY_STATUSES = {429, 503}
 NPY_MIME = "application/x-npy"
@@ -39,8 +52,15 @@ class GenerateResult:
 
 
 class _Core:
-    def __init__(self, base_url: str, api_key: Optional[str], timeout: float, max_retries: int,
-                 max_retry_seconds: float, backoff: float):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Optional[str],
+        timeout: float,
+        max_retries: int,
+        max_retry_seconds: float,
+        backoff: float,
+    ):
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout, self.max_retries = timeout, max_retries
@@ -59,8 +79,9 @@ class _Core:
             return None
         return delay
 
-    def decide(self, attempt: int, started: float, response: Optional[httpx.Response] = None,
-               error: Optional[Exception] = None) -> Union[httpx.Response, float]:
+    def decide(
+        self, attempt: int, started: float, response: Optional[httpx.Response] = None, error: Optional[Exception] = None
+    ) -> Union[httpx.Response, float]:
         """The response to return, or seconds to sleep before retrying; raises the typed error on giving up."""
         if response is not None and response.status_code not in RETRY_STATUSES:
             self.raise_for(response)
@@ -83,29 +104,65 @@ class _Core:
         detail = body.get("detail", body.get("error")) if isinstance(body, dict) else body
         rid = (body.get("request_id") if isinstance(body, dict) else None) or response.headers.get("x-request-id")
         retry_after = response.headers.get("retry-after")
-        raise error_for(response.status_code, detail, rid, _describe(detail) or response.reason_phrase,
-                        float(retry_after) if retry_after else None)
+        raise error_for(
+            response.status_code,
+            detail,
+            rid,
+            _describe(detail) or response.reason_phrase,
+            float(retry_after) if retry_after else None,
+        )
 
     @staticmethod
-    def generate_body(class_label: Union[int, str], cfg_scale: float, num_steps: int, seed: Optional[int],
-                      num_images: int, output_format: str, expert_budget: float = 1.0,
-                      sampler: Optional[str] = None) -> dict[str, Any]:
-        return GenerateRequest(class_label=class_label, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
-                               num_images=num_images, output_format=output_format, expert_budget=expert_budget,
-                               sampler=sampler).model_dump(exclude_none=True)
+    def generate_body(
+        class_label: Union[int, str],
+        cfg_scale: float,
+        num_steps: int,
+        seed: Optional[int],
+        num_images: int,
+        output_format: str,
+        expert_budget: float = 1.0,
+        sampler: Optional[str] = None,
+    ) -> dict[str, Any]:
+        return GenerateRequest(
+            class_label=class_label,
+            cfg_scale=cfg_scale,
+            num_steps=num_steps,
+            seed=seed,
+            num_images=num_images,
+            output_format=output_format,
+            expert_budget=expert_budget,
+            sampler=sampler,
+        ).model_dump(exclude_none=True)
 
     @staticmethod
-    def stream_body(class_label: Union[int, str], cfg_scale: float, num_steps: int, seed: Optional[int],
-                    num_images: int, output_format: str, preview_every: int, expert_budget: float,
-                    sampler: Optional[str] = None) -> dict[str, Any]:
-        return GenerateStreamRequest(class_label=class_label, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
-                                     num_images=num_images, output_format=output_format, preview_every=preview_every,
-                                     expert_budget=expert_budget, sampler=sampler).model_dump(exclude_none=True)
+    def stream_body(
+        class_label: Union[int, str],
+        cfg_scale: float,
+        num_steps: int,
+        seed: Optional[int],
+        num_images: int,
+        output_format: str,
+        preview_every: int,
+        expert_budget: float,
+        sampler: Optional[str] = None,
+    ) -> dict[str, Any]:
+        return GenerateStreamRequest(
+            class_label=class_label,
+            cfg_scale=cfg_scale,
+            num_steps=num_steps,
+            seed=seed,
+            num_images=num_images,
+            output_format=output_format,
+            preview_every=preview_every,
+            expert_budget=expert_budget,
+            sampler=sampler,
+        ).model_dump(exclude_none=True)
 
     @staticmethod
     def parse_generate(response: httpx.Response) -> GenerateResult:
-        return _Core.result_of(GenerateResponse.model_validate(response.json()),
-                               response.headers.get("x-racedit-replica"))
+        return _Core.result_of(
+            GenerateResponse.model_validate(response.json()), response.headers.get("x-racedit-replica")
+        )
 
     @staticmethod
     def stream_event(name: str, data: str, response: httpx.Response) -> StreamEvent:
@@ -116,8 +173,9 @@ class _Core:
             raw = PreviewEvent.model_validate_json(data)
             return Preview(step=raw.step, t=raw.t, images=[_decode_image(base64.b64decode(i.data)) for i in raw.images])
         if name == "result":
-            return _Core.result_of(GenerateResponse.model_validate_json(data),
-                                   response.headers.get("x-racedit-replica"))
+            return _Core.result_of(
+                GenerateResponse.model_validate_json(data), response.headers.get("x-racedit-replica")
+            )
         if name == "error":
             raw = StreamError.model_validate_json(data)
             raise error_for(raw.status, raw.detail, raw.request_id, _describe(raw.detail))
@@ -134,9 +192,18 @@ class _Core:
                 arrays.append(np.load(io.BytesIO(data), allow_pickle=False))
                 continue
             images.append(_decode_image(data))
-        return GenerateResult(id=raw.id, model=raw.model, images=images, seeds=[i.seed for i in raw.images],
-                              expert_usage=raw.expert_usage, timing=raw.timing, raw=raw, arrays=arrays,
-                              request=raw.request, replica=replica)
+        return GenerateResult(
+            id=raw.id,
+            model=raw.model,
+            images=images,
+            seeds=[i.seed for i in raw.images],
+            expert_usage=raw.expert_usage,
+            timing=raw.timing,
+            raw=raw,
+            arrays=arrays,
+            request=raw.request,
+            replica=replica,
+        )
 
 
 @dataclass
@@ -175,8 +242,9 @@ def _decode_image(data: bytes) -> Image.Image:
         return image.copy()
 
 
-def error_for(status: int, detail: Any, request_id: Optional[str], message: str,
-              retry_after: Optional[float] = None) -> errors.RaceditError:
+def error_for(
+    status: int, detail: Any, request_id: Optional[str], message: str, retry_after: Optional[float] = None
+) -> errors.RaceditError:
     """The typed error of an HTTP status (one mapping for answers and stream `error` events)."""
     kind: type[errors.RaceditError]
     if status in (400, 413, 422, 431):
@@ -196,16 +264,27 @@ def error_for(status: int, detail: Any, request_id: Optional[str], message: str,
 
 def _describe(detail: Any) -> str:
     if isinstance(detail, list):
-        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:]) or 'body'}: {d.get('msg')}"
-                         if isinstance(d, dict) else str(d) for d in detail)
+        return "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', [])[1:]) or 'body'}: {d.get('msg')}"
+            if isinstance(d, dict)
+            else str(d)
+            for d in detail
+        )
     return "" if detail is None else str(detail)
 
 
 class Client(_Core):
     """Blocking client: `Client("http://host:8000").generate("star", seed=1).images[0].save("star.png")`."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: Optional[str] = None,
-                 timeout: float = 300.0, max_retries: int = 5, max_retry_seconds: float = 60.0, backoff: float = 0.25):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: Optional[str] = None,
+        timeout: float = 300.0,
+        max_retries: int = 5,
+        max_retry_seconds: float = 60.0,
+        backoff: float = 0.25,
+    ):
         super().__init__(base_url, api_key, timeout, max_retries, max_retry_seconds, backoff)
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout)
 
@@ -221,21 +300,39 @@ class Client(_Core):
             time.sleep(outcome)
             attempt += 1
 
-    def generate(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
-                 seed: Optional[int] = None, num_images: int = 1, output_format: str = "png",
-                 expert_budget: float = 1.0, sampler: Optional[str] = None) -> GenerateResult:
-        body = self.generate_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, expert_budget,
-                                  sampler)
+    def generate(
+        self,
+        class_label: Union[int, str],
+        cfg_scale: float = 4.0,
+        num_steps: int = 25,
+        seed: Optional[int] = None,
+        num_images: int = 1,
+        output_format: str = "png",
+        expert_budget: float = 1.0,
+        sampler: Optional[str] = None,
+    ) -> GenerateResult:
+        body = self.generate_body(
+            class_label, cfg_scale, num_steps, seed, num_images, output_format, expert_budget, sampler
+        )
         return self.parse_generate(self._request("POST", "/generate", json=body))
 
-    def stream(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
-               seed: Optional[int] = None, num_images: int = 1, output_format: str = "png",
-               preview_every: int = 0, expert_budget: float = 1.0,
-               sampler: Optional[str] = None) -> Iterator[StreamEvent]:
+    def stream(
+        self,
+        class_label: Union[int, str],
+        cfg_scale: float = 4.0,
+        num_steps: int = 25,
+        seed: Optional[int] = None,
+        num_images: int = 1,
+        output_format: str = "png",
+        preview_every: int = 0,
+        expert_budget: float = 1.0,
+        sampler: Optional[str] = None,
+    ) -> Iterator[StreamEvent]:
         """POST /generate/stream: a ProgressEvent per step, a Preview every `preview_every` steps, then the
         GenerateResult (byte-identical to generate()'s). Errors raise as generate() raises them."""
-        body = self.stream_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, preview_every,
-                                expert_budget, sampler)
+        body = self.stream_body(
+            class_label, cfg_scale, num_steps, seed, num_images, output_format, preview_every, expert_budget, sampler
+        )
         started, attempt = time.monotonic(), 0
         while True:
             try:
@@ -265,7 +362,7 @@ class Client(_Core):
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -275,8 +372,15 @@ class Client(_Core):
 class AsyncClient(_Core):
     """asyncio client: `async with AsyncClient(url) as c: await c.generate("star")`."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: Optional[str] = None,
-                 timeout: float = 300.0, max_retries: int = 5, max_retry_seconds: float = 60.0, backoff: float = 0.25):
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: Optional[str] = None,
+        timeout: float = 300.0,
+        max_retries: int = 5,
+        max_retry_seconds: float = 60.0,
+        backoff: float = 0.25,
+    ):
         super().__init__(base_url, api_key, timeout, max_retries, max_retry_seconds, backoff)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=timeout)
 
@@ -292,20 +396,38 @@ class AsyncClient(_Core):
             await asyncio.sleep(outcome)
             attempt += 1
 
-    async def generate(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
-                       seed: Optional[int] = None, num_images: int = 1, output_format: str = "png",
-                 expert_budget: float = 1.0, sampler: Optional[str] = None) -> GenerateResult:
-        body = self.generate_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, expert_budget,
-                                  sampler)
+    async def generate(
+        self,
+        class_label: Union[int, str],
+        cfg_scale: float = 4.0,
+        num_steps: int = 25,
+        seed: Optional[int] = None,
+        num_images: int = 1,
+        output_format: str = "png",
+        expert_budget: float = 1.0,
+        sampler: Optional[str] = None,
+    ) -> GenerateResult:
+        body = self.generate_body(
+            class_label, cfg_scale, num_steps, seed, num_images, output_format, expert_budget, sampler
+        )
         return self.parse_generate(await self._request("POST", "/generate", json=body))
 
-    async def stream(self, class_label: Union[int, str], cfg_scale: float = 4.0, num_steps: int = 25,
-                     seed: Optional[int] = None, num_images: int = 1, output_format: str = "png",
-                     preview_every: int = 0, expert_budget: float = 1.0,
-                     sampler: Optional[str] = None) -> AsyncIterator[StreamEvent]:
+    async def stream(
+        self,
+        class_label: Union[int, str],
+        cfg_scale: float = 4.0,
+        num_steps: int = 25,
+        seed: Optional[int] = None,
+        num_images: int = 1,
+        output_format: str = "png",
+        preview_every: int = 0,
+        expert_budget: float = 1.0,
+        sampler: Optional[str] = None,
+    ) -> AsyncIterator[StreamEvent]:
         """`async for event in client.stream(...)`: as Client.stream."""
-        body = self.stream_body(class_label, cfg_scale, num_steps, seed, num_images, output_format, preview_every,
-                                expert_budget, sampler)
+        body = self.stream_body(
+            class_label, cfg_scale, num_steps, seed, num_images, output_format, preview_every, expert_budget, sampler
+        )
         started, attempt = time.monotonic(), 0
         while True:
             try:
@@ -335,7 +457,7 @@ class AsyncClient(_Core):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

@@ -1,12 +1,14 @@
 """Typed errors carrying the server's message, status and request id."""
+
 from __future__ import annotations
 
 from typing import Any, Optional
 
 
 class RaceditError(Exception):
-    def __init__(self, message: str, status: Optional[int] = None, request_id: Optional[str] = None,
-                 detail: Any = None):
+    def __init__(
+        self, message: str, status: Optional[int] = None, request_id: Optional[str] = None, detail: Any = None
+    ):
         super().__init__(message if request_id is None else f"{message} (request id {request_id})")
         self.message, self.status, self.request_id, self.detail = message, status, request_id, detail
 

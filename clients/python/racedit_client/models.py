@@ -4,6 +4,7 @@ The server (`racedit.server.schemas`) serves these very models, adding only the
 request limits that are its runtime settings; a test compares the served OpenAPI
 schema with these models, limits included.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
@@ -19,28 +20,44 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     class_label: Union[StrictInt, StrictStr] = Field(..., description="class index or class name")
-    cfg_scale: StrictFloat = Field(4.0, allow_inf_nan=False,
-                                   description="classifier-free guidance scale; 1 skips the unconditional pass")
+    cfg_scale: StrictFloat = Field(
+        4.0, allow_inf_nan=False, description="classifier-free guidance scale; 1 skips the unconditional pass"
+    )
     num_steps: StrictInt = Field(25, description="sampler steps from noise to image")
-    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63, description="seed of the first image (image i uses "
-                                                                        "seed + i); drawn at random when left out")
+    seed: Optional[StrictInt] = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="seed of the first image (image i uses seed + i); drawn at random when left out",
+    )
     num_images: StrictInt = Field(1, description="images to generate")
-    expert_budget: StrictFloat = Field(1.0, allow_inf_nan=False,
-                                       description="the compute dial: about expert_budget * k experts per token, "
-                                                   "from the checkpoint's calibration table; 1.0 is the learned "
-                                                   "routing. The answer's expert_usage reports what was realised")
-    sampler: Optional[StrictStr] = Field(None, description="the sampler (euler, heun, ...: GET /v1/models lists "
-                                                           "the model's); left out: the model's default")
+    expert_budget: StrictFloat = Field(
+        1.0,
+        allow_inf_nan=False,
+        description="the compute dial: about expert_budget * k experts per token, "
+        "from the checkpoint's calibration table; 1.0 is the learned "
+        "routing. The answer's expert_usage reports what was realised",
+    )
+    sampler: Optional[StrictStr] = Field(
+        None,
+        description="the sampler (euler, heun, ...: GET /v1/models lists the model's); left out: the model's default",
+    )
     output_format: Literal["png", "jpeg", "webp", "npy"] = Field(
-        "png", description="image encoding; npy: the final float32 sample [C, H, W] as the sampler ends it "
-                           "(pixels in [-1, 1] before quantisation), byte-identical whatever shares the batch")
+        "png",
+        description="image encoding; npy: the final float32 sample [C, H, W] as the sampler ends it "
+        "(pixels in [-1, 1] before quantisation), byte-identical whatever shares the batch",
+    )
 
 
 class GenerateStreamRequest(GenerateRequest):
     """The body of POST /generate/stream: /generate's, and how often to send a preview."""
 
-    preview_every: StrictInt = Field(0, ge=0, description="a preview event (the predicted clean sample "
-                                                          "x0 = x_t - t * v as a small PNG) every n steps; 0: none")
+    preview_every: StrictInt = Field(
+        0,
+        ge=0,
+        description="a preview event (the predicted clean sample "
+        "x0 = x_t - t * v as a small PNG) every n steps; 0: none",
+    )
 
 
 class ImageOut(BaseModel):
@@ -65,7 +82,8 @@ class ExpertUsage(BaseModel):
     per_step: list[float] = Field(..., description="mean experts per token at each step, from t=1 to t=0")
     token_map: list[list[float]] = Field(..., description="(H/p) x (W/p) mean experts per token")
     experts_per_token_histogram: list[float] = Field(
-        ..., description="share of (layer, token, step) slots whose token used 0, 1, ..., E experts")
+        ..., description="share of (layer, token, step) slots whose token used 0, 1, ..., E experts"
+    )
 
     @property
     def compute_ratio(self) -> float:
@@ -138,19 +156,26 @@ class ModelCard(BaseModel):
     in_channels: int
     patch_size: int
     image_shape: list[int] = Field(..., description="[C, H, W] of the images answered (decoded for latent models)")
-    latent_shape: Optional[list[int]] = Field(None, description="[C, h, w] of the latents a latent model denoises "
-                                                                 "(what output_format npy returns); null in pixel space")
-    autoencoder: Optional[dict[str, Any]] = Field(None, description="the VAE that decodes the latents: kind, "
-                                                                    "scaling_factor, shift_factor; null in pixel space")
+    latent_shape: Optional[list[int]] = Field(
+        None,
+        description="[C, h, w] of the latents a latent model denoises "
+        "(what output_format npy returns); null in pixel space",
+    )
+    autoencoder: Optional[dict[str, Any]] = Field(
+        None, description="the VAE that decodes the latents: kind, scaling_factor, shift_factor; null in pixel space"
+    )
     routing: Optional[dict[str, Any]]
     parameters_total: int
     parameters_activated: int
     thresholds: list[float]
     backend: str
     dtype: str = Field(..., description="precision of the network's matmuls")
-    batch_invariant: bool = Field(..., description="verified at start-up: a row's output is the same bytes in any batch")
-    expert_budget_range: list[float] = Field(..., description="expert budgets served (the checkpoint's budget "
-                                                              "table; [1.0, 1.0] without one)")
+    batch_invariant: bool = Field(
+        ..., description="verified at start-up: a row's output is the same bytes in any batch"
+    )
+    expert_budget_range: list[float] = Field(
+        ..., description="expert budgets served (the checkpoint's budget table; [1.0, 1.0] without one)"
+    )
     samplers: list[str] = Field(..., description="the samplers a request may name")
     default_sampler: str = Field(..., description="the sampler of a request that names none")
 
@@ -159,8 +184,10 @@ class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
     authentication: Optional[Literal["bearer", "none"]] = Field(
-        None, description="'bearer': every route but the health probes and the playground page needs the API key; "
-                          "'none': this server runs without authentication (no key set)")
+        None,
+        description="'bearer': every route but the health probes and the playground page needs the API key; "
+        "'none': this server runs without authentication (no key set)",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -172,6 +199,21 @@ class Health(BaseModel):
     status: str
 
 
-WIRE_MODELS = [GenerateRequest, GenerateStreamRequest, ImageOut, LayerUsage, ExpertUsage, Timing, ResolvedRequest,
-               GenerateResponse, ProgressEvent, PreviewEvent, StreamError, ModelCard, ModelList, ErrorBody, Health]
+WIRE_MODELS = [
+    GenerateRequest,
+    GenerateStreamRequest,
+    ImageOut,
+    LayerUsage,
+    ExpertUsage,
+    Timing,
+    ResolvedRequest,
+    GenerateResponse,
+    ProgressEvent,
+    PreviewEvent,
+    StreamError,
+    ModelCard,
+    ModelList,
+    ErrorBody,
+    Health,
+]
 STREAM_EVENTS = {"progress": ProgressEvent, "preview": PreviewEvent, "result": GenerateResponse, "error": StreamError}

@@ -1,4 +1,5 @@
 """Deployment files, validated without a Docker engine."""
+
 import json
 import re
 import shutil
@@ -9,7 +10,7 @@ import httpx
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "racedit.json"
 
 
@@ -58,7 +59,7 @@ def test_dockerfile_shape():
     text = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM .*", text, re.M)
     assert len(stages) >= 2, "multi-stage build"
-    final = text[text.rindex("\nFROM "):]
+    final = text[text.rindex("\nFROM ") :]
     assert "build-essential" not in final and "COPY --from=build" in final
     assert re.search(r"^USER racedit$", final, re.M)
     assert "HEALTHCHECK" in final and "/readyz" in final

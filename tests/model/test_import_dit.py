@@ -1,5 +1,6 @@
 """racedit import-dit: published DiT weights (diffusers DiTTransformer2DModel folders and DiT .pt state
 dicts, here tiny and random, built with diffusers: no download) become racedit checkpoints."""
+
 import json
 import subprocess
 import sys
@@ -9,8 +10,8 @@ import torch
 
 from racedit.model import CheckpointError, generate, load, read_config
 from racedit.model.config import MoEConfig
-from racedit.model.training.import_dit import import_dit
 from racedit.model.sampling import ObjectiveError
+from racedit.model.training.import_dit import import_dit
 
 
 def tiny_dit(learn_sigma: bool = True, tied: bool = True, seed: int = 0):
@@ -19,9 +20,16 @@ def tiny_dit(learn_sigma: bool = True, tied: bool = True, seed: int = 0):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
-    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
-                                  out_channels=8 if learn_sigma else 4, num_layers=2, sample_size=8, patch_size=2,
-                                  num_embeds_ada_norm=10).eval()
+    model = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8 if learn_sigma else 4,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -63,16 +71,20 @@ def dit_state_dict(source) -> dict:
     """The diffusers model's weights under facebookresearch/DiT's names (fused qkv, shared embedders)."""
     s = {k: v.clone() for k, v in source.state_dict().items()}
     e = "transformer_blocks.0.norm1.emb."
-    out = {"x_embedder.proj.weight": s["pos_embed.proj.weight"], "x_embedder.proj.bias": s["pos_embed.proj.bias"],
-           "pos_embed": source.pos_embed.pos_embed.clone(),
-           "t_embedder.mlp.0.weight": s[e + "timestep_embedder.linear_1.weight"],
-           "t_embedder.mlp.0.bias": s[e + "timestep_embedder.linear_1.bias"],
-           "t_embedder.mlp.2.weight": s[e + "timestep_embedder.linear_2.weight"],
-           "t_embedder.mlp.2.bias": s[e + "timestep_embedder.linear_2.bias"],
-           "y_embedder.embedding_table.weight": s[e + "class_embedder.embedding_table.weight"],
-           "final_layer.adaLN_modulation.1.weight": s["proj_out_1.weight"],
-           "final_layer.adaLN_modulation.1.bias": s["proj_out_1.bias"],
-           "final_layer.linear.weight": s["proj_out_2.weight"], "final_layer.linear.bias": s["proj_out_2.bias"]}
+    out = {
+        "x_embedder.proj.weight": s["pos_embed.proj.weight"],
+        "x_embedder.proj.bias": s["pos_embed.proj.bias"],
+        "pos_embed": source.pos_embed.pos_embed.clone(),
+        "t_embedder.mlp.0.weight": s[e + "timestep_embedder.linear_1.weight"],
+        "t_embedder.mlp.0.bias": s[e + "timestep_embedder.linear_1.bias"],
+        "t_embedder.mlp.2.weight": s[e + "timestep_embedder.linear_2.weight"],
+        "t_embedder.mlp.2.bias": s[e + "timestep_embedder.linear_2.bias"],
+        "y_embedder.embedding_table.weight": s[e + "class_embedder.embedding_table.weight"],
+        "final_layer.adaLN_modulation.1.weight": s["proj_out_1.weight"],
+        "final_layer.adaLN_modulation.1.bias": s["proj_out_1.bias"],
+        "final_layer.linear.weight": s["proj_out_2.weight"],
+        "final_layer.linear.bias": s["proj_out_2.bias"],
+    }
     for i in range(len(source.transformer_blocks)):
         b = f"transformer_blocks.{i}."
         for part in ("weight", "bias"):
@@ -138,9 +150,24 @@ def test_cli_imports_upcycles_and_fine_tuning_makes_it_servable(tmp_path):
 
     tiny_dit().save_pretrained(tmp_path / "dit")
     tiny_vae().save_pretrained(tmp_path / "vae")
-    out = subprocess.run([sys.executable, "-m", "racedit.cli", "import-dit", str(tmp_path / "dit"), "--out",
-                          str(tmp_path / "imported"), "--moe", "2in8", "--autoencoder", str(tmp_path / "vae")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "racedit.cli",
+            "import-dit",
+            str(tmp_path / "dit"),
+            "--out",
+            str(tmp_path / "imported"),
+            "--moe",
+            "2in8",
+            "--autoencoder",
+            str(tmp_path / "vae"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     document = read_config(tmp_path / "imported")
     assert document["model"]["objective"] == "ddpm_eps" and document["model"]["moe"]["spec"] == "2in8"
@@ -149,8 +176,12 @@ def test_cli_imports_upcycles_and_fine_tuning_makes_it_servable(tmp_path):
     assert document["autoencoder"]["path"] == "vae"
     with pytest.raises(ObjectiveError):
         generate(load(tmp_path / "imported"), [1], num_steps=2)
-    serve = subprocess.run([sys.executable, "-m", "racedit.cli", "serve", "--checkpoint", str(tmp_path / "imported"),
-                            "--port", "1"], capture_output=True, text=True, timeout=120)
+    serve = subprocess.run(
+        [sys.executable, "-m", "racedit.cli", "serve", "--checkpoint", str(tmp_path / "imported"), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert serve.returncode == 2 and "ddpm_eps" in serve.stderr
     # fine-tune into rectified flow on a folder of images, in the VAE's latent space
     from PIL import Image
@@ -160,15 +191,38 @@ def test_cli_imports_upcycles_and_fine_tuning_makes_it_servable(tmp_path):
         (tmp_path / "images" / name).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (16, 16), (20 * c, 60 * i, 90)).save(tmp_path / "images" / name / f"{i}.png")
-    config = {"model": {"checkpoint": str(tmp_path / "imported")},
-              "data": {"name": "imagefolder", "root": str(tmp_path / "images"), "vae": str(tmp_path / "vae")},
-              "optim": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 2, "checkpoint_every": 4,
-                        "sample_every": 4, "threads": 1},
-              "calibration": {"num_images": 4, "num_steps": 3, "iterations": 1}}
+    config = {
+        "model": {"checkpoint": str(tmp_path / "imported")},
+        "data": {"name": "imagefolder", "root": str(tmp_path / "images"), "vae": str(tmp_path / "vae")},
+        "optim": {
+            "steps": 4,
+            "batch_size": 4,
+            "warmup_steps": 1,
+            "log_every": 2,
+            "checkpoint_every": 4,
+            "sample_every": 4,
+            "threads": 1,
+        },
+        "calibration": {"num_images": 4, "num_steps": 3, "iterations": 1},
+    }
     (tmp_path / "ft.json").write_text(json.dumps(config))
-    out = subprocess.run([sys.executable, "-m", "racedit.cli", "train", "--config", str(tmp_path / "ft.json"),
-                          "--init", str(tmp_path / "imported"), "--out", str(tmp_path / "ft")],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "racedit.cli",
+            "train",
+            "--config",
+            str(tmp_path / "ft.json"),
+            "--init",
+            str(tmp_path / "imported"),
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     tuned = load(tmp_path / "ft" / "checkpoint")
     assert tuned.config.objective == "rectified_flow" and tuned.autoencoder is not None

@@ -1,4 +1,5 @@
 """The training module: loss decreases, determinism, resume, bad configs, DDP on gloo."""
+
 import csv
 import os
 import subprocess
@@ -15,7 +16,7 @@ from racedit.model.config import ConfigError
 from racedit.model.training.config import OptimConfig, Restart, is_pipeline, load_config, load_pipeline, parse_config
 from racedit.model.training.train import batch_sampler, learning_rate, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(steps=40, **optim):
@@ -87,8 +88,10 @@ def test_learning_rate_warms_up_holds_then_cools_down():
 
 
 def test_warm_restarts_repeat_hold_and_cool_down():
-    restarts = [Restart(at=100, lr=3e-4, decay_steps=40, min_lr=2e-5),
-                Restart(at=150, lr=2e-4, decay_steps=50, min_lr=1e-5)]
+    restarts = [
+        Restart(at=100, lr=3e-4, decay_steps=40, min_lr=2e-5),
+        Restart(at=150, lr=2e-4, decay_steps=50, min_lr=1e-5),
+    ]
     o = OptimConfig(steps=200, lr=1e-3, warmup_steps=10, decay_steps=40, min_lr=5e-5, restarts=restarts)
     lrs = [learning_rate(o, step) for step in range(o.steps)]
     first = OptimConfig(steps=100, lr=1e-3, warmup_steps=10, decay_steps=40, min_lr=5e-5)
@@ -99,37 +102,64 @@ def test_warm_restarts_repeat_hold_and_cool_down():
     assert lrs[150] == 2e-4 and lrs[199] == pytest.approx(1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["optim"].update(stepz=3), "unknown key optim.stepz"),
-    (lambda d: d["optim"].update(lr="fast"), "optim.lr must be a number, got 'fast'"),
-    (lambda d: d["optim"].update(steps=True), "optim.steps must be an integer, got True"),
-    (lambda d: d["optim"].update(steps="40"), "optim.steps must be an integer, got '40'"),
-    (lambda d: d["model"].update(depth=2.5), "model.depth must be an integer, got 2.5"),
-    (lambda d: d["data"].update(style={"min_size": 0.5, "size": 1}), r"unknown key data.style.size \(allowed: jitter"),
-    (lambda d: d["model"].update(image_size=18), "not divisible by model.patch_size"),
-    (lambda d: d.update(extra=1), r"unknown key extra \(allowed: calibration, data, loss, model, optim\)"),
-    (lambda d: d["data"].update(name="imagenet"), "data.name"),
-    (lambda d: d["model"].update(moe={"routing": "nope"}), "moe.routing"),
-    (lambda d: d["optim"].update(decay_steps=10_000), "optim.decay_steps must be in 0..optim.steps"),
-    (lambda d: d["optim"].update(min_lr=1.0), "optim.min_lr must be in 0..optim.lr"),
-    (lambda d: d["optim"].update(restarts=[{"at": 10, "lr": 1e-4, "decay_steps": 5, "min_lr": 0.0, "x": 1}]),
-     r"unknown key optim.restarts\[0\].x"),
-    (lambda d: d["optim"].update(restarts=[{"at": 10, "lr": 1e-4, "decay_steps": 5}]), r"optim.restarts\[0\].min_lr is missing"),
-    (lambda d: d["optim"].update(restarts=[{"at": 10, "lr": "low", "decay_steps": 5, "min_lr": 0.0}]),
-     r"optim.restarts\[0\].lr must be a number, got 'low'"),
-    (lambda d: d["optim"].update(steps=40, restarts=[{"at": 20, "lr": 1e-4, "decay_steps": 5, "min_lr": 0.0},
-                                                     {"at": 18, "lr": 1e-4, "decay_steps": 5, "min_lr": 0.0}]),
-     r"optim.restarts\[1\].at must be >= 25"),
-    (lambda d: d["optim"].update(steps=40, restarts=[{"at": 30, "lr": 1e-4, "decay_steps": 20, "min_lr": 0.0}]),
-     r"optim.steps \(40\) must leave room for the last piece"),
-    (lambda d: (d["data"].update(name="imagefolder", root="x"), d["model"].update(in_channels=4)),
-     "ImageFolder in pixel space needs model.in_channels 3"),
-    (lambda d: d["data"].update(class_weights={"octagon": 2.0}), "data.class_weights: 'octagon' is not a class"),
-    (lambda d: d["data"].update(class_weights={"hexagon": 0}), "data.class_weights.hexagon must be a number > 0"),
-    (lambda d: d["data"].update(class_weights={"hexagon": True}), "data.class_weights.hexagon must be a number, got True"),
-    (lambda d: d.setdefault("loss", {}).update(t_std=0.0), "loss.t_std must be > 0, got 0.0"),
-    (lambda d: d.setdefault("loss", {}).update(t_mean="noisy"), "loss.t_mean must be a number, got 'noisy'"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["optim"].update(stepz=3), "unknown key optim.stepz"),
+        (lambda d: d["optim"].update(lr="fast"), "optim.lr must be a number, got 'fast'"),
+        (lambda d: d["optim"].update(steps=True), "optim.steps must be an integer, got True"),
+        (lambda d: d["optim"].update(steps="40"), "optim.steps must be an integer, got '40'"),
+        (lambda d: d["model"].update(depth=2.5), "model.depth must be an integer, got 2.5"),
+        (
+            lambda d: d["data"].update(style={"min_size": 0.5, "size": 1}),
+            r"unknown key data.style.size \(allowed: jitter",
+        ),
+        (lambda d: d["model"].update(image_size=18), "not divisible by model.patch_size"),
+        (lambda d: d.update(extra=1), r"unknown key extra \(allowed: calibration, data, loss, model, optim\)"),
+        (lambda d: d["data"].update(name="imagenet"), "data.name"),
+        (lambda d: d["model"].update(moe={"routing": "nope"}), "moe.routing"),
+        (lambda d: d["optim"].update(decay_steps=10_000), "optim.decay_steps must be in 0..optim.steps"),
+        (lambda d: d["optim"].update(min_lr=1.0), "optim.min_lr must be in 0..optim.lr"),
+        (
+            lambda d: d["optim"].update(restarts=[{"at": 10, "lr": 1e-4, "decay_steps": 5, "min_lr": 0.0, "x": 1}]),
+            r"unknown key optim.restarts\[0\].x",
+        ),
+        (
+            lambda d: d["optim"].update(restarts=[{"at": 10, "lr": 1e-4, "decay_steps": 5}]),
+            r"optim.restarts\[0\].min_lr is missing",
+        ),
+        (
+            lambda d: d["optim"].update(restarts=[{"at": 10, "lr": "low", "decay_steps": 5, "min_lr": 0.0}]),
+            r"optim.restarts\[0\].lr must be a number, got 'low'",
+        ),
+        (
+            lambda d: d["optim"].update(
+                steps=40,
+                restarts=[
+                    {"at": 20, "lr": 1e-4, "decay_steps": 5, "min_lr": 0.0},
+                    {"at": 18, "lr": 1e-4, "decay_steps": 5, "min_lr": 0.0},
+                ],
+            ),
+            r"optim.restarts\[1\].at must be >= 25",
+        ),
+        (
+            lambda d: d["optim"].update(steps=40, restarts=[{"at": 30, "lr": 1e-4, "decay_steps": 20, "min_lr": 0.0}]),
+            r"optim.steps \(40\) must leave room for the last piece",
+        ),
+        (
+            lambda d: (d["data"].update(name="imagefolder", root="x"), d["model"].update(in_channels=4)),
+            "ImageFolder in pixel space needs model.in_channels 3",
+        ),
+        (lambda d: d["data"].update(class_weights={"octagon": 2.0}), "data.class_weights: 'octagon' is not a class"),
+        (lambda d: d["data"].update(class_weights={"hexagon": 0}), "data.class_weights.hexagon must be a number > 0"),
+        (
+            lambda d: d["data"].update(class_weights={"hexagon": True}),
+            "data.class_weights.hexagon must be a number, got True",
+        ),
+        (lambda d: d.setdefault("loss", {}).update(t_std=0.0), "loss.t_std must be > 0, got 0.0"),
+        (lambda d: d.setdefault("loss", {}).update(t_mean="noisy"), "loss.t_mean must be a number, got 'noisy'"),
+    ],
+)
 def test_bad_config_fails_before_training(mutate, message):
     doc = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     mutate(doc)
@@ -140,8 +170,9 @@ def test_bad_config_fails_before_training(mutate, message):
 def test_cli_reports_bad_config_clearly(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {preset: tiny, patch_size: 5}\n")
-    result = subprocess.run([sys.executable, "-m", "racedit.cli", "train", "--config", str(bad)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "racedit.cli", "train", "--config", str(bad)], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "model.image_size 16 is not divisible by model.patch_size 5" in result.stderr
 
@@ -183,9 +214,27 @@ def test_ddp_two_gloo_processes_hold_identical_weights(tmp_path):
     cfg.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-         "-m", "racedit.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "racedit.cli",
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     digests = [(tmp_path / "out" / f"weights-rank{r}.sha256").read_text() for r in range(2)]
     assert digests[0] == digests[1]
@@ -211,12 +260,27 @@ def test_train_on_an_image_folder_names_the_classes(tmp_path):
 
 
 def test_calibrate_sets_thresholds_from_the_models_own_sampling(tiny_checkpoint, tmp_path):
-    from racedit.model import generate
     from racedit.cli import main as cli
+    from racedit.model import generate
 
     out = tmp_path / "calibrated"
-    assert cli(["calibrate", str(tiny_checkpoint), "--out", str(out), "--num-images", "20", "--num-steps", "10",
-                "--iterations", "3"]) == 0
+    assert (
+        cli(
+            [
+                "calibrate",
+                str(tiny_checkpoint),
+                "--out",
+                str(out),
+                "--num-images",
+                "20",
+                "--num-steps",
+                "10",
+                "--iterations",
+                "3",
+            ]
+        )
+        == 0
+    )
     before, after = load(tiny_checkpoint), load(out)
     record = after.metadata["threshold_calibration"]
     assert record["thresholds"] == [float(layer.threshold) for layer in after.moe_layers]
@@ -258,12 +322,18 @@ def test_pipeline_chains_stages_resumes_and_ships(tmp_path):
     tune["data"]["class_weights"] = {"hexagon": 3.0}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune))
-    pipeline = {"stages": [{"name": "base", "config": "base.yaml"}, {"name": "tune", "config": "tune.yaml"}],
-                "ship": {"weights_dtype": "float16"}}
+    pipeline = {
+        "stages": [{"name": "base", "config": "base.yaml"}, {"name": "tune", "config": "tune.yaml"}],
+        "ship": {"weights_dtype": "float16"},
+    }
     (tmp_path / "all.yaml").write_text(yaml.safe_dump(pipeline))
     out = tmp_path / "runs"
-    done = subprocess.run([sys.executable, "-m", "racedit.cli", "train", "--config", str(tmp_path / "all.yaml"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "racedit.cli", "train", "--config", str(tmp_path / "all.yaml"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stage base: started" in done.stdout and "stage tune: started" in done.stdout
     history = load(out / "tune" / "checkpoint").metadata["history"]
@@ -276,25 +346,47 @@ def test_pipeline_chains_stages_resumes_and_ships(tmp_path):
     base_mtime = (out / "base" / "checkpoint" / "model.safetensors").stat().st_mtime_ns
     tune["optim"].update(steps=30, checkpoint_every=10)
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune))
-    again = subprocess.run([sys.executable, "-m", "racedit.cli", "train", "--config", str(tmp_path / "all.yaml"),
-                            "--out", str(out)], capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "-m", "racedit.cli", "train", "--config", str(tmp_path / "all.yaml"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "stage base: finished (20 steps), kept" in again.stdout and "stage tune: resumed at step 20" in again.stdout
     assert (out / "base" / "checkpoint" / "model.safetensors").stat().st_mtime_ns == base_mtime
-    assert [(h["from_step"], h["to_step"]) for h in load(out / "tune" / "checkpoint").metadata["history"]][-2:] == \
-        [(0, 20), (20, 30)]
-    refused = subprocess.run([sys.executable, "-m", "racedit.cli", "train", "--config", str(tmp_path / "all.yaml"),
-                              "--init", str(out / "shipped")], capture_output=True, text=True, timeout=120)
+    assert [(h["from_step"], h["to_step"]) for h in load(out / "tune" / "checkpoint").metadata["history"]][-2:] == [
+        (0, 20),
+        (20, 30),
+    ]
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "racedit.cli",
+            "train",
+            "--config",
+            str(tmp_path / "all.yaml"),
+            "--init",
+            str(out / "shipped"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 2 and "is a pipeline (stages)" in refused.stderr
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(stages=[]), "stages is empty"),
-    (lambda d: d["stages"].append({"name": "a", "config": "tiny.yaml"}), "stage names must be distinct"),
-    (lambda d: d["stages"][0].update(config="missing.yaml"), "stage a: config file .*missing.yaml not found"),
-    (lambda d: d.update(ship={"weights_dtype": "int8"}), "ship.weights_dtype must be float32, float16 or bfloat16"),
-    (lambda d: d.update(extra=1), r"unknown key extra \(allowed: ship, stages\)"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(stages=[]), "stages is empty"),
+        (lambda d: d["stages"].append({"name": "a", "config": "tiny.yaml"}), "stage names must be distinct"),
+        (lambda d: d["stages"][0].update(config="missing.yaml"), "stage a: config file .*missing.yaml not found"),
+        (lambda d: d.update(ship={"weights_dtype": "int8"}), "ship.weights_dtype must be float32, float16 or bfloat16"),
+        (lambda d: d.update(extra=1), r"unknown key extra \(allowed: ship, stages\)"),
+    ],
+)
 def test_bad_pipeline_fails_before_training(tmp_path, mutate, message):
     (tmp_path / "tiny.yaml").write_text((ROOT / "configs" / "tiny.yaml").read_text())
     doc = {"stages": [{"name": "a", "config": "tiny.yaml"}]}

@@ -1,10 +1,11 @@
 """The rooms and who may enter them: imports read from the source (lazy imports inside functions too)."""
+
 import ast
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = {"model": "racedit.model", "server": "racedit.server", "export": "racedit.export", "cli": "racedit.cli"}
 
 
@@ -27,8 +28,12 @@ def imports(folder: str) -> dict[str, set[str]]:
 
 
 def offenders(folder: str, forbidden: str) -> list[str]:
-    return [f"{path} imports {name}" for path, names in imports(folder).items() for name in sorted(names)
-            if name == forbidden or name.startswith(forbidden + ".")]
+    return [
+        f"{path} imports {name}"
+        for path, names in imports(folder).items()
+        for name in sorted(names)
+        if name == forbidden or name.startswith(forbidden + ".")
+    ]
 
 
 @pytest.mark.parametrize("folder", ["server", "export"])

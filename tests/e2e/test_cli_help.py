@@ -1,5 +1,6 @@
 """`racedit --help` and every subcommand's `--help` answer without importing torch, and every flag says
 what it does and what it defaults to."""
+
 import argparse
 import json
 import subprocess
@@ -38,16 +39,28 @@ print(json.dumps({"code": code, "usage": out.getvalue().startswith("usage: raced
 @pytest.mark.parametrize("command", ["", *subcommands()])
 def test_help_imports_no_torch(command):
     """What makes `racedit serve --help` take seconds is torch; no --help may import it."""
-    done = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, *([command] if command else [])],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_TORCH, *([command] if command else [])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert answer == {"code": 0, "usage": True, "heavy": []}, answer
 
 
 def test_every_subcommand_is_covered():
-    assert set(subcommands()) == {"serve", "export", "train", "eval", "calibrate", "import-dit", "pack",
-                                  "train-classifier"}
+    assert set(subcommands()) == {
+        "serve",
+        "export",
+        "train",
+        "eval",
+        "calibrate",
+        "import-dit",
+        "pack",
+        "train-classifier",
+    }
 
 
 @pytest.mark.parametrize("name, parser", parsers().items(), ids=lambda v: v if isinstance(v, str) else "")

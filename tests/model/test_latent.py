@@ -1,8 +1,8 @@
 """Latent-space checkpoints: they carry their VAE, and serving them answers pictures (real diffusers
 AutoencoderKL, tiny and random; real `racedit serve` processes on loopback)."""
+
 import base64
 import io
-import json
 import shutil
 import subprocess
 import sys
@@ -12,9 +12,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import metric
 from PIL import Image
 
-from conftest import make_latent_checkpoint, metric, tiny_vae
 from racedit.model import CheckpointError, generate, load, read_config
 
 
@@ -43,8 +43,12 @@ def vae_decode(checkpoint, latents: np.ndarray) -> np.ndarray:
 
 def test_save_copies_the_vae_and_load_finds_it(latent_checkpoint, tmp_path):
     document = read_config(latent_checkpoint)
-    assert document["autoencoder"] == {"kind": "diffusers.AutoencoderKL", "path": "vae", "scaling_factor": 0.5,
-                                       "shift_factor": 0.1}
+    assert document["autoencoder"] == {
+        "kind": "diffusers.AutoencoderKL",
+        "path": "vae",
+        "scaling_factor": 0.5,
+        "shift_factor": 0.1,
+    }
     assert (latent_checkpoint / "vae" / "config.json").is_file()
     assert list((latent_checkpoint / "vae").glob("*.safetensors"))
     model = load(latent_checkpoint)
@@ -55,8 +59,11 @@ def test_save_copies_the_vae_and_load_finds_it(latent_checkpoint, tmp_path):
     again = save(model, tmp_path / "again", autoencoder=latent_checkpoint / "vae")
     assert read_config(again)["autoencoder"]["scaling_factor"] == 0.5  # the VAE's own config
     packed = tmp_path / "packed"
-    out = subprocess.run([sys.executable, "-m", "racedit.cli", "pack", "--checkpoint", str(latent_checkpoint),
-                          "--out", str(packed)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "racedit.cli", "pack", "--checkpoint", str(latent_checkpoint), "--out", str(packed)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert read_config(packed)["autoencoder"] == document["autoencoder"] and (packed / "vae" / "config.json").is_file()
     assert load(packed).autoencoder.path == packed / "vae"
@@ -68,15 +75,21 @@ def test_a_missing_vae_fails_at_load_and_at_serve_naming_the_folder(latent_check
     shutil.rmtree(broken / "vae")
     with pytest.raises(CheckpointError, match=str(broken / "vae")):
         load(broken)
-    out = subprocess.run([sys.executable, "-m", "racedit.cli", "serve", "--checkpoint", str(broken), "--port", "1"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "racedit.cli", "serve", "--checkpoint", str(broken), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and str(broken / "vae") in out.stderr
 
 
 def test_a_latent_checkpoint_without_diffusers_names_the_extra(latent_checkpoint):
-    code = ("import sys; sys.modules['diffusers'] = None\n"
-            "from racedit.cli import main\n"
-            f"sys.exit(main(['serve', '--checkpoint', {str(latent_checkpoint)!r}, '--port', '1']))")
+    code = (
+        "import sys; sys.modules['diffusers'] = None\n"
+        "from racedit.cli import main\n"
+        f"sys.exit(main(['serve', '--checkpoint', {str(latent_checkpoint)!r}, '--port', '1']))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "diffusers.AutoencoderKL" in out.stderr and "racedit[latents]" in out.stderr
@@ -118,20 +131,26 @@ def test_served_png_is_the_vaes_decode_of_the_served_latents(latent_server, late
     expected = vae_decode(latent_checkpoint, z)
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
     # the latents are the library's own samples
-    library, _ = generate(load(latent_checkpoint), [2, 2], cfg_scale=cfg_scale, num_steps=5, seeds=[7, 8], as_float=True)
+    library, _ = generate(
+        load(latent_checkpoint), [2, 2], cfg_scale=cfg_scale, num_steps=5, seeds=[7, 8], as_float=True
+    )
     assert np.array_equal(z, library.numpy())
     assert pictures.json()["timing"]["decode_ms"] > 0
 
 
 def test_a_mixed_batch_decodes_each_request_as_alone(latent_server, latent_checkpoint):
-    bodies = [{"class_label": c, "cfg_scale": s, "num_steps": n, "seed": 40 + c, "num_images": m}
-              for c, s, n, m in [(0, 1.0, 6, 1), (1, 4.0, 6, 2), (3, 2.0, 9, 1), (5, 1.0, 4, 3), (9, 6.0, 6, 1)]]
+    bodies = [
+        {"class_label": c, "cfg_scale": s, "num_steps": n, "seed": 40 + c, "num_images": m}
+        for c, s, n, m in [(0, 1.0, 6, 1), (1, 4.0, 6, 2), (3, 2.0, 9, 1), (5, 1.0, 4, 3), (9, 6.0, 6, 1)]
+    ]
     alone = [post(latent_server, {**b, "output_format": "npy"}).json() for b in bodies]
     before = metric(httpx.get(latent_server.url + "/metrics").text, "racedit_decode_seconds_count")
     with ThreadPoolExecutor(len(bodies) * 2) as pool:
-        together = list(pool.map(lambda b: post(latent_server, b), bodies + [{**b, "output_format": "npy"} for b in bodies]))
+        together = list(
+            pool.map(lambda b: post(latent_server, b), bodies + [{**b, "output_format": "npy"} for b in bodies])
+        )
     assert all(r.status_code == 200 for r in together)
-    for body, single, picture, latent in zip(bodies, alone, together[:len(bodies)], together[len(bodies):]):
+    for body, single, picture, latent in zip(bodies, alone, together[: len(bodies)], together[len(bodies) :]):
         z = np.stack([npy(im) for im in latent.json()["images"]])
         assert np.array_equal(z, np.stack([npy(im) for im in single["images"]]))  # the bytes, whoever shares
         images = np.stack([png(im) for im in picture.json()["images"]])
@@ -152,8 +171,12 @@ def test_stream_previews_and_result_are_pictures(latent_server):
 
 
 def test_kserve_infer_returns_pictures(latent_server):
-    body = {"inputs": [{"name": "class_label", "shape": [1], "datatype": "INT64", "data": [4]},
-                       {"name": "seed", "shape": [1], "datatype": "INT64", "data": [5]}]}
+    body = {
+        "inputs": [
+            {"name": "class_label", "shape": [1], "datatype": "INT64", "data": [4]},
+            {"name": "seed", "shape": [1], "datatype": "INT64", "data": [5]},
+        ]
+    }
     r = httpx.post(latent_server.url + "/v2/models/racedit-latent/infer", json=body, timeout=120)
     assert r.status_code == 200, r.text
     out = {o["name"]: o for o in r.json()["outputs"]}
@@ -163,14 +186,18 @@ def test_kserve_infer_returns_pictures(latent_server):
 
 
 def test_a_ddpm_checkpoint_is_refused_by_serve_and_generate(tmp_path):
+    from conftest import tiny_model
+
     from racedit.model import save
     from racedit.model.sampling import ObjectiveError
-
-    from conftest import tiny_model
 
     checkpoint = save(tiny_model(objective="ddpm_eps"), tmp_path / "ddpm")
     with pytest.raises(ObjectiveError, match="racedit train"):
         generate(load(checkpoint), [1], num_steps=2)
-    out = subprocess.run([sys.executable, "-m", "racedit.cli", "serve", "--checkpoint", str(checkpoint), "--port", "1"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "racedit.cli", "serve", "--checkpoint", str(checkpoint), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "ddpm_eps" in out.stderr and "--init" in out.stderr

@@ -1,4 +1,5 @@
 """POST /generate/stream over a real uvicorn process: events, errors, disconnects, the SDK and the CLI."""
+
 import asyncio
 import base64
 import io
@@ -10,9 +11,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import metric
 from PIL import Image
 
-from conftest import metric
 from racedit_client import AsyncClient, Client, GenerateResult, Preview, ProgressEvent
 from racedit_client.errors import Overloaded, ServerError, ValidationError
 
@@ -35,13 +36,13 @@ def test_the_result_event_is_the_generate_answer(server):
     body = {"class_label": "star", "cfg_scale": 3.0, "num_steps": 7, "seed": 21, "num_images": 2}
     for fmt in ("png", "npy"):
         plain = httpx.post(server.url + "/generate", json={**body, "output_format": fmt}, timeout=60).json()
-        streamed = httpx.post(server.url + "/generate/stream", timeout=60,
-                              json={**body, "output_format": fmt, "preview_every": 3})
+        streamed = httpx.post(
+            server.url + "/generate/stream", timeout=60, json={**body, "output_format": fmt, "preview_every": 3}
+        )
         assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
         events = events_of(streamed)
         names = [name for name, _ in events]
-        assert names == ["progress"] * 3 + ["preview"] + ["progress"] * 3 + ["preview", "progress", "preview",
-                                                                             "result"]
+        assert names == ["progress"] * 3 + ["preview"] + ["progress"] * 3 + ["preview", "progress", "preview", "result"]
         progress = [data for name, data in events if name == "progress"]
         assert [p["step"] for p in progress] == list(range(1, 8)) and progress[0]["t"] == 1.0
         assert all(a["t"] > b["t"] for a, b in zip(progress, progress[1:]))
@@ -61,8 +62,9 @@ def test_errors_before_the_stream_are_plain_answers(server, server_factory):
     assert r.status_code == 422 and {d["loc"][-1] for d in r.json()["detail"]} == {"class_label", "num_steps"}
     r = httpx.post(server.url + "/generate/stream", json={"class_label": 1, "preview_every": -1})
     assert r.status_code == 422 and "preview_every" in r.text
-    tight = server_factory("--max-queue", "1", "--max-batch-rows", "2", "--max-steps", "100000",
-                           env={"RACEDIT_API_KEY": "k"})
+    tight = server_factory(
+        "--max-queue", "1", "--max-batch-rows", "2", "--max-steps", "100000", env={"RACEDIT_API_KEY": "k"}
+    )
     assert httpx.post(tight.url + "/generate/stream", json={"class_label": 1}).status_code == 401
     key = {"Authorization": "Bearer k"}
     long = {"class_label": 1, "num_steps": 3000}
@@ -92,8 +94,9 @@ def test_an_error_after_the_start_is_an_error_event(server):
 
 def test_a_client_that_leaves_mid_stream_has_its_rows_dropped(server):
     before = metric(httpx.get(server.url + "/metrics").text, "racedit_cancelled_requests_total")
-    with httpx.stream("POST", server.url + "/generate/stream", json={"class_label": 2, "num_steps": 3000},
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST", server.url + "/generate/stream", json={"class_label": 2, "num_steps": 3000}, timeout=60
+    ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("event: progress")
     deadline = time.time() + 20
@@ -126,9 +129,30 @@ def test_sdk_streams_typed_events_sync_and_async(server):
 
 
 def test_cli_stream_draws_a_bar_and_writes_the_images(server, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "racedit_client.cli", "--url", server.url, "generate",
-                             "--class", "star", "--steps", "5", "--seed", "3", "-n", "2", "--stream",
-                             "-o", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "racedit_client.cli",
+            "--url",
+            server.url,
+            "generate",
+            "--class",
+            "star",
+            "--steps",
+            "5",
+            "--seed",
+            "3",
+            "-n",
+            "2",
+            "--stream",
+            "-o",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "5/5" in result.stderr and "[" in result.stderr
     assert sorted(f.name for f in tmp_path.glob("*.png")) == ["star-3.png", "star-4.png"]

@@ -1,13 +1,13 @@
 """save/load round trip and clear failures on bad checkpoints."""
+
 import json
 import pickle
 
 import pytest
 import torch
+from conftest import batch
 
 from racedit.model import CheckpointError, build, load, save
-
-from conftest import batch
 
 
 def trained_tiny():

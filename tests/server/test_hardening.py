@@ -1,6 +1,7 @@
 """The service under hostile or careless clients (issue 26), against real `racedit serve` processes on
 loopback: request heads and ids, slow connections, the API key's coverage, KServe v2 bodies, request-id
 collisions, the error shape of every status, and shutdown past the drain timeout."""
+
 import json
 import re
 import signal
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import metric
 
 MODEL = "racedit-tiny"
@@ -24,9 +24,21 @@ HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 @pytest.fixture(scope="module")
 def server(server_factory):
     """No key; small limits, so each can be reached; encoding a JPEG fails (tests/faulty_serve.py): a bug."""
-    return server_factory("--max-header-bytes", "16384", "--read-timeout-s", "2", "--max-images", "4",
-                          "--max-steps", "2000", "--max-batch-rows", "8", "--max-queue", "2",
-                          faults={"ENCODE_FAULT": "jpeg"})
+    return server_factory(
+        "--max-header-bytes",
+        "16384",
+        "--read-timeout-s",
+        "2",
+        "--max-images",
+        "4",
+        "--max-steps",
+        "2000",
+        "--max-batch-rows",
+        "8",
+        "--max-queue",
+        "2",
+        faults={"ENCODE_FAULT": "jpeg"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +135,29 @@ def test_idle_and_slow_connections_are_cut_after_the_read_timeout(server):
 def test_the_key_covers_everything_but_the_probes_and_the_page(keyed, server):
     for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/static/playground.js"):
         assert httpx.get(keyed.url + path).status_code == 200, path
-    for path in ("/docs", "/openapi.json", "/v1/models", "/metrics", "/v2", f"/v2/models/{MODEL}",
-                 f"/v2/models/{MODEL}/ready", "/no-such-route"):
+    for path in (
+        "/docs",
+        "/openapi.json",
+        "/v1/models",
+        "/metrics",
+        "/v2",
+        f"/v2/models/{MODEL}",
+        f"/v2/models/{MODEL}/ready",
+        "/no-such-route",
+    ):
         r = httpx.get(keyed.url + path, headers={"Authorization": "Bearer wrong"} if path == "/v1/models" else {})
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
         assert_error_shape(401, r.headers, r.json(), kserve=path.startswith("/v2"))
     # The key comes before the body: malformed JSON, or a body too large that is never sent, is a 401 at once.
     r = httpx.post(keyed.url + "/generate", content=b'{"class_label": 1,', headers={"content-type": "application/json"})
     assert r.status_code == 401
-    status, _, _ = parse(exchange(keyed.port, b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                                  b"Content-Length: 10000000\r\n\r\n", timeout=5))
+    status, _, _ = parse(
+        exchange(
+            keyed.port,
+            b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
+            timeout=5,
+        )
+    )
     assert status == 401  # not 413, nor a 408 after waiting for the body
     key = {"Authorization": "Bearer k"}
     assert httpx.get(keyed.url + "/v1/models", headers=key).json()["authentication"] == "bearer"
@@ -144,18 +169,23 @@ def test_the_key_covers_everything_but_the_probes_and_the_page(keyed, server):
 
 
 def test_an_empty_api_key_is_refused_at_start():
-    result = subprocess.run([sys.executable, "-m", "racedit.cli", "serve", "--api-key", ""],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "racedit.cli", "serve", "--api-key", ""], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "api_key" in result.stderr and "empty" in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------- error shape ----
 def test_every_error_is_json_with_the_request_id(server):
-    cases = [("GET", "/no-such-route", {}, 404), ("GET", "/static/no-such-file.js", {}, 404),
-             ("GET", "/generate", {}, 405), ("POST", "/generate", {"content": b"{" + b" " * 70_000 + b"}"}, 413),
-             ("POST", "/generate", {"json": {"class_label": 99}}, 422),
-             ("POST", "/generate", {"content": b'{"class_label": "\xff"}'}, 400),  # not UTF-8: documented 400
-             ("POST", "/generate", {"json": {"class_label": 1, "num_steps": 2, "output_format": "jpeg"}}, 500)]
+    cases = [
+        ("GET", "/no-such-route", {}, 404),
+        ("GET", "/static/no-such-file.js", {}, 404),
+        ("GET", "/generate", {}, 405),
+        ("POST", "/generate", {"content": b"{" + b" " * 70_000 + b"}"}, 413),
+        ("POST", "/generate", {"json": {"class_label": 99}}, 422),
+        ("POST", "/generate", {"content": b'{"class_label": "\xff"}'}, 400),  # not UTF-8: documented 400
+        ("POST", "/generate", {"json": {"class_label": 1, "num_steps": 2, "output_format": "jpeg"}}, 500),
+    ]
     for method, path, kwargs, status in cases:
         r = httpx.request(method, server.url + path, headers={"content-type": "application/json"}, timeout=30, **kwargs)
         assert r.status_code == status, (path, r.status_code, r.text)
@@ -241,8 +271,12 @@ def test_a_colliding_request_id_never_touches_its_owner_on_any_route(server):
         assert_error_shape(409, again.headers, again.json(), kserve=True)
         assert "owner-7" in generate.json()["detail"]
         # The id of a row is not an id: a client may use "owner-7/0" meanwhile.
-        assert httpx.post(server.url + "/generate", json={"class_label": 1, "num_steps": 2},
-                          headers={"X-Request-ID": "owner-7/0"}).status_code == 200
+        assert (
+            httpx.post(
+                server.url + "/generate", json={"class_label": 1, "num_steps": 2}, headers={"X-Request-ID": "owner-7/0"}
+            ).status_code
+            == 200
+        )
         answer = owner.result(timeout=120)
     assert answer.status_code == 200, answer.text
     assert [o["shape"] for o in answer.json()["outputs"]][0] == [2, 16, 16, 3]
@@ -251,8 +285,10 @@ def test_a_colliding_request_id_never_touches_its_owner_on_any_route(server):
 
 # -------------------------------------------------------------- shutdown ----
 def stream_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    return [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
-            for block in response.text.strip().split("\n\n")]
+    return [
+        (block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+        for block in response.text.strip().split("\n\n")
+    ]
 
 
 def test_past_the_drain_timeout_every_waiting_request_is_answered_503_and_the_process_exits(server_factory):
@@ -262,8 +298,11 @@ def test_past_the_drain_timeout_every_waiting_request_is_answered_503_and_the_pr
     calls = {
         "generate": lambda: httpx.post(server.url + "/generate", json={"class_label": 1, **long}, timeout=60),
         "stream": lambda: httpx.post(server.url + "/generate/stream", json={"class_label": 2, **long}, timeout=60),
-        "kserve": lambda: httpx.post(server.url + INFER, timeout=60, json={"inputs": [
-            label(3), tensor("num_steps", "INT32", [100000]), tensor("cfg_scale", "FP32", [1.0])]}),
+        "kserve": lambda: httpx.post(
+            server.url + INFER,
+            timeout=60,
+            json={"inputs": [label(3), tensor("num_steps", "INT32", [100000]), tensor("cfg_scale", "FP32", [1.0])]},
+        ),
         "queued": lambda: httpx.post(server.url + "/generate", json={"class_label": 4, "num_images": 2}, timeout=60),
     }
     with ThreadPoolExecutor(len(calls)) as pool:
@@ -300,8 +339,9 @@ def test_past_the_drain_timeout_every_waiting_request_is_answered_503_and_the_pr
 def test_a_second_signal_answers_and_exits_at_once(server_factory):
     server = server_factory("--drain-timeout-s", "60", "--max-steps", "100000")
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(httpx.post, server.url + "/generate", json={"class_label": 1, "num_steps": 100000},
-                              timeout=60)
+        running = pool.submit(
+            httpx.post, server.url + "/generate", json={"class_label": 1, "num_steps": 100000}, timeout=60
+        )
         deadline = time.monotonic() + 30
         while metric(httpx.get(server.url + "/metrics").text, "racedit_active_rows") == 0:
             assert time.monotonic() < deadline

@@ -1,4 +1,5 @@
 """The HTTP service, against real `racedit serve` processes on loopback."""
+
 import base64
 import io
 import json
@@ -11,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from conftest import metric
 from PIL import Image
 
-from conftest import metric
 from racedit.model import generate, load
 
 
@@ -48,7 +49,10 @@ def test_generate_png_matches_the_library(server, tiny_checkpoint):
     assert u["activated_pairs"] == sum(sum(layer["expert_load"]) for layer in u["per_layer"])
     assert u["nominal_pairs"] == 2 * 2 * 6 * 16 * 2 * 2  # 2 images x 2 rows x 6 steps x 16 tokens x k 2 x 2 layers
     assert u["activated_pairs"] == sum(x.activated_pairs for x in usage)
-    assert set(body["timing"]) == {"queue_ms", "inference_ms", "total_ms", "decode_ms"} and body["timing"]["decode_ms"] == 0
+    assert (
+        set(body["timing"]) == {"queue_ms", "inference_ms", "total_ms", "decode_ms"}
+        and body["timing"]["decode_ms"] == 0
+    )
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
@@ -61,9 +65,19 @@ def test_other_formats_decode(server, fmt):
 def test_same_pixels_alone_and_among_concurrent_requests(server):
     target = {"class_label": 4, "cfg_scale": 4.0, "num_steps": 20, "seed": 99}
     alone = post(server, target).json()["images"][0]
-    others = [{"class_label": c, "cfg_scale": s, "num_steps": n, "seed": 1000 + c, "num_images": m}
-              for c, s, n, m in [(0, 1.0, 300, 1), (1, 2.5, 100, 2), (2, 7.0, 250, 1), (3, 1.0, 400, 3),
-                                 (5, 4.0, 150, 1), (6, 0.0, 350, 2), (7, 12.0, 200, 1), (8, 3.0, 500, 1)]]
+    others = [
+        {"class_label": c, "cfg_scale": s, "num_steps": n, "seed": 1000 + c, "num_images": m}
+        for c, s, n, m in [
+            (0, 1.0, 300, 1),
+            (1, 2.5, 100, 2),
+            (2, 7.0, 250, 1),
+            (3, 1.0, 400, 3),
+            (5, 4.0, 150, 1),
+            (6, 0.0, 350, 2),
+            (7, 12.0, 200, 1),
+            (8, 3.0, 500, 1),
+        ]
+    ]
     with ThreadPoolExecutor(9) as pool:
         steps_before = metric(httpx.get(server.url + "/metrics").text, "racedit_rows_per_step_count")
         futures = [pool.submit(post, server, body) for body in others[:4]]
@@ -82,30 +96,33 @@ def test_same_pixels_alone_and_among_concurrent_requests(server):
     assert together.json()["expert_usage"] == post(server, target).json()["expert_usage"]
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"class_label": 10}, "class_label"),
-    ({"class_label": -1}, "class_label"),
-    ({"class_label": "blob"}, "class_label"),
-    ({"class_label": 1, "num_steps": 0}, "num_steps"),
-    ({"class_label": 1, "num_steps": 4001}, "num_steps"),
-    ({"class_label": 1, "cfg_scale": 20.5}, "cfg_scale"),
-    ({"class_label": 1, "cfg_scale": -1}, "cfg_scale"),
-    ({"class_label": 1, "num_images": 9}, "num_images"),
-    ({"class_label": 1, "num_images": 0}, "num_images"),
-    ({"class_label": 1, "seed": -5}, "seed"),
-    ({"class_label": 1, "output_format": "gif"}, "output_format"),
-    ({"class_label": 1, "num_steps": "many"}, "num_steps"),
-    ({"cfg_scale": 2.0}, "class_label"),
-    ({"class_label": 1, "colour": "red"}, "colour"),
-    # Booleans are not numbers, and neither floats nor strings are integers.
-    ({"class_label": True}, "class_label"),
-    ({"class_label": 6.0}, "class_label"),
-    ({"class_label": "5"}, "class_label"),
-    ({"class_label": 1, "seed": False}, "seed"),
-    ({"class_label": 1, "num_steps": 5.0}, "num_steps"),
-    ({"class_label": 1, "num_images": True}, "num_images"),
-    ({"class_label": 1, "cfg_scale": True}, "cfg_scale"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"class_label": 10}, "class_label"),
+        ({"class_label": -1}, "class_label"),
+        ({"class_label": "blob"}, "class_label"),
+        ({"class_label": 1, "num_steps": 0}, "num_steps"),
+        ({"class_label": 1, "num_steps": 4001}, "num_steps"),
+        ({"class_label": 1, "cfg_scale": 20.5}, "cfg_scale"),
+        ({"class_label": 1, "cfg_scale": -1}, "cfg_scale"),
+        ({"class_label": 1, "num_images": 9}, "num_images"),
+        ({"class_label": 1, "num_images": 0}, "num_images"),
+        ({"class_label": 1, "seed": -5}, "seed"),
+        ({"class_label": 1, "output_format": "gif"}, "output_format"),
+        ({"class_label": 1, "num_steps": "many"}, "num_steps"),
+        ({"cfg_scale": 2.0}, "class_label"),
+        ({"class_label": 1, "colour": "red"}, "colour"),
+        # Booleans are not numbers, and neither floats nor strings are integers.
+        ({"class_label": True}, "class_label"),
+        ({"class_label": 6.0}, "class_label"),
+        ({"class_label": "5"}, "class_label"),
+        ({"class_label": 1, "seed": False}, "seed"),
+        ({"class_label": 1, "num_steps": 5.0}, "num_steps"),
+        ({"class_label": 1, "num_images": True}, "num_images"),
+        ({"class_label": 1, "cfg_scale": True}, "cfg_scale"),
+    ],
+)
 def test_bad_inputs_get_422_naming_the_field(server, body, field):
     r = post(server, body)
     assert r.status_code == 422, r.text
@@ -113,10 +130,15 @@ def test_bad_inputs_get_422_naming_the_field(server, body, field):
 
 
 def test_non_finite_cfg_and_malformed_json(server):
-    r = httpx.post(server.url + "/generate", content=b'{"class_label": 1, "cfg_scale": NaN}',
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/generate",
+        content=b'{"class_label": 1, "cfg_scale": NaN}',
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 422 and "cfg_scale" in r.text and "finite" in r.text
-    r = httpx.post(server.url + "/generate", content=b'{"class_label": 1,', headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/generate", content=b'{"class_label": 1,', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422 and "json" in r.text.lower()
 
 
@@ -131,7 +153,9 @@ def test_every_bad_field_is_listed(server):
 
 
 def test_body_too_large(server):
-    r = httpx.post(server.url + "/generate", content=b"{" + b" " * 70000 + b"}", headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/generate", content=b"{" + b" " * 70000 + b"}", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
 
 
@@ -144,7 +168,9 @@ def test_a_request_names_its_sampler_and_gets_the_library_s_bytes(server, tiny_c
         r = post(server, {**body, "sampler": sampler} if sampler else body)
         assert r.status_code == 200, r.text
         assert r.json()["request"]["sampler"] == (sampler or "euler")
-        want, _ = generate(model, [3], cfg_scale=2.5, num_steps=4, seeds=[21], sampler=sampler or "euler", as_float=True)
+        want, _ = generate(
+            model, [3], cfg_scale=2.5, num_steps=4, seeds=[21], sampler=sampler or "euler", as_float=True
+        )
         got = np.load(io.BytesIO(base64.b64decode(r.json()["images"][0]["data"])), allow_pickle=False)
         assert got.tobytes() == want[0].numpy().tobytes()
     r = post(server, {"class_label": 3, "sampler": "ddim"})
@@ -176,8 +202,11 @@ def test_disconnect_frees_rows(server):
     before = metric(httpx.get(server.url + "/metrics").text, "racedit_cancelled_requests_total")
     body = json.dumps({"class_label": 3, "num_steps": 4000, "seed": 5}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     deadline = time.time() + 10
     while metric(httpx.get(server.url + "/metrics").text, "racedit_active_rows") == 0 and time.time() < deadline:
         time.sleep(0.02)
@@ -197,8 +226,11 @@ def raw_post(port: int, body: dict) -> socket.socket:
     """A request on a raw socket, so the test can go away without reading the answer."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    sock.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
     return sock
 
 
@@ -245,9 +277,17 @@ def test_a_dead_worker_answers_everyone_503_and_readyz_turns_503(server_factory)
 def test_metrics_exposed(server):
     post(server, {"class_label": 1, "num_steps": 2})
     text = httpx.get(server.url + "/metrics").text
-    for name in ("racedit_queue_depth", "racedit_active_rows", "racedit_rows_per_step_bucket",
-                 "racedit_step_seconds_bucket", "racedit_images_generated_total", "racedit_experts_per_token_bucket",
-                 "racedit_expert_tokens_total", "http_requests_total", "http_request_duration_seconds_bucket"):
+    for name in (
+        "racedit_queue_depth",
+        "racedit_active_rows",
+        "racedit_rows_per_step_bucket",
+        "racedit_step_seconds_bucket",
+        "racedit_images_generated_total",
+        "racedit_experts_per_token_bucket",
+        "racedit_expert_tokens_total",
+        "http_requests_total",
+        "http_request_duration_seconds_bucket",
+    ):
         assert name in text, name
     assert metric(text, "racedit_images_generated_total") >= 1
 
@@ -265,15 +305,20 @@ def test_tritonclient_http_infer(server):
     meta = client.get_model_metadata("racedit-tiny")
     assert [i["name"] for i in meta["inputs"]] == ["class_label", "cfg_scale", "num_steps", "seed", "expert_budget"]
     inputs = []
-    for name, dtype, values in [("class_label", "INT64", np.array([6, 1], dtype=np.int64)),
-                                ("cfg_scale", "FP32", np.array([3.0, 1.0], dtype=np.float32)),
-                                ("num_steps", "INT32", np.array([6, 4], dtype=np.int32)),
-                                ("seed", "INT64", np.array([11, 3], dtype=np.int64))]:
+    for name, dtype, values in [
+        ("class_label", "INT64", np.array([6, 1], dtype=np.int64)),
+        ("cfg_scale", "FP32", np.array([3.0, 1.0], dtype=np.float32)),
+        ("num_steps", "INT32", np.array([6, 4], dtype=np.int32)),
+        ("seed", "INT64", np.array([11, 3], dtype=np.int64)),
+    ]:
         item = triton.InferInput(name, [2], dtype)
         item.set_data_from_numpy(values)
         inputs.append(item)
-    result = client.infer("racedit-tiny", inputs, outputs=[triton.InferRequestedOutput("image"),
-                                                           triton.InferRequestedOutput("mean_experts_per_token")])
+    result = client.infer(
+        "racedit-tiny",
+        inputs,
+        outputs=[triton.InferRequestedOutput("image"), triton.InferRequestedOutput("mean_experts_per_token")],
+    )
     images = result.as_numpy("image")
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
     via_generate = post(server, {"class_label": 6, "cfg_scale": 3.0, "num_steps": 6, "seed": 11}).json()
@@ -301,8 +346,17 @@ def test_tritonclient_http_infer(server):
 # ----------------------------------------------- a server with tight limits ----
 @pytest.fixture(scope="module")
 def tight(server_factory):
-    return server_factory("--max-queue", "1", "--max-batch-rows", "2", "--max-steps", "100000",
-                          "--request-timeout-s", "1.5", env={"RACEDIT_API_KEY": "s3cret"})
+    return server_factory(
+        "--max-queue",
+        "1",
+        "--max-batch-rows",
+        "2",
+        "--max-steps",
+        "100000",
+        "--request-timeout-s",
+        "1.5",
+        env={"RACEDIT_API_KEY": "s3cret"},
+    )
 
 
 def test_api_key(tight):
@@ -312,8 +366,9 @@ def test_api_key(tight):
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert httpx.get(tight.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.get(tight.url + "/metrics").status_code == 401
-    ok = httpx.post(tight.url + "/generate", json={"class_label": 1, "num_steps": 2},
-                    headers={"Authorization": "Bearer s3cret"})
+    ok = httpx.post(
+        tight.url + "/generate", json={"class_label": 1, "num_steps": 2}, headers={"Authorization": "Bearer s3cret"}
+    )
     assert ok.status_code == 200
 
 
@@ -323,7 +378,9 @@ def test_full_queue_gives_429_and_deadline_gives_504(tight):
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(httpx.post, tight.url + "/generate", json=slow, headers=auth, timeout=30)]
         time.sleep(0.3)
-        futures += [pool.submit(httpx.post, tight.url + "/generate", json=slow, headers=auth, timeout=30) for _ in range(3)]
+        futures += [
+            pool.submit(httpx.post, tight.url + "/generate", json=slow, headers=auth, timeout=30) for _ in range(3)
+        ]
         statuses = sorted(f.result().status_code for f in futures)
         rejected = [f.result() for f in futures if f.result().status_code == 429]
     assert statuses.count(429) >= 1 and rejected[0].headers["retry-after"] == "1"
@@ -332,8 +389,9 @@ def test_full_queue_gives_429_and_deadline_gives_504(tight):
 
 
 def test_too_many_rows_for_the_batch_is_422(tight):
-    r = httpx.post(tight.url + "/generate", json={"class_label": 1, "num_images": 2},
-                   headers={"Authorization": "Bearer s3cret"})
+    r = httpx.post(
+        tight.url + "/generate", json={"class_label": 1, "num_images": 2}, headers={"Authorization": "Bearer s3cret"}
+    )
     assert r.status_code == 422 and "num_images" in r.text
 
 
@@ -341,7 +399,9 @@ def test_too_many_rows_for_the_batch_is_422(tight):
 def test_static_mode_serves_the_same_pixels_and_sigterm_drains(server_factory, server):
     static = server_factory("--batching", "static", "--max-steps", "4000")
     body = {"class_label": 4, "cfg_scale": 4.0, "num_steps": 20, "seed": 99}
-    assert np.array_equal(decode(post(static, body).json()["images"][0]), decode(post(server, body).json()["images"][0]))
+    assert np.array_equal(
+        decode(post(static, body).json()["images"][0]), decode(post(server, body).json()["images"][0])
+    )
     results = {}
 
     def long_request():
@@ -371,8 +431,12 @@ def test_serve_refuses_a_busy_port_before_loading_the_model():
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "racedit.cli", "serve", "--port", str(port)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "racedit.cli", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 2
     assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr and "--port" in result.stderr
 
@@ -381,6 +445,7 @@ def test_serve_help_lists_the_choices():
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "racedit.cli", "serve", "--help"], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "racedit.cli", "serve", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert "{auto,float32,bfloat16,float16}" in result.stdout and "{step,static}" in result.stdout

@@ -2,8 +2,9 @@
 NumPy, so CPU CI checks their indexing, masking, row gathers, epilogues and the order of their
 sums, and the GPU branch of the MoE dispatch around them. The interpreter has no bf16: fp32 and
 fp16 here. That a row's bytes never depend on its batch-mates is a property of the compiled kernels
-and is tested on a GPU (tests/test_exactness.py -k cuda); NumPy's matmul inside the interpreter
+and is tested on a GPU (tests/server/test_exactness.py -k cuda); NumPy's matmul inside the interpreter
 makes no such promise, so nothing here compares bytes across batches."""
+
 import json
 import os
 import subprocess
@@ -13,16 +14,18 @@ import textwrap
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="on a GPU the CUDA tests of test_exactness.py run these kernels compiled")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU the CUDA tests of test_exactness.py run these kernels compiled"
+)
 
 
 def interpreted(code: str) -> dict:
     """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (read when a kernel is decorated);
     its last line of output is a JSON object."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -1,4 +1,5 @@
 """Objective, samplers and generate()."""
+
 import pytest
 import torch
 
@@ -13,7 +14,9 @@ def trained_tiny():
     model = build("tiny").train()
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
-        model(torch.randn(8, 3, 16, 16, generator=g), torch.rand(8, generator=g), torch.randint(0, 10, (8,), generator=g))
+        model(
+            torch.randn(8, 3, 16, 16, generator=g), torch.rand(8, generator=g), torch.randint(0, 10, (8,), generator=g)
+        )
     # Nudge the zero-initialised output so samples are not trivially equal.
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.05)
     for block in model.blocks:
@@ -80,7 +83,9 @@ def test_seed_determinism_and_batch_independence():
     a, _ = generate(model, labels=[5], cfg_scale=3.0, num_steps=6, seeds=[42])
     b, _ = generate(model, labels=[5], cfg_scale=3.0, num_steps=6, seeds=[42])
     assert torch.equal(a, b)
-    mixed, usage = generate(model, labels=[1, 5, 9, 0], cfg_scale=[1.0, 3.0, 7.0, 2.0], num_steps=6, seeds=[7, 42, 3, 4])
+    mixed, usage = generate(
+        model, labels=[1, 5, 9, 0], cfg_scale=[1.0, 3.0, 7.0, 2.0], num_steps=6, seeds=[7, 42, 3, 4]
+    )
     assert torch.equal(mixed[1], a[0])
     c, _ = generate(model, labels=[5], cfg_scale=3.0, num_steps=6, seeds=[43])
     assert not torch.equal(a, c)

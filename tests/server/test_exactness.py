@@ -2,6 +2,7 @@
 of concurrent requests (classes, scales, step counts, image counts, cfg-1 rows), whatever step it
 joins at, in step and static batching, for several --max-batch-rows, in fp32 and bf16, on the
 tiny preset and on the bundled model."""
+
 import base64
 import io
 import time
@@ -11,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
-
 from conftest import metric
+
 from racedit.model import DEFAULT_CHECKPOINT, generate, load
 
 
@@ -34,7 +35,9 @@ def rows_of(body) -> int:
 def steps_above(server, rows: int) -> float:
     """Engine steps so far that ran more than `rows` rows (from the rows-per-step histogram)."""
     text = httpx.get(server.url + "/metrics").text
-    return metric(text, "racedit_rows_per_step_count") - metric(text, f'racedit_rows_per_step_bucket{{le="{float(rows)}"}}')
+    return metric(text, "racedit_rows_per_step_count") - metric(
+        text, f'racedit_rows_per_step_bucket{{le="{float(rows)}"}}'
+    )
 
 
 def run_among_others(server, target, others, static: bool):
@@ -68,15 +71,32 @@ TARGET = {"class_label": "star", "cfg_scale": 4.0, "num_steps": 8, "seed": 1234,
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this host")
 
 
-@pytest.mark.parametrize("flags", [
-    ("--max-batch-rows", "32"),
-    ("--max-batch-rows", "6", "--dtype", "bfloat16"),
-    ("--max-batch-rows", "64", "--batching", "static", "--static-wait-ms", "300"),
-    pytest.param(("--device", "cuda", "--max-batch-rows", "32", "--dtype", "bfloat16"), marks=CUDA),
-    pytest.param(("--device", "cuda", "--max-batch-rows", "6", "--dtype", "float32"), marks=CUDA),
-    pytest.param(("--device", "cuda", "--dtype", "bfloat16", "--max-batch-rows", "64", "--batching", "static",
-                  "--static-wait-ms", "300"), marks=CUDA),
-], ids=["step-fp32", "step-bf16-6rows", "static-fp32", "cuda-step-bf16", "cuda-step-fp32-6rows", "cuda-static-bf16"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--max-batch-rows", "32"),
+        ("--max-batch-rows", "6", "--dtype", "bfloat16"),
+        ("--max-batch-rows", "64", "--batching", "static", "--static-wait-ms", "300"),
+        pytest.param(("--device", "cuda", "--max-batch-rows", "32", "--dtype", "bfloat16"), marks=CUDA),
+        pytest.param(("--device", "cuda", "--max-batch-rows", "6", "--dtype", "float32"), marks=CUDA),
+        pytest.param(
+            (
+                "--device",
+                "cuda",
+                "--dtype",
+                "bfloat16",
+                "--max-batch-rows",
+                "64",
+                "--batching",
+                "static",
+                "--static-wait-ms",
+                "300",
+            ),
+            marks=CUDA,
+        ),
+    ],
+    ids=["step-fp32", "step-bf16-6rows", "static-fp32", "cuda-step-bf16", "cuda-step-fp32-6rows", "cuda-static-bf16"],
+)
 def test_tiny_npy_bytes_are_the_same_alone_and_among_others(server_factory, flags):
     server = server_factory("--device", "cpu", "--dtype", "float32", "--max-steps", "1000", *flags)
     card = httpx.get(server.url + "/v1/models").json()["data"][0]
@@ -94,14 +114,19 @@ def test_tiny_npy_bytes_are_the_same_alone_and_among_others(server_factory, flag
     assert sample.dtype == np.float32 and sample.shape == (3, 16, 16) and np.abs(sample).max() > 0.05
 
 
-@pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cpu", "bfloat16"),
-                                           pytest.param("cuda", "bfloat16", marks=CUDA)])
+@pytest.mark.parametrize(
+    "device, dtype", [("cpu", "float32"), ("cpu", "bfloat16"), pytest.param("cuda", "bfloat16", marks=CUDA)]
+)
 def test_bundled_model_npy_bytes_are_the_same_alone_among_others_and_in_the_library(server_factory, device, dtype):
-    server = server_factory("--device", device, "--dtype", dtype, "--max-batch-rows", "16", checkpoint=DEFAULT_CHECKPOINT)
+    server = server_factory(
+        "--device", device, "--dtype", dtype, "--max-batch-rows", "16", checkpoint=DEFAULT_CHECKPOINT
+    )
     target = {"class_label": "hexagon", "cfg_scale": 4.0, "num_steps": 5, "seed": 77}
     # The others run many more steps than the target, so it surely shares steps with them under load.
-    others = [{"class_label": 1, "cfg_scale": 1.0, "num_steps": 30, "seed": 5, "num_images": 3},
-              {"class_label": 6, "cfg_scale": 3.0, "num_steps": 40, "seed": 6, "num_images": 2}]
+    others = [
+        {"class_label": 1, "cfg_scale": 1.0, "num_steps": 30, "seed": 5, "num_images": 3},
+        {"class_label": 6, "cfg_scale": 3.0, "num_steps": 40, "seed": 6, "num_images": 2},
+    ]
     alone = samples(post(server, target))
     together, still_running = run_among_others(server, target, others, static=False)
     assert still_running  # it ran while the longer requests were still running: they shared steps

@@ -1,4 +1,5 @@
 """shapes10 and ImageFolder datasets."""
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,18 @@ from racedit.model.training.data import ImageFolder, Shapes10, ShapesStyle, vae_
 def test_shapes10_items_and_classes():
     ds = Shapes10("train", length=20)
     assert len(ds) == 20 and len(Shapes10("val")) == 5000 and len(Shapes10("train")) == 50_000
-    assert ds.class_names == ["circle", "square", "triangle", "diamond", "pentagon", "hexagon", "star", "cross", "ring", "heart"]
+    assert ds.class_names == [
+        "circle",
+        "square",
+        "triangle",
+        "diamond",
+        "pentagon",
+        "hexagon",
+        "star",
+        "cross",
+        "ring",
+        "heart",
+    ]
     x, y = ds[7]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
@@ -83,9 +95,18 @@ def test_image_folder_with_a_local_diffusers_vae(tmp_path):
     import diffusers  # a dev dependency: this test must run, not skip
 
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  layers_per_block=1, norm_num_groups=8, sample_size=16, scaling_factor=0.5)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=0.5,
+    )
     vae.save_pretrained(tmp_path / "vae")
     for name, colour in (("red", (200, 10, 10)), ("blue", (10, 10, 200))):
         (tmp_path / "images" / name).mkdir(parents=True)

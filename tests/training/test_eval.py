@@ -1,4 +1,5 @@
 """Evaluation: classifier, Frechet distance, and `racedit eval` on the shipped checkpoint."""
+
 import json
 import subprocess
 import sys
@@ -55,8 +56,14 @@ def test_shipped_model_draws_every_class():
     """
     model = load(DEFAULT_CHECKPOINT)
     labels = list(range(10)) * 20
-    images = torch.cat([generate(model, labels=labels[lo:lo + 100], cfg_scale=4.0, num_steps=25,
-                                 seeds=list(range(lo, lo + 100)))[0] for lo in (0, 100)])
+    images = torch.cat(
+        [
+            generate(model, labels=labels[lo : lo + 100], cfg_scale=4.0, num_steps=25, seeds=list(range(lo, lo + 100)))[
+                0
+            ]
+            for lo in (0, 100)
+        ]
+    )
     preds, _ = classify(load_classifier(), images)
     target = torch.tensor(labels)
     per_class = {name: int((preds[target == c] == c).sum()) for c, name in enumerate(SHAPES10_CLASSES)}
@@ -65,9 +72,25 @@ def test_shipped_model_draws_every_class():
 
 
 def test_eval_cli_runs_on_a_small_sample(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "racedit.cli", "eval", "--num-samples", "20",
-                             "--num-steps", "4", "--batch-size", "20", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "racedit.cli",
+            "eval",
+            "--num-samples",
+            "20",
+            "--num-steps",
+            "4",
+            "--batch-size",
+            "20",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0.0 <= report["class_fidelity"] <= 1.0 and report["frechet_distance"] >= 0

@@ -1,4 +1,5 @@
 """The playground page and the offline API docs in a real headless Chromium (Debian's, through Playwright)."""
+
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,7 @@ def browser():
 def offline_page(browser, base_url: str):
     """A page that may load nothing but the server under test: no CDN can help it."""
     page = browser.new_page(viewport={"width": 1150, "height": 900})
-    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base_url)
-               else route.abort())
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base_url) else route.abort())
     errors = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -56,7 +56,9 @@ def test_a_generation_in_the_playground(server_factory, browser):
     assert page.evaluate("document.getElementById('progress-bar').style.width") == "100%"
     assert "2 x star" in page.inner_text("#progress-text") and "seed 3" in page.inner_text("#progress-text")
     assert page.locator("#images img").count() == 2
-    assert page.evaluate("[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth === 16)")
+    assert page.evaluate(
+        "[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth === 16)"
+    )
     assert not page.is_visible("#legend")  # the overlay is off
     page.check("#heatmap-toggle")
     assert page.is_visible("canvas.heatmap") and page.is_visible("#legend")
@@ -105,4 +107,4 @@ def test_the_readme_screenshot_is_the_page_after_a_generation(server_factory, br
     assert page.locator("#images img").count() == 4 and page.is_visible("#legend") and page.is_visible("#charts")
     assert "racedit-shapes10" in page.inner_text("#model-info") and "4 x star" in page.inner_text("#progress-text")
     assert errors == []
-    page.screenshot(path=str(Path(__file__).resolve().parents[1] / "docs" / "playground.png"), full_page=True)
+    page.screenshot(path=str(Path(__file__).resolve().parents[2] / "docs" / "playground.png"), full_page=True)

@@ -4,6 +4,7 @@ Scheduling decisions alone are tested with fake jobs in test_scheduler.py; here 
 assembled from a real runner and scheduler, and tests observe or break it through subclasses of
 those two parts, never through the engine's private methods.
 """
+
 import threading
 import time
 
@@ -12,8 +13,16 @@ import pytest
 import torch
 
 from racedit.model import generate, load
-from racedit.server.engine import (Cancelled, DeadlineExceeded, DuplicateRequest, Engine, GenerationRequest,
-                                   QueueFull, ShuttingDown, StepFailed)
+from racedit.server.engine import (
+    Cancelled,
+    DeadlineExceeded,
+    DuplicateRequest,
+    Engine,
+    GenerationRequest,
+    QueueFull,
+    ShuttingDown,
+    StepFailed,
+)
 from racedit.server.metrics import EngineMetrics
 from racedit.server.runner import Runner
 from racedit.server.scheduler import Scheduler, policy
@@ -31,16 +40,28 @@ class TracingRunner(Runner):
         return super().step(states)
 
 
-def engine_for(checkpoint, runner: type[Runner] = Runner, scheduler: type[Scheduler] = Scheduler,
-               max_batch_rows: int = 64, max_queue: int = 256, mode: str = "step", static_wait_ms: float = 20.0,
-               metrics=None) -> Engine:
-    return Engine(runner(load(checkpoint), torch.device("cpu")),
-                  scheduler(max_batch_rows, max_queue, policy(mode, static_wait_ms)), metrics)
+def engine_for(
+    checkpoint,
+    runner: type[Runner] = Runner,
+    scheduler: type[Scheduler] = Scheduler,
+    max_batch_rows: int = 64,
+    max_queue: int = 256,
+    mode: str = "step",
+    static_wait_ms: float = 20.0,
+    metrics=None,
+) -> Engine:
+    return Engine(
+        runner(load(checkpoint), torch.device("cpu")),
+        scheduler(max_batch_rows, max_queue, policy(mode, static_wait_ms)),
+        metrics,
+    )
 
 
 def requests() -> list[GenerationRequest]:
-    return [GenerationRequest(class_label=i, cfg_scale=2.0 + i, num_steps=3 + i % 3, seed=10 * i, request_id=f"r{i}")
-            for i in range(5)]
+    return [
+        GenerationRequest(class_label=i, cfg_scale=2.0 + i, num_steps=3 + i % 3, seed=10 * i, request_id=f"r{i}")
+        for i in range(5)
+    ]
 
 
 @pytest.mark.parametrize("mode", ["step", "static"])
@@ -61,8 +82,13 @@ def test_row_cap_first_come_first_served_and_same_pixels(tiny_checkpoint, mode):
         assert all(set(ids) <= set(steps[0]) for ids in steps[:4]) and len(steps[0]) == 2
     model = load(tiny_checkpoint)
     for request, result in zip(batch, results):
-        expected, _ = generate(model, labels=[request.class_label], cfg_scale=request.cfg_scale,
-                               num_steps=request.num_steps, seeds=[request.seed])
+        expected, _ = generate(
+            model,
+            labels=[request.class_label],
+            cfg_scale=request.cfg_scale,
+            num_steps=request.num_steps,
+            seeds=[request.seed],
+        )
         assert np.array_equal(result.images, expected.permute(0, 2, 3, 1).numpy())
 
 
@@ -118,7 +144,9 @@ def test_abandoned_and_overdue_queued_requests_free_their_places_at_once(tiny_ch
     engine, running = busy_engine(tiny_checkpoint, max_queue=4)
     try:
         cancelled_before = engine.metrics.cancelled._value.get()
-        abandoned = [engine.submit(GenerationRequest(class_label=1, num_steps=2, request_id=f"gone{i}")) for i in range(4)]
+        abandoned = [
+            engine.submit(GenerationRequest(class_label=1, num_steps=2, request_id=f"gone{i}")) for i in range(4)
+        ]
         with pytest.raises(QueueFull):
             engine.submit(GenerationRequest(class_label=1, num_steps=2))
         for i in range(4):
@@ -265,6 +293,7 @@ class ErrorCountThatWaits:
                 if first:
                     assert release.wait(10)
                 counts[kind] = counts.get(kind, 0) + amount
+
         return Child()
 
 

@@ -12,6 +12,7 @@ starts, on the ports it names. An HTML comment right before a block says how to 
 
 At the end every process a block started (its whole process group) is stopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +31,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(?:<!-- readme-test: (?P<marker>.*?) -->\n)?^```(?P<lang>bash|python)\n(?P<body>.*?)^```$",
-                   re.S | re.M)
+ROOT = Path(__file__).resolve().parents[2]
+BLOCK = re.compile(
+    r"(?:<!-- readme-test: (?P<marker>.*?) -->\n)?^```(?P<lang>bash|python)\n(?P<body>.*?)^```$", re.S | re.M
+)
 SETUP_S = 900  # the first block: a venv, torch's CPU build, racedit (about a minute when pip's cache is warm)
 BLOCK_S = 600  # any other block
 READY_S = 120  # a server block from start to ready (the first: after setup)
@@ -41,8 +42,10 @@ STOP_S = 30  # SIGTERM to SIGKILL
 # The only warnings tolerated: this machine's pip configuration names index folders that are absent,
 # and pip says so on every install (the machine's, not the project's); and a server without an API
 # key says so at start, on purpose (README: Authentication and limits).
-TOLERATED = re.compile(r"^WARNING: Location '[^']*' is ignored: it is neither a file nor a directory\.$"
-                       r"|WARNING racedit\.server: serving WITHOUT authentication")
+TOLERATED = re.compile(
+    r"^WARNING: Location '[^']*' is ignored: it is neither a file nor a directory\.$"
+    r"|WARNING racedit\.server: serving WITHOUT authentication"
+)
 
 
 @dataclass
@@ -69,8 +72,9 @@ def readme_blocks(text: str) -> list[Block]:
             elif kind == "skip:" and rest.strip():
                 block.skip = rest.strip()
             else:
-                raise AssertionError(f"{block}: unknown marker {marker!r} "
-                                     "(server http://127.0.0.1:PORT/... | skip: WHY)")
+                raise AssertionError(
+                    f"{block}: unknown marker {marker!r} (server http://127.0.0.1:PORT/... | skip: WHY)"
+                )
         blocks.append(block)
     return blocks
 
@@ -78,8 +82,9 @@ def readme_blocks(text: str) -> list[Block]:
 def test_the_markers_parse_and_skip_only_what_cannot_run_here():
     blocks = readme_blocks((ROOT / "README.md").read_text())
     assert blocks[0].server and blocks[0].body.startswith("scripts/setup.sh"), "the first block sets up and serves"
-    assert len({b.server.split("/")[2] for b in blocks if b.server}) == sum(1 for b in blocks if b.server), \
+    assert len({b.server.split("/")[2] for b in blocks if b.server}) == sum(1 for b in blocks if b.server), (
         "every server of the README needs a port of its own"
+    )
     run = [b for b in blocks if not b.skip]
     assert len(run) >= 10 and any(b.lang == "python" for b in run)
     for block in blocks:
@@ -89,10 +94,14 @@ def test_the_markers_parse_and_skip_only_what_cannot_run_here():
 
 def newcomer_env() -> dict[str, str]:
     """This environment less any virtual environment and racedit's own settings."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME") and not k.startswith("RACEDIT_")}
-    path = [p for p in env.get("PATH", "").split(os.pathsep)
-            if p and not (Path(p).parent / "pyvenv.cfg").exists()]  # no venv's bin (this test's included)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME") and not k.startswith("RACEDIT_")
+    }
+    path = [
+        p for p in env.get("PATH", "").split(os.pathsep) if p and not (Path(p).parent / "pyvenv.cfg").exists()
+    ]  # no venv's bin (this test's included)
     env["PATH"] = os.pathsep.join(path or ["/usr/bin", "/bin"])
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -118,8 +127,15 @@ class Runner:
         # A session of its own: the block and whatever it leaves in the background share one process
         # group, stopped as a whole at the end. Output goes to a file, which no background job holds open.
         with open(log, "w") as out:
-            proc = subprocess.Popen(argv, cwd=cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.groups.append(proc)
         return proc, log
 
@@ -140,8 +156,9 @@ class Runner:
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise AssertionError(f"{block} exited ({proc.returncode}) before {block.server} answered:\n"
-                                     f"{log.read_text()[-4000:]}")
+                raise AssertionError(
+                    f"{block} exited ({proc.returncode}) before {block.server} answered:\n{log.read_text()[-4000:]}"
+                )
             try:
                 if httpx.get(block.server, timeout=2).status_code == 200:
                     return
@@ -208,8 +225,12 @@ def test_every_block_of_the_readme_runs_as_written(tmp_path):
     outputs = {log.name: log.read_text() for log in sorted(logs.glob("*.log"))}  # the servers' to their end
     everything = "\n".join(outputs.values())
     assert "Traceback" not in everything, everything[-4000:]
-    noise = [f"{name}: {line}" for name, output in outputs.items() for line in output.splitlines()
-             if re.search(r"warn|deprecat|accelerate", line, re.I) and not TOLERATED.search(line)]
+    noise = [
+        f"{name}: {line}"
+        for name, output in outputs.items()
+        for line in output.splitlines()
+        if re.search(r"warn|deprecat|accelerate", line, re.I) and not TOLERATED.search(line)
+    ]
     assert noise == [], "setup, the servers and the commands should print no warnings:\n" + "\n".join(noise[:40])
 
     # What the blocks say they make, they made.

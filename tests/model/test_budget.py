@@ -1,8 +1,9 @@
 """The compute dial: per-row thresholds from a budget table, batch-independent, 1.0 = the learned routing."""
+
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from racedit.model import generate
 from racedit.model.budget import budget_range, thresholds_for
 from racedit.model.training.calibrate import budget_table
@@ -12,6 +13,7 @@ from racedit.model.training.config import Calibration
 def budget_thresholds(model, budgets):
     """The thresholds the engine and generate() route by for these budgets."""
     return thresholds_for(model.budget_table, model.learned_thresholds(), budgets)
+
 
 CALIBRATION = Calibration(num_images=8, num_steps=6)
 
@@ -44,11 +46,11 @@ def test_budget_one_is_the_learned_routing_to_the_bit(dialled):
 def test_mixed_budgets_in_one_batch_give_each_image_what_it_gets_alone(dialled):
     model, _ = dialled
     budgets = [0.5, 1.0, 1.5, 0.75]
-    together, usage = generate(model, [1, 2, 3, 4], num_steps=5, seeds=[5, 6, 7, 8], as_float=True,
-                               expert_budget=budgets)
+    together, usage = generate(
+        model, [1, 2, 3, 4], num_steps=5, seeds=[5, 6, 7, 8], as_float=True, expert_budget=budgets
+    )
     for i, budget in enumerate(budgets):
-        alone, alone_usage = generate(model, [i + 1], num_steps=5, seeds=[5 + i], as_float=True,
-                                      expert_budget=budget)
+        alone, alone_usage = generate(model, [i + 1], num_steps=5, seeds=[5 + i], as_float=True, expert_budget=budget)
         assert together[i].numpy().tobytes() == alone[0].numpy().tobytes()
         assert usage[i] == alone_usage[0]
     assert usage[0].mean_experts_per_token < usage[1].mean_experts_per_token < usage[2].mean_experts_per_token
@@ -80,8 +82,9 @@ def npy(answer: dict) -> list[bytes]:
 
 
 def test_expert_budget_over_http(dial_server, server_factory):
-    import httpx
     from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
 
     url = dial_server.url
 
@@ -90,8 +93,9 @@ def test_expert_budget_over_http(dial_server, server_factory):
         return httpx.post(url + "/generate", json=body, timeout=120).json()
 
     alone = {budget: post(budget, 40) for budget in (0.25, 1.0, 1.5)}
-    default = httpx.post(url + "/generate", json={"class_label": 3, "num_steps": 30, "seed": 40,
-                                                  "output_format": "npy"}, timeout=120).json()
+    default = httpx.post(
+        url + "/generate", json={"class_label": 3, "num_steps": 30, "seed": 40, "output_format": "npy"}, timeout=120
+    ).json()
     assert npy(default) == npy(alone[1.0])  # budget 1.0 is today's routing, to the bit
     realised = [alone[b]["expert_usage"]["mean_experts_per_token"] for b in (0.25, 1.0, 1.5)]
     assert realised[0] < realised[1] < realised[2]
@@ -125,10 +129,12 @@ def test_expert_budget_through_the_sdk_and_kserve(dial_server):
     assert streamed.expert_usage == low.expert_usage and low.request.expert_budget == 0.5
     kserve = triton.InferenceServerClient(dial_server.url.removeprefix("http://"))
     inputs = []
-    for name, dtype, values in [("class_label", "INT64", np.array([2], np.int64)),
-                                ("num_steps", "INT32", np.array([20], np.int32)),
-                                ("seed", "INT64", np.array([9], np.int64)),
-                                ("expert_budget", "FP32", np.array([0.5], np.float32))]:
+    for name, dtype, values in [
+        ("class_label", "INT64", np.array([2], np.int64)),
+        ("num_steps", "INT32", np.array([20], np.int32)),
+        ("seed", "INT64", np.array([9], np.int64)),
+        ("expert_budget", "FP32", np.array([0.5], np.float32)),
+    ]:
         item = triton.InferInput(name, [1], dtype)
         item.set_data_from_numpy(values)
         inputs.append(item)

@@ -1,17 +1,31 @@
 """The Race-DiT network: routing counts, gradients, threshold, batch independence, presets."""
+
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import batch, tiny_model
 from torch.overrides import TorchFunctionMode
 
 from racedit.model import Execution, build, count_parameters, exact, preset_config
 from racedit.model.config import ConfigError
-from racedit.model.training.losses import balance, combination_usage, max_violation, per_layer_regularisation, router_similarity
-from racedit.model.moe import (Experts, expert_choice, expert_race, grouped_dispatch, loop_dispatch, sorted_dispatch,
-                               threshold, token_choice)
-
-from conftest import batch, tiny_model
+from racedit.model.moe import (
+    Experts,
+    expert_choice,
+    expert_race,
+    grouped_dispatch,
+    loop_dispatch,
+    sorted_dispatch,
+    threshold,
+    token_choice,
+)
+from racedit.model.training.losses import (
+    balance,
+    combination_usage,
+    max_violation,
+    per_layer_regularisation,
+    router_similarity,
+)
 
 
 def tiny(routing="expert_race", gating="identity", **moe):
@@ -63,8 +77,16 @@ def test_routing_functions_directly():
     assert torch.equal(threshold(scores, torch.tensor(0.3)), scores > 0.3)
 
 
-@pytest.mark.parametrize("dispatch, row_tile", [(grouped_dispatch, 32), (grouped_dispatch, None), (sorted_dispatch, 32),
-                                                 (loop_dispatch, None), (loop_dispatch, 8)])
+@pytest.mark.parametrize(
+    "dispatch, row_tile",
+    [
+        (grouped_dispatch, 32),
+        (grouped_dispatch, None),
+        (sorted_dispatch, 32),
+        (loop_dispatch, None),
+        (loop_dispatch, 8),
+    ],
+)
 def test_sparse_dispatch_matches_a_dense_reference(dispatch, row_tile):
     torch.manual_seed(1)
     experts = Experts(4, 8, 16)
@@ -215,7 +237,11 @@ def test_eval_routing_and_output_independent_of_batch_mates(routing):
     out = model(x, t, y, return_stats=True)
     alone_v, alone = out.prediction, out.stats
     mates_x, mates_t, mates_y = batch(model, 7, seed=11)
-    xs, ts, ys = torch.cat([mates_x[:3], x, mates_x[3:]]), torch.cat([mates_t[:3], t, mates_t[3:]]), torch.cat([mates_y[:3], y, mates_y[3:]])
+    xs, ts, ys = (
+        torch.cat([mates_x[:3], x, mates_x[3:]]),
+        torch.cat([mates_t[:3], t, mates_t[3:]]),
+        torch.cat([mates_y[:3], y, mates_y[3:]]),
+    )
     out = model(xs, ts, ys, return_stats=True)
     mixed_v, mixed = out.prediction, out.stats
     assert torch.equal(mixed.experts_per_token[:, 3], alone.experts_per_token[:, 0])
@@ -240,8 +266,10 @@ def test_reduced_precision_keeps_thresholds_and_activations_in_fp32():
     thresholds = [layer.threshold.clone() for layer in model.moe_layers]
     model.eval().set_precision(torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert all(layer.threshold.dtype == torch.float32 and torch.equal(layer.threshold, before)
-               for layer, before in zip(model.moe_layers, thresholds))
+    assert all(
+        layer.threshold.dtype == torch.float32 and torch.equal(layer.threshold, before)
+        for layer, before in zip(model.moe_layers, thresholds)
+    )
     v = model(*batch(model, 2)).prediction
     assert v.dtype == torch.float32
 
@@ -282,13 +310,16 @@ def test_losses_and_metrics():
     assert max_violation(torch.tensor([4.0, 0.0, 0.0, 0.0])) == pytest.approx(3.0)
     # Two fixed pairs (Fig. 4 top) use 2 of 6 combinations; diverse pairs use more.
     collapsed = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]] * 4, dtype=torch.bool)
-    diverse = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.bool)
+    diverse = torch.tensor(
+        [[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.bool
+    )
     assert combination_usage(collapsed) == pytest.approx(2 / 6)
     assert combination_usage(diverse) == pytest.approx(1.0)
 
 
 def test_router_similarity_is_low_for_independent_experts():
     from racedit.model.moe import Routing
+
     g = torch.randn(4096, 8)
     independent = Routing(scores=g, mask=g > 0, target=None, logits=g)
     copied = Routing(scores=g[:, [0, 0, 1, 1, 2, 2, 3, 3]], mask=g > 0, target=None, logits=g)
@@ -324,7 +355,12 @@ def test_config_validation_names_the_key():
 def test_config_object_and_attributes():
     cfg = preset_config("tiny")
     model = build(cfg)
-    assert (model.config.image_size, model.config.in_channels, model.config.patch_size, model.config.num_classes) == (16, 3, 4, 10)
+    assert (model.config.image_size, model.config.in_channels, model.config.patch_size, model.config.num_classes) == (
+        16,
+        3,
+        4,
+        10,
+    )
     assert model.config.moe.spec == "2in4"
 
 
@@ -332,12 +368,18 @@ def test_the_model_package_depends_on_no_other_racedit_package():
     """racedit.model is the network: serving, exports and the CLI build on it, never the reverse."""
     import ast
 
-    package = Path(__file__).resolve().parents[1] / "model"
+    package = Path(__file__).resolve().parents[2] / "model"
     for path in package.glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             for name in names:
-                assert not name.startswith(("racedit.server", "racedit.export", "racedit.cli")), \
+                assert not name.startswith(("racedit.server", "racedit.export", "racedit.cli")), (
                     f"model/{path.name} imports {name}"
+                )

@@ -1,4 +1,5 @@
 """racedit on Ray Serve, for real: a local Ray on loopback, `racedit serve --ray`, the SDK."""
+
 import asyncio
 import os
 import signal
@@ -9,17 +10,15 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
-
 from conftest import free_port, metric
 
 pytest.importorskip("ray.serve", reason="Ray Serve is the racedit[ray] extra (scripts/setup.sh --dev installs it)")
 
 from racedit_client import AsyncClient, Client  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def descendants(pid: int) -> dict[int, str]:
@@ -66,17 +65,42 @@ def alive(processes: dict[int, str]) -> list[int]:
 class RayServer:
     """`racedit serve --ray` (or another Ray command) in its own process, with its own short Ray temp dir."""
 
-    def __init__(self, checkpoint: Path, log: Path, *flags: str, command: list[str] | None = None,
-                 port: int | None = None, ready_line: str | None = "racedit ready on Ray Serve"):
+    def __init__(
+        self,
+        checkpoint: Path,
+        log: Path,
+        *flags: str,
+        command: list[str] | None = None,
+        port: int | None = None,
+        ready_line: str | None = "racedit ready on Ray Serve",
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.tmp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # Ray's socket paths must stay short
-        env = {**os.environ, "RAY_TMPDIR": self.tmp, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
-               "RAY_USAGE_STATS_ENABLED": "0"}
-        command = command or [sys.executable, "-m", "racedit.cli", "serve", "--ray", "--checkpoint",
-                              str(checkpoint), "--port", str(self.port), "--log-level", "warning",
-                              "--replica-cpus", "0.5", *flags]
+        env = {
+            **os.environ,
+            "RAY_TMPDIR": self.tmp,
+            "OMP_NUM_THREADS": "1",
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        command = command or [
+            sys.executable,
+            "-m",
+            "racedit.cli",
+            "serve",
+            "--ray",
+            "--checkpoint",
+            str(checkpoint),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            "--replica-cpus",
+            "0.5",
+            *flags,
+        ]
         self.proc = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 150
         while time.time() < deadline:
@@ -107,8 +131,10 @@ class RayServer:
         return self.proc.returncode
 
 
-REQUESTS = [dict(class_label=i % 4, cfg_scale=[1.0, 3.0][i % 2], num_steps=6 + i % 5, seed=100 + i,
-                 num_images=1 + i % 2) for i in range(16)]
+REQUESTS = [
+    dict(class_label=i % 4, cfg_scale=[1.0, 3.0][i % 2], num_steps=6 + i % 5, seed=100 + i, num_images=1 + i % 2)
+    for i in range(16)
+]
 
 
 def test_two_replicas_answer_like_one_server(tiny_checkpoint, server_factory, tmp_path):
@@ -117,7 +143,9 @@ def test_two_replicas_answer_like_one_server(tiny_checkpoint, server_factory, tm
         expected = [client.generate(**r, output_format="npy").arrays for r in REQUESTS]
 
     metrics_port = free_port()
-    ray = RayServer(tiny_checkpoint, tmp_path / "ray.log", "--replicas", "2", "--replica-metrics-port", str(metrics_port))
+    ray = RayServer(
+        tiny_checkpoint, tmp_path / "ray.log", "--replicas", "2", "--replica-metrics-port", str(metrics_port)
+    )
     try:
         assert len(ray.processes) >= 4, "a local Ray runs under the launcher (GCS, raylet, proxy, replicas)"
 
@@ -151,12 +179,17 @@ def test_two_replicas_answer_like_one_server(tiny_checkpoint, server_factory, tm
 
 
 def test_full_queues_answer_429_with_retry_after_and_sigterm_drains(tiny_checkpoint, tmp_path):
-    ray = RayServer(tiny_checkpoint, tmp_path / "ray.log", "--max-queue", "1", "--max-batch-rows", "2",
-                    "--retry-after-s", "3")
+    ray = RayServer(
+        tiny_checkpoint, tmp_path / "ray.log", "--max-queue", "1", "--max-batch-rows", "2", "--retry-after-s", "3"
+    )
     try:
+
         def post(seed: int) -> httpx.Response:
-            return httpx.post(ray.url + "/generate", timeout=120,
-                              json={"class_label": 1, "num_steps": 60, "seed": seed, "num_images": 1})
+            return httpx.post(
+                ray.url + "/generate",
+                timeout=120,
+                json={"class_label": 1, "num_steps": 60, "seed": seed, "num_images": 1},
+            )
 
         from concurrent.futures import ThreadPoolExecutor
 
@@ -191,8 +224,13 @@ def test_serve_run_on_the_shipped_cpu_config(tiny_checkpoint, tmp_path):
     path = tmp_path / "racedit.yaml"
     path.write_text(yaml.safe_dump(config))
     serve_cli = Path(sys.executable).with_name("serve")
-    ray = RayServer(tiny_checkpoint, tmp_path / "serve-run.log", command=[str(serve_cli), "run", str(path)],
-                    port=port, ready_line=None)
+    ray = RayServer(
+        tiny_checkpoint,
+        tmp_path / "serve-run.log",
+        command=[str(serve_cli), "run", str(path)],
+        port=port,
+        ready_line=None,
+    )
     try:
         with Client(ray.url) as client:
             result = client.generate(class_label="star", num_steps=4, seed=5, output_format="npy")
@@ -202,8 +240,12 @@ def test_serve_run_on_the_shipped_cpu_config(tiny_checkpoint, tmp_path):
         ray.stop(signal.SIGINT, timeout=30)  # serve run shuts the application down on Ctrl-C (slowly under load)
         # `serve run` leaves its local Ray's daemons to exit on their own (seconds to minutes under
         # load); `ray stop` is how Ray says to end a local cluster.
-        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop"], capture_output=True, timeout=120,
-                       env={**os.environ, "RAY_TMPDIR": ray.tmp})
+        subprocess.run(
+            [str(Path(sys.executable).with_name("ray")), "stop"],
+            capture_output=True,
+            timeout=120,
+            env={**os.environ, "RAY_TMPDIR": ray.tmp},
+        )
     assert left_behind(ray.processes) == []
 
 

@@ -1,4 +1,5 @@
 """Scheduling decisions with fake jobs: no checkpoint, no torch, no threads."""
+
 import subprocess
 import sys
 
