@@ -1,63 +1,71 @@
 """The `racedit` command: train, eval, calibrate, pack, import-dit, serve, export.
 
 It lives outside the three packages it dispatches to (racedit.model, racedit.server,
-racedit.export), so none of them depends on another through it. Each subcommand imports
-its code when it runs, so no `--help` imports torch and each answers at once
-(tests/e2e/test_cli_help.py).
+racedit.export), so none of them depends on another through it. Each command's flags are the
+fields of its typed options (cli/options.py, made into flags by cli/flags.py); each imports its code
+when it runs, so no `--help` imports torch and each answers at once (tests/e2e/test_cli_help.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from .flags import add_flags, errors, parse
+from .options import (
+    CalibrateOptions,
+    ClassifierOptions,
+    EvalOptions,
+    ImportDitOptions,
+    Options,
+    PackOptions,
+    TrainOptions,
+)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(options: TrainOptions) -> int:
     from racedit.model.config import ConfigError
     from racedit.model.training.config import is_pipeline, load_config, load_pipeline
     from racedit.model.training.train import train, train_pipeline
 
-    out = Path(args.out or Path("runs") / Path(args.config).stem)
-    if is_pipeline(args.config):
-        if args.resume or args.init:
+    out = options.out or Path("runs") / options.config.stem
+    if is_pipeline(str(options.config)):
+        if options.resume or options.init:
             raise ConfigError(
-                f"{args.config} is a pipeline (stages): it resumes itself when run again with the "
+                f"{options.config} is a pipeline (stages): it resumes itself when run again with the "
                 "same --out, and its first stage starts from scratch; drop --resume/--init"
             )
-        path = train_pipeline(*load_pipeline(args.config), out)
+        path = train_pipeline(*load_pipeline(str(options.config)), out)
     else:
-        path = train(
-            load_config(args.config),
-            out,
-            resume=Path(args.resume) if args.resume else None,
-            init=Path(args.init) if args.init else None,
-        )
+        path = train(load_config(str(options.config)), out, resume=options.resume, init=options.init)
     print(f"checkpoint: {path}")
     return 0
 
 
-def _pack(args: argparse.Namespace) -> int:
+def _pack(options: PackOptions) -> int:
     import torch
 
     from racedit.model.checkpoint import load, save
 
-    model = load(args.checkpoint)
+    model = load(options.checkpoint)
     path = save(
         model,
-        args.out,
+        options.out,
         metadata=model.metadata,
-        weights_dtype=getattr(torch, args.dtype),
+        weights_dtype=getattr(torch, options.dtype),
         autoencoder=model.autoencoder,
     )
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    print(f"packed {args.checkpoint} -> {path} ({size / 2**20:.1f} MiB, parameters in {args.dtype})")
+    print(f"packed {options.checkpoint} -> {path} ({size / 2**20:.1f} MiB, parameters in {options.dtype})")
     return 0
 
 
-def _calibrate(args: argparse.Namespace) -> int:
+def _calibrate(options: CalibrateOptions) -> int:
     import json
 
     import torch
@@ -66,20 +74,23 @@ def _calibrate(args: argparse.Namespace) -> int:
     from racedit.model.training.calibrate import budget_table, calibrate_thresholds
     from racedit.model.training.config import Calibration
 
-    model = load(args.checkpoint)
+    model = load(options.checkpoint)
     calibration = Calibration(
-        num_images=args.num_images, cfg_scale=args.cfg_scale, num_steps=args.num_steps, iterations=args.iterations
+        num_images=options.num_images,
+        cfg_scale=options.cfg_scale,
+        num_steps=options.num_steps,
+        iterations=options.iterations,
     )
     record = model.metadata.get("threshold_calibration", {})
-    if args.iterations:  # 0 keeps the thresholds and the record of how they were set
+    if options.iterations:  # 0 keeps the thresholds and the record of how they were set
         record = calibrate_thresholds(model, calibration)
         model.metadata = {**model.metadata, "threshold_calibration": record}
-    if args.budgets:  # the compute dial's table, on the thresholds just calibrated
-        record = {**record, "budget_table": budget_table(model, calibration, args.budgets)}
-    weights_dtype = getattr(torch, read_config(args.checkpoint).get("weights_dtype", "float32"))
+    if options.budgets:  # the compute dial's table, on the thresholds just calibrated
+        record = {**record, "budget_table": budget_table(model, calibration, options.budgets)}
+    weights_dtype = getattr(torch, read_config(options.checkpoint).get("weights_dtype", "float32"))
     out = save(
         model,
-        args.out or args.checkpoint,
+        options.out or options.checkpoint,
         metadata=model.metadata,
         weights_dtype=weights_dtype,
         autoencoder=model.autoencoder,
@@ -89,7 +100,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_dit(args: argparse.Namespace) -> int:
+def _import_dit(options: ImportDitOptions) -> int:
     import json
 
     from racedit.model.checkpoint import save
@@ -97,33 +108,50 @@ def _import_dit(args: argparse.Namespace) -> int:
     from racedit.model.training.import_dit import import_dit, upcycle, upcycling_report
 
     moe = None
-    if args.moe:
-        moe = MoEConfig(spec=args.moe, hidden_split=args.hidden_split, gating=args.gating)
+    if options.moe:
+        moe = MoEConfig(spec=options.moe, hidden_split=options.hidden_split, gating=options.gating)
         moe.validate()
-    dense = import_dit(args.source, num_heads=args.num_heads)  # read once; upcycled from it when asked
+    dense = import_dit(options.source, num_heads=options.num_heads)  # read once; upcycled from it when asked
     model = upcycle(dense, moe) if moe else dense
-    metadata = {"imported_from": str(args.source), "objective": model.config.objective}
+    metadata = {"imported_from": str(options.source), "objective": model.config.objective}
     if moe:
         metadata["upcycling"] = upcycling_report(dense, model)
         print(json.dumps(metadata["upcycling"], indent=2))
-    path = save(model, args.out, metadata=metadata, autoencoder=args.autoencoder)
+    path = save(model, options.out, metadata=metadata, autoencoder=options.autoencoder)
     print(
-        f"imported {args.source} -> {path} ({'upcycled to ' + args.moe if moe else 'dense'}, objective "
+        f"imported {options.source} -> {path} ({'upcycled to ' + options.moe if moe else 'dense'}, objective "
         f"{model.config.objective}: fine-tune with `racedit train --init {path}` before serving)"
     )
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from racedit.model.training.evaluate import main as evaluate_main
+def _eval(options: EvalOptions) -> int:
+    import json
 
-    return evaluate_main(args)
+    from racedit.model import bundled
+    from racedit.model.training.evaluate import evaluate
+
+    report = evaluate(
+        options.checkpoint or bundled(),
+        options.num_samples,
+        options.cfg_scale,
+        options.num_steps,
+        options.batch_size,
+        options.out,
+        options.classifier,
+        options.dtype,
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "experts_per_token_by_t"}, indent=2))
+    print(f"wrote {options.out}/report.json, samples.png, experts_per_timestep.png")
+    return 0
 
 
-def _train_classifier(args: argparse.Namespace) -> int:
-    from racedit.model.training.evaluate import train_classifier_main
+def _train_classifier(options: ClassifierOptions) -> int:
+    from racedit.model.training.evaluate import DEFAULT_CLASSIFIER, train_classifier
 
-    return train_classifier_main(args)
+    accuracy = train_classifier(options.out or DEFAULT_CLASSIFIER, steps=options.steps)
+    print(f"val accuracy {accuracy:.4f}")
+    return 0 if accuracy >= 0.98 else 1
 
 
 def _serve(args: Sequence[str]) -> int:
@@ -148,118 +176,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
-BUDGETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # racedit.model.training.calibrate.BUDGETS, without importing torch here
-
-
-class _Help(argparse.HelpFormatter):
-    """Appends "(default: X)" to a flag's help, unless it is required, has no default, or says it in words."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (
-            action.option_strings
-            and not action.required
-            and action.default not in (None, argparse.SUPPRESS)
-            and "default" not in text
-        ):
-            text += " (default: %(default)s)"
-        return text
+COMMANDS: dict[str, tuple[type[Options], Callable[[Any], int]]] = {
+    "train": (TrainOptions, _train),
+    "eval": (EvalOptions, _eval),
+    "calibrate": (CalibrateOptions, _calibrate),
+    "import-dit": (ImportDitOptions, _import_dit),
+    "pack": (PackOptions, _pack),
+    "train-classifier": (ClassifierOptions, _train_classifier),
+}
 
 
 def parser() -> argparse.ArgumentParser:
     """The `racedit` command line; serve and export parse their own flags (`racedit serve --help`)."""
     parser = argparse.ArgumentParser(prog="racedit", description="Race-DiT training, evaluation, serving and export")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help: str, func=None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:], formatter_class=_Help)
-        p.set_defaults(func=func)
-        return p
-
-    command("serve", "serve a checkpoint over HTTP (racedit serve --help)")
-    command("export", "export ONNX / AOTInductor / Triton (racedit export --help)")
-    p = command("train", "train a model from a YAML config", _train)
-    p.add_argument(
-        "--config", required=True, help="YAML training config, or a pipeline of stages (configs/*.yaml; required)"
-    )
-    p.add_argument("--out", help="output folder (default: runs/<config name>)")
-    p.add_argument("--resume", help="checkpoint folder of an earlier run to continue exactly (default: start anew)")
-    p.add_argument(
-        "--init",
-        help="start from this checkpoint's weights with a fresh optimizer, for fine-tuning "
-        "(default: random initialisation)",
-    )
-    p = command("eval", "class fidelity, Frechet distance, sample grid and Fig. 6 plot", _eval)
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the bundled shapes10 model)")
-    p.add_argument("--num-samples", type=int, default=500, help="samples to draw, the classes in turn")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the samples")
-    p.add_argument("--num-steps", type=int, default=25, help="Euler steps per sample")
-    p.add_argument("--batch-size", type=int, default=100, help="samples generated at once")
-    p.add_argument("--out", default="eval-out", help="folder for report.json and the figures")
-    p.add_argument("--classifier", default=None, help="classifier folder (default: the bundled one)")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="precision of the network's matmuls (thresholds, timesteps and latents stay fp32)",
-    )
-    p = command("calibrate", "re-estimate the learned thresholds on the checkpoint's own weights", _calibrate)
-    p.add_argument("checkpoint", help="checkpoint folder")
-    p.add_argument("--out", default=None, help="write here (default: update the checkpoint in place)")
-    p.add_argument("--num-images", type=int, default=40, help="calibration samples (classes in turn)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the calibration samples")
-    p.add_argument("--num-steps", type=int, default=25, help="Euler steps: the time grid calibrated over")
-    p.add_argument(
-        "--iterations",
-        type=int,
-        default=2,
-        help="passes towards the fixed point (0 keeps the thresholds, e.g. to add a budget table)",
-    )
-    p.add_argument(
-        "--budgets",
-        type=float,
-        nargs="*",
-        default=list(BUDGETS),
-        help="expert budgets of the compute-dial table (must include 1.0; none: no table)",
-    )
-    p = command("import-dit", "a racedit checkpoint from DiT weights (diffusers folder or DiT .pt)", _import_dit)
-    p.add_argument(
-        "source", help="a diffusers DiTTransformer2DModel folder (safetensors) or a facebookresearch/DiT .pt"
-    )
-    p.add_argument("--out", required=True, help="checkpoint folder to write (required)")
-    p.add_argument("--moe", default=None, help="upcycle every MLP into experts, e.g. 2in8 (default: dense)")
-    p.add_argument(
-        "--hidden-split",
-        type=int,
-        default=1,
-        help="1: each expert a copy of the dense MLP; S > 1: experts are slices of its width / S",
-    )
-    p.add_argument(
-        "--gating", default="identity", choices=["identity", "sigmoid", "softmax"], help="gate of the upcycled routers"
-    )
-    p.add_argument(
-        "--num-heads",
-        type=int,
-        default=None,
-        help="attention heads (default: from the width, for DiT's sizes; needed for a .pt of other sizes)",
-    )
-    p.add_argument(
-        "--autoencoder",
-        default=None,
-        help="VAE folder (save_pretrained) to carry, e.g. sd-vae-ft-ema (default: none, a pixel model)",
-    )
-    p = command("pack", "copy a checkpoint for shipping: weights only, parameters in float16", _pack)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder to copy (required)")
-    p.add_argument("--out", required=True, help="folder to write (required)")
-    p.add_argument(
-        "--dtype",
-        default="float16",
-        choices=["float16", "bfloat16", "float32"],
-        help="type of the stored parameters (buffers such as thresholds stay exact)",
-    )
-    p = command("train-classifier", "train the shapes10 classifier used by eval", _train_classifier)
-    p.add_argument("--out", default=None, help="classifier folder (default: the bundled one, replaced)")
-    p.add_argument("--steps", type=int, default=600, help="training steps")
+    sub.add_parser("serve", help="serve a checkpoint over HTTP (racedit serve --help)")
+    sub.add_parser("export", help="export ONNX / AOTInductor / Triton (racedit export --help)")
+    for name, (options, _) in COMMANDS.items():
+        summary = options.__doc__.strip().rstrip(".")
+        add_flags(sub.add_parser(name, help=summary[0].lower() + summary[1:], description=summary), options)
     return parser
 
 
@@ -270,12 +205,19 @@ def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["export"]:
         return _export(argv[1:])
     args = parser().parse_args(argv)
+    model, run = COMMANDS[args.command]
+    try:
+        options = parse(model, args)
+    except ValidationError as exc:
+        for line in errors(exc):
+            print(f"racedit {args.command}: error: {line}", file=sys.stderr)
+        return 2
     from racedit.model.autoencoder import AutoencoderError
     from racedit.model.checkpoint import CheckpointError
     from racedit.model.config import ConfigError
 
     try:
-        return args.func(args)
+        return run(options)
     except (ConfigError, CheckpointError, AutoencoderError) as exc:
         print(f"racedit {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -9,36 +9,43 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from racedit.cli.flags import POSITIONAL, add_flags, errors, parse
+
+
+class ExportOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["onnx", "aot", "triton"] = Field(
+        ...,
+        description="onnx: model.onnx; aot: model.pt2 (torch.export + AOTInductor); triton: a model repository",
+        json_schema_extra=POSITIONAL,
+    )
+    checkpoint: Optional[Path] = Field(None, description="checkpoint folder (default: the bundled shapes10 model)")
+    out: Path = Field(..., description="output folder")
+    dtype: Literal["float32", "float16"] = Field("float32", description="onnx, aot: precision of the exported network")
+    opset: int = Field(17, description="ONNX opset, 16..20")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="aot: compile for this device; triton: the denoiser's instance kind (KIND_CPU or KIND_GPU)"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="racedit export", description="Export a checkpoint for other runtimes")
-    parser.add_argument(
-        "format",
-        choices=["onnx", "aot", "triton"],
-        help="onnx: model.onnx; aot: model.pt2 (torch.export + AOTInductor); triton: a model repository",
-    )
-    parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the bundled shapes10 model)")
-    parser.add_argument("--out", required=True, help="output folder (required)")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        help="onnx, aot: precision of the exported network, float32 or float16 (default: %(default)s)",
-    )
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 16..20 (default: %(default)s)")
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        choices=["cpu", "cuda"],
-        help="aot: compile for this device; triton: the denoiser's instance kind (KIND_CPU or "
-        "KIND_GPU) (default: %(default)s)",
-    )
+    add_flags(parser, ExportOptions)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = parse(ExportOptions, parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
+    except ValidationError as exc:
+        for line in errors(exc):
+            print(f"racedit export: error: {line}", file=sys.stderr)
+        return 2
     from racedit.model import CheckpointError, bundled, load
 
     from .onnx_export import ExportError, check_opset
@@ -47,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         check_opset(args.opset)
         model = load(checkpoint)
-        out = Path(args.out)
+        out = args.out
         if args.format == "onnx":
             from .onnx_export import export_onnx
 

@@ -8,13 +8,13 @@ import logging
 import socket
 import sys
 import threading
-import typing
 from collections.abc import Sequence
-from typing import Literal, Optional
+from typing import Optional
 
 import uvicorn
 from pydantic import ValidationError
-from pydantic.fields import FieldInfo
+
+from racedit.cli.flags import add_flags, parse
 
 from .settings import ServeSettings
 
@@ -25,35 +25,12 @@ def parser() -> argparse.ArgumentParser:
         description="Serve a Race-DiT checkpoint over HTTP. Every flag is also an environment variable "
         "RACEDIT_<FLAG> (e.g. RACEDIT_MAX_BATCH_ROWS=128); flags win over variables.",
     )
-    for name, field in ServeSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} (env RACEDIT_{name.upper()}{_default(field)})"
-        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else None
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
-        elif choices:
-            parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+    add_flags(parser, ServeSettings, env_prefix="RACEDIT_")
     return parser
 
 
-def _default(field: FieldInfo) -> str:
-    """ ", default X" for the help line; nothing where the description already says it in words."""
-    if field.default_factory is not None or "default:" in (field.description or ""):
-        return ""
-    value = field.default
-    return ", default " + (
-        {None: "none", True: "on", False: "off"}.get(value, str(value))
-        if isinstance(value, (bool, type(None)))
-        else str(value)
-    )
-
-
 def settings_from_args(argv: Sequence[str]) -> ServeSettings:
-    args = parser().parse_args(list(argv))
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    return ServeSettings(**given)
+    return parse(ServeSettings, parser().parse_args(list(argv)))
 
 
 def port_in_use(host: str, port: int) -> Optional[str]:

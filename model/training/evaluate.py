@@ -10,7 +10,6 @@ when that differs. The Fig. 6 plot shows mean experts per token against the samp
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -294,27 +293,3 @@ def evaluate(
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def main(args: argparse.Namespace) -> int:
-    from .. import DEFAULT_CHECKPOINT
-
-    report = evaluate(
-        Path(args.checkpoint or DEFAULT_CHECKPOINT),
-        args.num_samples,
-        args.cfg_scale,
-        args.num_steps,
-        args.batch_size,
-        Path(args.out),
-        Path(args.classifier) if args.classifier else None,
-        args.dtype,
-    )
-    print(json.dumps({k: v for k, v in report.items() if k != "experts_per_token_by_t"}, indent=2))
-    print(f"wrote {args.out}/report.json, samples.png, experts_per_timestep.png")
-    return 0
-
-
-def train_classifier_main(args: argparse.Namespace) -> int:
-    accuracy = train_classifier(Path(args.out or DEFAULT_CLASSIFIER), steps=args.steps)
-    print(f"val accuracy {accuracy:.4f}")
-    return 0 if accuracy >= 0.98 else 1

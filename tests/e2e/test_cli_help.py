@@ -77,3 +77,42 @@ def test_every_flag_has_help_with_its_default(name, parser):
                 assert "required" in text, f"racedit {name} {flag}: {text!r} should say it is required"
             else:
                 assert "default" in text, f"racedit {name} {flag}: {text!r} should give its default"
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["eval", "--num-samples", "0"], "--num-samples: Input should be greater than or equal to 1"),
+        (["eval", "--num-steps", "many"], "--num-steps: Input should be a valid integer"),
+        (["calibrate", "ck", "--iterations", "-1"], "--iterations: Input should be greater than or equal to 0"),
+        (["import-dit", "dit.pt", "--out", "o", "--hidden-split", "0"], "--hidden-split"),
+        (["train-classifier", "--steps", "2.5"], "--steps: Input should be a valid integer"),
+        (["export", "onnx", "--out", "o", "--opset", "x"], "--opset: Input should be a valid integer"),
+        (["serve", "--port", "99999"], "port: Input should be less than or equal to 65535"),
+    ],
+)
+def test_a_bad_flag_is_refused_by_its_typed_options_naming_it(argv, flag):
+    """Every command's flags are the fields of a typed options model: a bad value fails before any work,
+    naming the flag and the rule (exit 2)."""
+    done = subprocess.run([sys.executable, "-m", "racedit.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and flag in done.stderr, done.stderr
+
+
+def test_options_are_typed_with_their_models_defaults():
+    from racedit.cli import COMMANDS
+    from racedit.cli.flags import parse
+
+    for name, (model, _) in COMMANDS.items():
+        argv = {
+            "train": ["--config", "c.yaml"],
+            "calibrate": ["ck"],
+            "import-dit": ["s", "--out", "o"],
+            "pack": ["--checkpoint", "c", "--out", "o"],
+        }.get(name, [])
+        options = parse(model, racedit_parser().parse_args([name, *argv]))
+        assert type(options) is model
+        for field, info in model.model_fields.items():
+            if not info.is_required() and field not in ("out",):
+                assert getattr(options, field) == info.default, (name, field)
+    evaluation = parse(COMMANDS["eval"][0], racedit_parser().parse_args(["eval", "--num-samples", "7"]))
+    assert evaluation.num_samples == 7 and isinstance(evaluation.num_samples, int)
