@@ -18,9 +18,10 @@ import torch
 from google.protobuf.text_format import ParseError
 from PIL import Image
 
+from racedit.export.external import load_onnx_model
 from racedit.export.onnx_export import ServedDenoiser, example_inputs, export_onnx
 from racedit.export.triton_repo import build_triton_repo, parse_config
-from racedit.model import DEFAULT_CHECKPOINT, generate, load
+from racedit.model import DEFAULT_CHECKPOINT, Denoiser, DenoiserOutput, generate, load
 
 CHECKPOINTS = ["tiny", "shipped"]
 
@@ -47,6 +48,24 @@ def test_onnx_parity_and_routing(checkpoint, onnx_file):
         assert np.abs(out_v - v.numpy()).max() < 1e-4
         assert out_ept.shape == (len(model.moe_layers), batch, model.config.num_tokens)
         assert np.array_equal(out_ept, ept.numpy()) and np.array_equal(out_load, load_.numpy())
+
+
+def test_the_onnx_denoiser_meets_the_denoiser_contract(checkpoint, onnx_file):
+    """One protocol for every servable model: the onnxruntime denoiser answers as RaceDiT does (a typed
+    output, routing counts when asked), offers no compute dial, and refuses per-row thresholds."""
+    model = load(checkpoint)
+    ort_model = load_onnx_model(checkpoint, onnx_file, torch.device("cpu"))
+    assert isinstance(model, Denoiser) and isinstance(ort_model, Denoiser)
+    assert ort_model.budget_table is None and ort_model.learned_thresholds() == model.learned_thresholds()
+    x, t, y = example_inputs(model, 3, seed=7)
+    ours, theirs = model(x, t, y, return_stats=True), ort_model(x, t, y, return_stats=True)
+    assert isinstance(theirs, DenoiserOutput) and ort_model(x, t, y).stats is None
+    assert (theirs.prediction - ours.prediction).abs().max() < 1e-4
+    assert torch.equal(
+        theirs.stats.experts_per_token.to(ours.stats.experts_per_token.dtype), ours.stats.experts_per_token
+    )
+    with pytest.raises(ValueError, match="expert_budget 1.0"):
+        ort_model(x, t, y, thresholds=torch.zeros(len(model.moe_layers), 3))
 
 
 def test_onnx_graph_is_sparse_and_drops_the_target_head(checkpoint, onnx_file):
