@@ -68,7 +68,8 @@ def gate(logits: torch.Tensor, kind: str) -> torch.Tensor:
 def token_choice(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Each token takes its top-k experts. scores: [B, L, E] -> mask [B, L, E]."""
     index = scores.topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+    selected = torch.ones_like(index, dtype=torch.bool)  # a tensor, not the scalar True: ONNX traces it
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, selected)
 
 
 def expert_choice(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -76,7 +77,7 @@ def expert_choice(scores: torch.Tensor, k: int) -> torch.Tensor:
     _, seq_len, num_experts = scores.shape
     capacity = max(1, round(k * seq_len / num_experts))
     index = scores.topk(capacity, dim=1).indices  # [B, C, E]
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, torch.ones_like(index, dtype=torch.bool))
 
 
 def expert_race(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -293,3 +293,21 @@ def test_the_new_moe_options_are_typed():
         "gelu",
         True,
     )
+
+
+def test_a_dit_moe_exports_to_onnx_with_its_routing(tmp_path):
+    import onnxruntime as ort
+
+    from racedit.export.onnx_export import ServedDenoiser, example_inputs, export_onnx
+    from racedit.model import EXPORT
+
+    model = import_dit_moe(Reference(fused=True, seed=1).state_dict()).with_execution(EXPORT)
+    session = ort.InferenceSession(
+        str(export_onnx(model, tmp_path / "dit-moe.onnx")), providers=["CPUExecutionProvider"]
+    )
+    x, t, y = example_inputs(model, 3, seed=7)
+    with torch.no_grad():
+        v, ept, load_ = ServedDenoiser(model)(x, t, y)
+    out_v, out_ept, out_load = session.run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})
+    assert abs(out_v - v.numpy()).max() < 1e-4
+    assert (out_ept == ept.numpy()).all() and (out_load == load_.numpy()).all() and (out_ept == K).all()
