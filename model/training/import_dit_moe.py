@@ -220,28 +220,28 @@ def racedit_state(state: dict[str, torch.Tensor], layout: Layout, config: ModelC
             out[name] = state[name]
     num_experts = config.moe.num_experts
     for i in range(config.depth):
-        b, r = f"blocks.{i}.", f"blocks.{i}."
-        out[r + "adaLN_modulation.1.weight"] = state[b + "adaLN_modulation.1.weight"]
-        out[r + "adaLN_modulation.1.bias"] = state[b + "adaLN_modulation.1.bias"]
+        b = f"blocks.{i}."  # the block's prefix in both
+        out[b + "adaLN_modulation.1.weight"] = state[b + "adaLN_modulation.1.weight"]
+        out[b + "adaLN_modulation.1.bias"] = state[b + "adaLN_modulation.1.bias"]
         for key in _ATTENTION[layout]:
             module, part = key.split(".")[1:]
-            out[f"{r}attn.{_FUSED_NAMES.get(module, module)}.{part}"] = state[b + key]
+            out[f"{b}attn.{_FUSED_NAMES.get(module, module)}.{part}"] = state[b + key]
         moe = b + "moe."
-        out[r + "mlp.router.gate_head.weight"] = state[moe + "gate.weight"]
-        out[r + "mlp.experts.w1"] = torch.stack(
+        out[b + "mlp.router.gate_head.weight"] = state[moe + "gate.weight"]
+        out[b + "mlp.experts.w1"] = torch.stack(
             [
                 torch.cat([state[f"{moe}experts.{e}.gate_proj.weight"], state[f"{moe}experts.{e}.up_proj.weight"]]).T
                 for e in range(num_experts)
             ]
         )  # [E, D, 2H]
-        out[r + "mlp.experts.w2"] = torch.stack(
+        out[b + "mlp.experts.w2"] = torch.stack(
             [state[f"{moe}experts.{e}.down_proj.weight"].T for e in range(num_experts)]
         )  # [E, H, D]
         shared = moe + "shared_experts."
-        out[r + "mlp.shared_expert.0.weight"] = torch.cat(
+        out[b + "mlp.shared_expert.0.weight"] = torch.cat(
             [state[shared + "gate_proj.weight"], state[shared + "up_proj.weight"]]
         )  # [2H_s, D]
-        out[r + "mlp.shared_expert.2.weight"] = state[shared + "down_proj.weight"]
+        out[b + "mlp.shared_expert.2.weight"] = state[shared + "down_proj.weight"]
     return out
 
 
@@ -253,7 +253,8 @@ def import_dit_moe(
 ) -> RaceDiT:
     """A racedit model holding a DiT-MoE's weights (a `.pt`/`.safetensors` file or a state dict), its
     layout detected from the keys; parameters in `dtype`. Built on the meta device and filled with
-    the mapped tensors, so a 16.5 B-parameter G/2 is never allocated twice."""
+    the mapped tensors, so a 16.5 B-parameter G/2 is never allocated twice. Its `metadata` names
+    the family and layout (pass it on to `save`)."""
     state = read_state_dict(source) if not isinstance(source, dict) else source
     layout = detect_layout(state)
     config = dit_moe_config(state, layout, num_heads, experts_per_token)
@@ -278,4 +279,5 @@ def import_dit_moe(
         raise CheckpointError(f"no weights for {missing[:4]}")
     model.load_state_dict({**weights, **buffers}, assign=True)
     model.pos_embed = positions(config)  # the non-persistent position table, computed
+    model.metadata = {"imported_from": {"family": "dit-moe", "layout": layout}}
     return model.eval()
