@@ -19,6 +19,7 @@ Results: bench/results/dit_moe_race.{json,md}; the run under runs/dit_moe_race.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import save  # noqa: E402
+from common import RESULTS, save  # noqa: E402
 
 RUN = ROOT / "runs" / "dit_moe_race"
 
@@ -106,6 +107,9 @@ def main() -> None:
             shutil.rmtree(RUN)
         train(parse_config(train_config(args.steps)), RUN, progress=False)
     train_seconds = round(time.time() - start, 1)
+    if args.reuse:  # the run's own training time, as its first measurement recorded it
+        previous = RESULTS / "dit_moe_race.json"
+        train_seconds = json.loads(previous.read_text()).get("train_seconds") if previous.exists() else None
     labels = [i % 10 for i in range(args.images)]
     seeds = list(range(args.images))
 
@@ -118,6 +122,9 @@ def main() -> None:
 
     topk_model = load(RUN / "checkpoint")
     x_topk, ept_topk, steps_topk = sample(topk_model)
+    # a yardstick: how far the same top-k samples move when only the matmuls' precision changes
+    x_bf16, _, _ = sample(load(RUN / "checkpoint").set_precision(torch.bfloat16))
+    bf16_moved = rel_l2(x_bf16, x_topk)
     model = load(RUN / "checkpoint")
     record = calibrate(model, CalibrateOptions(routing="threshold"))
     by_budget = {}
@@ -138,11 +145,20 @@ def main() -> None:
         "images": args.images,
         "sampler": "euler, cfg 4, 25 steps",
         "topk": {"experts_per_token": ept_topk, "per_step": steps_topk},
+        "topk_bf16_rel_l2_from_fp32": {"mean": round(sum(bf16_moved) / len(bf16_moved), 4), "max": max(bf16_moved)},
         "calibration": {k: record[k] for k in ("thresholds", "mean_experts_per_token_by_iteration")},
         "threshold": by_budget,
         "t": grid,
     }
     table = [{"routing": "top-k (the checkpoint's own)", "experts_per_token": ept_topk, "rel_l2_mean": 0.0, "max": 0.0}]
+    table += [
+        {
+            "routing": "top-k, matmuls in bf16 (a yardstick)",
+            "experts_per_token": ept_topk,
+            "rel_l2_mean": result["topk_bf16_rel_l2_from_fp32"]["mean"],
+            "max": result["topk_bf16_rel_l2_from_fp32"]["max"],
+        }
+    ]
     table += [
         {
             "routing": f"threshold, budget {b}",

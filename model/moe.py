@@ -176,12 +176,15 @@ class Experts(nn.Module):
         hidden, out = (workspace.hidden[:n], workspace.out[:n]) if workspace is not None else (None, None)
         w1, w2 = operand(self.w1[e], self.w1), operand(self.w2[e], self.w2)
         x = operand(x, self.w1)
-        h = torch.addmm(operand(self.b1[e], self.w1), x, w1, out=hidden) if self.b1 is not None else None
-        h = h if h is not None else torch.mm(x, w1, out=hidden)
+        if self.b1 is not None:
+            h = torch.addmm(operand(self.b1[e], self.w1), x, w1, out=hidden)
+        else:
+            h = torch.mm(x, w1, out=hidden)
         # in place when no backward pass needs the pre-activation: one buffer and one pass fewer
         h = operand(self.activation(h), self.w2)
-        y = torch.addmm(operand(self.b2[e], self.w2), h, w2, out=out) if self.b2 is not None else None
-        return rounded(y if y is not None else torch.mm(h, w2, out=out), self.w2)
+        if self.b2 is not None:
+            return rounded(torch.addmm(operand(self.b2[e], self.w2), h, w2, out=out), self.w2)
+        return rounded(torch.mm(h, w2, out=out), self.w2)
 
     def run_grouped(self, rows: torch.Tensor, sizes: list[int], tile_expert: torch.Tensor, tile: int) -> torch.Tensor:
         """All experts at once on rows sorted into groups of whole tiles: rows [R, D], group e is
