@@ -311,3 +311,20 @@ def test_a_dit_moe_exports_to_onnx_with_its_routing(tmp_path):
     out_v, out_ept, out_load = session.run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})
     assert abs(out_v - v.numpy()).max() < 1e-4
     assert (out_ept == ept.numpy()).all() and (out_load == load_.numpy()).all() and (out_ept == K).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled grouped SwiGLU kernel)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_a_dit_moes_rows_are_batch_invariant(dtype):
+    from racedit.model import SERVING
+
+    cpu = import_dit_moe(Reference(fused=True, seed=1).state_dict())
+    model = import_dit_moe(Reference(fused=True, seed=1).state_dict()).prepare(torch.device("cuda"), dtype, SERVING)
+    x, steps, y = (v.cuda() for v in inputs())
+    t = steps / 999
+    with torch.no_grad():
+        together = model(x, t, y).prediction
+        alone = [model(x[i : i + 1], t[i : i + 1], y[i : i + 1]).prediction for i in range(len(y))]
+        reference = cpu(x.cpu(), t.cpu(), y.cpu()).prediction
+    assert all(torch.equal(together[i : i + 1], a) for i, a in enumerate(alone))
+    assert rel_l2(together.cpu(), reference) < (1e-5 if dtype == torch.float32 else 3e-2)
