@@ -24,12 +24,14 @@ Str = Annotated[str, Strict()]
 Bool = Annotated[bool, Strict()]
 Positive = Annotated[int, Field(strict=True, ge=1)]
 Fraction = Annotated[float, Field(strict=True, ge=0, lt=1)]  # in [0, 1)
+PositiveFloat = Annotated[float, Field(strict=True, gt=0)]
 FORBID_UNKNOWN = ConfigDict(extra="forbid")
 
-Routing = Literal["token_choice", "expert_choice", "expert_race"]
+Routing = Literal["token_choice", "expert_choice", "expert_race", "threshold"]
 Gating = Literal["identity", "sigmoid", "softmax"]
 RouterKind = Literal["linear", "mlp"]
 InferenceMode = Literal["threshold", "topk"]
+ExpertKind = Literal["gelu", "swiglu"]
 Objective = Literal["rectified_flow", "ddpm_eps"]
 
 SHAPES10_CLASSES = [
@@ -112,6 +114,17 @@ class MoEConfig:
     `hidden_split` (S) divides the dense MLP width among activated experts:
     each expert has width mlp_ratio * D / S, so S = k (the default) keeps the
     activated parameter count equal to the dense MLP.
+
+    `routing` "threshold" is threshold routing given to a checkpoint trained with another
+    routing (a token-choice DiT-MoE, `calibrate`'s routing choice): at inference a pair is
+    selected iff its gate beats the layer's calibrated threshold (`inference: topk` gives the
+    checkpoint's own top-k back); training it races and keeps the threshold as expert race does.
+
+    DiT-MoE's pieces (feizc/DiT-MoE; `model/training/import_dit_moe.py`): `expert_kind`
+    "swiglu" experts D -> (gate, up) -> silu(gate) * up -> D, `expert_bias` false, a
+    `shared_expert` of its own width `shared_expert_hidden` (default: the experts' width) in
+    the experts' kind, a `router_bias`-less linear router, softmax gating with token choice
+    (the gate values weigh the experts as they are: not renormalised over the top k).
     """
 
     __pydantic_config__ = FORBID_UNKNOWN
@@ -124,6 +137,10 @@ class MoEConfig:
     shared_expert: Bool = False
     threshold_momentum: Fraction = 0.99
     inference: InferenceMode = "threshold"
+    expert_kind: ExpertKind = "gelu"
+    expert_bias: Bool = True
+    shared_expert_hidden: Optional[Positive] = None
+    router_bias: Bool = True
 
     @property
     def num_experts(self) -> int:
@@ -142,6 +159,8 @@ class MoEConfig:
         k, e = _parse_spec(self.spec)
         if not 1 <= k <= e:
             raise ConfigError(f"moe.spec {self.spec!r}: need 1 <= k <= E")
+        if self.shared_expert_hidden is not None and not self.shared_expert:
+            raise ConfigError("moe.shared_expert_hidden is set but moe.shared_expert is false")
 
 
 @dataclass
@@ -173,6 +192,12 @@ class ModelConfig:
     position_order: Literal["row_col", "col_row"] = (
         "row_col"  # which axis the first half of the sin-cos positions encodes; DiT: "col_row"
     )
+    # What reaches the timestep embedding is timestep_scale * t for t in [0, 1]: 1000 is DiT's
+    # integer-step range (racedit's own models and DiT's DDPM), 1 feeds t unscaled (DiT-MoE's
+    # rectified-flow XL/G). qk_norm: LayerNorm (affine, eps 1e-6) over the head dim of q and k
+    # before attention (DiT-MoE XL/G).
+    timestep_scale: PositiveFloat = 1000.0
+    qk_norm: Bool = False
 
     @property
     def out_channels(self) -> int:

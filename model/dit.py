@@ -33,9 +33,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of t (256-d) through a 2-layer SiLU MLP."""
 
-    def __init__(self, dim: int, frequency_dim: int = 256, freq_shift: int = 0):
+    def __init__(self, dim: int, frequency_dim: int = 256, freq_shift: int = 0, scale: float = 1000.0):
         super().__init__()
-        self.frequency_dim, self.freq_shift = frequency_dim, freq_shift
+        self.frequency_dim, self.freq_shift, self.scale = frequency_dim, freq_shift, scale
         self.mlp = nn.Sequential(Linear(frequency_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     @staticmethod
@@ -47,8 +47,9 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
-        # Flow-matching time lives in [0, 1]; scale to DiT's 0..1000 range for the frequencies.
-        freq = self.sinusoid(t * 1000.0, self.frequency_dim, shift=self.freq_shift)
+        # Time lives in [0, 1]; scaled to the range the embedding was trained on (DiT's 0..1000 by
+        # default, 1 where a family feeds t unscaled: `ModelConfig.timestep_scale`).
+        freq = self.sinusoid(t * self.scale, self.frequency_dim, shift=self.freq_shift)
         return self.mlp[2](F.silu(self.mlp[0](freq, tile)), tile)
 
 
@@ -96,15 +97,29 @@ def attention_backend(kind: str):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    """Multi-head self-attention: one fused projection to (q, k, v) laid out [3, heads, d_head] along
+    its output, SDPA, an output projection. `qk_norm`: q and k each pass a LayerNorm over the head
+    dim (affine, eps 1e-6, in fp32) first, as DiT-MoE's XL/G attention does."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = Linear(dim, 3 * dim)
         self.proj = Linear(dim, dim)
+        head_dim = dim // num_heads
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else None
+
+    @staticmethod
+    def _norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        # fp32 whatever the parameters' dtype (norms stay fp32, model/exact.py)
+        return F.layer_norm(x, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
 
     def forward(self, x: torch.Tensor, exe: Execution) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x, exe.row_tile).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            qkv = torch.stack([self._norm(qkv[0], self.q_norm), self._norm(qkv[1], self.k_norm), qkv[2]])
         qkv = qkv.to(self.qkv.weight.dtype)  # attention's matmuls run in the parameters' dtype
         with attention_backend(exe.attention):
             out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, d_head], per sample
@@ -129,7 +144,7 @@ class Block(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(d, config.num_heads)
+        self.attn = Attention(d, config.num_heads, config.qk_norm)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=config.mlp_norm_eps)
         target_dim = config.patch_size**2 * config.in_channels  # PLR predicts the patch's clean target
         self.mlp = (
@@ -183,7 +198,7 @@ class RaceDiT(nn.Module):
         self.autoencoder = None  # a latent checkpoint's VAE (model/autoencoder.py), set by load
         c, p, d = config.in_channels, config.patch_size, config.hidden_size
         self.x_embedder = nn.Conv2d(c, d, kernel_size=p, stride=p)
-        self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
+        self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift, scale=config.timestep_scale)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         self.register_buffer("pos_embed", positions(config), persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
@@ -230,7 +245,8 @@ class RaceDiT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):  # exact.Linear included
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         w = self.x_embedder.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
@@ -273,8 +289,8 @@ class RaceDiT(nn.Module):
         return_stats: bool = False,
     ) -> DenoiserOutput:
         """The prediction for (x_t, t, y): velocity, or DiT's noise (`config.objective`), and with
-        `return_stats` the routing statistics. x: [B, C, H, W], t: [B] in [0, 1] (x 1000 = DiT's
-        timestep), y: [B] int (null class allowed).
+        `return_stats` the routing statistics. x: [B, C, H, W], t: [B] in [0, 1] (x `timestep_scale`,
+        by default 1000: DiT's timestep), y: [B] int (null class allowed).
         `thresholds` [n_moe_layers, B]: per-row routing thresholds instead of the learned ones (the
         compute dial, `BudgetTable.thresholds`); each row's routing still depends on it alone."""
         exe = self.execution.resolve(x.device)

@@ -8,10 +8,12 @@ order in BLOCK_K steps, accumulating in fp32, and a row's bytes depend on its ow
 weights only -- whatever M is, wherever the row sits, whatever shares the call. The same kernel
 runs the experts as one grouped GEMM: each BLOCK_M-row tile of the sorted, tile-padded rows
 belongs to one expert, whose weights it reads; it gathers those rows from the tokens by index,
-and adds bias and GELU before rounding. It also does `exact.operand` and `exact.rounded` itself:
-fp32 activations are rounded to the weights' dtype as they are loaded, results to that dtype as
-they are stored. `combine` then sums each token's gated expert outputs in expert order, one
-program per token (no atomics). Measured on an H200: bench/results/gpu-h200-2026-11-26/.
+and adds bias and GELU before rounding -- or, for SwiGLU experts, computes the gate and up halves
+of one GEMM of width 2H side by side (the same K walk for both) and stores silu(gate) * up.
+It also does `exact.operand` and `exact.rounded` itself: fp32 activations are rounded to the
+weights' dtype as they are loaded, results to that dtype as they are stored. `combine` then sums
+each token's gated expert outputs in expert order, one program per token (no atomics). Measured
+on an H200: bench/results/gpu-h200-2026-11-26/.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def _tiled_mm(
     stride_cn,
     HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr,
+    SWIGLU: tl.constexpr,
     GROUPED: tl.constexpr,
     GATHER: tl.constexpr,
     IEEE: tl.constexpr,
@@ -65,6 +68,8 @@ def _tiled_mm(
     g = tile_group[m // BLOCK_M] when GROUPED, else 0; r(m) = a_index[m] when GATHER (-1: a padding
     row of zeros), else m; act = GELU (tanh form) or none. A is read in any float dtype and rounded
     to B's, as `exact.operand` does; C may be fp32 holding B-dtype values, as `exact.rounded` gives.
+    SWIGLU: B (and bias) are 2N wide, [gate | up]; C[m, n] = silu(G[m, n]) * U[m, n] with G and U the
+    sums above over columns n and N + n, accumulated together in the same order.
     """
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if GROUPED:
@@ -83,21 +88,35 @@ def _tiled_mm(
     a = a_ptr + source[:, None] * stride_am + ks[None, :] * stride_ak
     b = b_ptr + g * stride_bg + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SWIGLU's up half (unused otherwise)
     for step in range(0, tl.cdiv(K, BLOCK_K)):  # K is fixed per layer (constexpr): one kernel per width
         left = K - step * BLOCK_K
         a_tile = tl.load(a, mask=a_rows[:, None] & (ks[None, :] < left), other=0.0).to(b_ptr.dtype.element_ty)
-        b_tile = tl.load(b, mask=(ks[:, None] < left) & (cols[None, :] < N), other=0.0)
+        b_mask = (ks[:, None] < left) & (cols[None, :] < N)
+        b_tile = tl.load(b, mask=b_mask, other=0.0)
         if IEEE:  # fp32 GEMMs in full fp32, as torch's default (no TF32)
             acc = tl.dot(a_tile, b_tile, acc, input_precision="ieee")
         else:
             acc = tl.dot(a_tile, b_tile, acc)
+        if SWIGLU:  # the up projection's columns sit N columns to the right of the gate's
+            up_tile = tl.load(b + N * stride_bn, mask=b_mask, other=0.0)
+            if IEEE:
+                acc_up = tl.dot(a_tile, up_tile, acc_up, input_precision="ieee")
+            else:
+                acc_up = tl.dot(a_tile, up_tile, acc_up)
         a += BLOCK_K * stride_ak
         b += BLOCK_K * stride_bk
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc += tl.load(bias_ptr + g * 2 * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(bias_ptr + g * 2 * N + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        else:
+            acc += tl.load(bias_ptr + g * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if GELU:  # 0.5 z (1 + tanh(u)), tanh(u) = 2 sigmoid(2u) - 1
         u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
         acc = 0.5 * acc * (2.0 * tl.sigmoid(2.0 * u))
+    if SWIGLU:  # silu(gate) * up, in fp32, rounded once below
+        acc = acc * tl.sigmoid(acc) * acc_up
     c = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
     out = acc.to(b_ptr.dtype.element_ty).to(c_ptr.dtype.element_ty)
     tl.store(c, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
@@ -112,15 +131,18 @@ def _launch(
     tile: Optional[int] = None,
     a_index: Optional[torch.Tensor] = None,
     gelu: bool = False,
+    swiglu: bool = False,
 ) -> torch.Tensor:
     k = a.shape[1]
     m = a_index.shape[0] if a_index is not None else a.shape[0]
-    n = b.shape[-1]
+    n = b.shape[-1] // 2 if swiglu else b.shape[-1]
     b3 = b if b.dim() == 3 else b.unsqueeze(0)  # [G, K, N]
     config_m, block_n, block_k, warps, stages = CONFIGS.get(
         ("grouped" if tile_group is not None else "dense", b.dtype), FP32_CONFIG
     )
     block_m = tile or config_m
+    if swiglu:  # two accumulators (gate, up) per output tile: half as many columns keep the registers
+        block_n = max(32, block_n // 2)
     out = a.new_empty(m, n, dtype=out_dtype or b.dtype)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _tiled_mm[grid](
@@ -142,6 +164,7 @@ def _launch(
         out.stride(1),
         HAS_BIAS=bias is not None,
         GELU=gelu,
+        SWIGLU=swiglu,
         GROUPED=tile_group is not None,
         GATHER=a_index is not None,
         IEEE=b.dtype == torch.float32,
@@ -171,17 +194,23 @@ def grouped_matmul(
     gelu: bool = False,
     a_index: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
+    swiglu: bool = False,
 ) -> torch.Tensor:
     """For each `tile`-row tile t of the rows: rows @ b[g] (+ bias[g], then GELU if asked), g = tile_group[t]
     (int32 [R / tile]). The rows are a's, or with `a_index` [R] the rows a[a_index] (-1: a row of zeros),
-    gathered in the kernel. Rounded to b's dtype, returned as `out_dtype` (default b's)."""
+    gathered in the kernel. With `swiglu`, b[g] (and bias[g]) are [gate | up] of width 2H and the result
+    silu(gate) * up, [R, H]. Rounded to b's dtype, returned as `out_dtype` (default b's)."""
     rows = a_index.shape[0] if a_index is not None else a.shape[0]
     if tile not in (16, 32, 64, 128) or rows != tile_group.shape[0] * tile:
         raise ValueError(
             f"grouped rows must be whole tiles of 16, 32, 64 or 128 rows, got {rows} rows "
             f"for {tile_group.shape[0]} tiles of {tile}"
         )
-    return _launch(a, b, bias, out_dtype, tile_group, tile, a_index, gelu)
+    if gelu and swiglu:
+        raise ValueError("one activation: gelu or swiglu")
+    if swiglu and b.shape[-1] % 2:
+        raise ValueError(f"swiglu needs [gate | up] weights of even width, got {b.shape[-1]}")
+    return _launch(a, b, bias, out_dtype, tile_group, tile, a_index, gelu, swiglu)
 
 
 @triton.jit

@@ -7,7 +7,11 @@ routing functions below, each returning a boolean mask [B, L, E]:
     token_choice   top-k experts of each token                  (k per token)
     expert_choice  top-(k*L/E) tokens of each (sample, expert)   (fixed per expert)
     expert_race    top-(B*L*k) pairs of the whole batch          (free allocation)
-    threshold      G > tau, tau an EMA of the race's K-th value  (batch-independent)
+    threshold      G > tau, tau an EMA of the race's K-th value  (batch-independent), or
+                   calibrated on the model's own gates (a token-choice checkpoint made to race)
+
+Experts are GELU(tanh) MLPs with biases (Race-DiT) or SwiGLU MLPs, biases optional (DiT-MoE):
+silu(x W_gate) * (x W_up) W_down, the gate and up projections one GEMM of width 2H.
 
 Only selected pairs are computed (sparse dispatch), never all experts densely:
 
@@ -64,7 +68,8 @@ def gate(logits: torch.Tensor, kind: str) -> torch.Tensor:
 def token_choice(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Each token takes its top-k experts. scores: [B, L, E] -> mask [B, L, E]."""
     index = scores.topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+    selected = torch.ones_like(index, dtype=torch.bool)  # a tensor, not the scalar True: ONNX traces it
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, selected)
 
 
 def expert_choice(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,7 +77,7 @@ def expert_choice(scores: torch.Tensor, k: int) -> torch.Tensor:
     _, seq_len, num_experts = scores.shape
     capacity = max(1, round(k * seq_len / num_experts))
     index = scores.topk(capacity, dim=1).indices  # [B, C, E]
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, torch.ones_like(index, dtype=torch.bool))
 
 
 def expert_race(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,15 +108,15 @@ class Router(nn.Module):
     its loss strengthens shallow layers (paper Fig. 5). Unused at inference.
     """
 
-    def __init__(self, dim: int, num_experts: int, kind: str, target_dim: int):
+    def __init__(self, dim: int, num_experts: int, kind: str, target_dim: int, bias: bool = True):
         super().__init__()
         self.kind = kind
         if kind == "mlp":
             self.hidden = Linear(dim, dim)
-            self.gate_head = Linear(dim, num_experts)
+            self.gate_head = Linear(dim, num_experts, bias=bias)
             self.target_head = Linear(dim, target_dim)
         else:
-            self.gate_head = Linear(dim, num_experts)
+            self.gate_head = Linear(dim, num_experts, bias=bias)
             self.target_head = None
 
     def forward(
@@ -125,18 +130,36 @@ class Router(nn.Module):
 
 
 # --------------------------------------------------------------- experts ----
-class Experts(nn.Module):
-    """E independent GELU(tanh) MLPs D -> D_e -> D, weights stacked for grouped execution."""
+def swiglu(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up] along its last dim (2H -> H); `inplace` writes into gate's half."""
+    gate_half, up = h.chunk(2, dim=-1)
+    return F.silu(gate_half, inplace=True).mul_(up) if inplace else F.silu(gate_half) * up
 
-    def __init__(self, num_experts: int, dim: int, hidden: int):
+
+class Experts(nn.Module):
+    """E independent expert MLPs D -> D_e -> D, weights stacked for grouped execution: `gelu`,
+    x -> GELU_tanh(x w1 + b1) w2 + b2; `swiglu`, x -> swiglu(x w1 + b1) w2 + b2 with w1 [D, 2 D_e] the
+    gate's columns, then the up projection's (one GEMM; on a GPU the kernel's epilogue applies
+    silu(gate) * up). Without `bias`, b1 and b2 are absent (None)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, kind: str = "gelu", bias: bool = True):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.kind = kind
+        width = 2 * hidden if kind == "swiglu" else hidden
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, width))
+        self.register_parameter("b1", nn.Parameter(torch.zeros(num_experts, width)) if bias else None)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        self.register_parameter("b2", nn.Parameter(torch.zeros(num_experts, dim)) if bias else None)
         bound1, bound2 = 1.0 / dim**0.5, 1.0 / hidden**0.5
         nn.init.uniform_(self.w1, -bound1, bound1)
         nn.init.uniform_(self.w2, -bound2, bound2)
+
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        """The experts' nonlinearity on the first GEMM's result (in place when no backward pass needs it)."""
+        inplace = not h.requires_grad
+        if self.kind == "swiglu":
+            return swiglu(h, inplace)
+        return torch.ops.aten.gelu_(h, approximate="tanh") if inplace else F.gelu(h, approximate="tanh")
 
     def workspace(self, x: torch.Tensor, max_rows: int) -> Workspace:
         """Buffers for groups of up to `max_rows` of the tokens x, the activations in the dtypes the GEMMs run in."""
@@ -152,27 +175,37 @@ class Experts(nn.Module):
         n = x.shape[0]
         hidden, out = (workspace.hidden[:n], workspace.out[:n]) if workspace is not None else (None, None)
         w1, w2 = operand(self.w1[e], self.w1), operand(self.w2[e], self.w2)
-        h = torch.addmm(operand(self.b1[e], self.w1), operand(x, self.w1), w1, out=hidden)
+        x = operand(x, self.w1)
+        if self.b1 is not None:
+            h = torch.addmm(operand(self.b1[e], self.w1), x, w1, out=hidden)
+        else:
+            h = torch.mm(x, w1, out=hidden)
         # in place when no backward pass needs the pre-activation: one buffer and one pass fewer
-        h = F.gelu(h, approximate="tanh") if h.requires_grad else torch.ops.aten.gelu_(h, approximate="tanh")
-        return rounded(torch.addmm(operand(self.b2[e], self.w2), operand(h, self.w2), w2, out=out), self.w2)
+        h = operand(self.activation(h), self.w2)
+        if self.b2 is not None:
+            return rounded(torch.addmm(operand(self.b2[e], self.w2), h, w2, out=out), self.w2)
+        return rounded(torch.mm(h, w2, out=out), self.w2)
 
     def run_grouped(self, rows: torch.Tensor, sizes: list[int], tile_expert: torch.Tensor, tile: int) -> torch.Tensor:
         """All experts at once on rows sorted into groups of whole tiles: rows [R, D], group e is
         sizes[e] rows long, tile_expert [R / tile] each tile's expert -> [R, D] (fp32)."""
         h = grouped_mm(operand(rows, self.w1), operand(self.w1, self.w1), sizes)
-        h = h.view(-1, tile, h.shape[1]).add_(operand(self.b1, self.w1)[tile_expert].unsqueeze(1))
-        h = operand(F.gelu(h, approximate="tanh"), self.w2).view(rows.shape[0], -1)
+        if self.b1 is not None:
+            h = h.view(-1, tile, h.shape[1]).add_(operand(self.b1, self.w1)[tile_expert].unsqueeze(1))
+        h = operand(self.activation(h.view(rows.shape[0], -1)), self.w2).contiguous()
         out = grouped_mm(h, operand(self.w2, self.w2), sizes)
-        out = out.view(-1, tile, out.shape[1]).add_(operand(self.b2, self.w2)[tile_expert].unsqueeze(1))
+        if self.b2 is not None:
+            out = out.view(-1, tile, out.shape[1]).add_(operand(self.b2, self.w2)[tile_expert].unsqueeze(1))
         return rounded(out.view(rows.shape[0], -1), self.w2)
 
     def run_tiled(self, x: torch.Tensor, source: torch.Tensor, tile_expert: torch.Tensor, tile: int) -> torch.Tensor:
         """`run_grouped` on a GPU, batch-invariant: row r of the groups is token source[r] of x (-1: padding),
-        gathered, rounded, biased, activated and rounded again inside one Triton kernel per matrix. -> [R, D] (fp32)."""
+        gathered, rounded, biased, activated (GELU, or SwiGLU over the gate and up halves of one GEMM of width
+        2 D_e) and rounded again inside one Triton kernel per matrix. -> [R, D] (fp32)."""
         from . import kernels  # Triton: only where a GPU runs the layer
 
-        h = kernels.grouped_matmul(x, self.w1, tile_expert, tile, bias=self.b1, gelu=True, a_index=source)
+        gelu, glu = self.kind == "gelu", self.kind == "swiglu"
+        h = kernels.grouped_matmul(x, self.w1, tile_expert, tile, bias=self.b1, gelu=gelu, swiglu=glu, a_index=source)
         return kernels.grouped_matmul(h, self.w2, tile_expert, tile, bias=self.b2, out_dtype=torch.float32)
 
 
@@ -317,6 +350,20 @@ class Routing:
     logits: torch.Tensor  # [B, L, E] router logits (balance loss)
 
 
+class SwiGLU(nn.Module):
+    """silu(gate) * up of [gate | up] along the last dim: the activation of a dense SwiGLU expert."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return swiglu(h)
+
+
+def dense_expert(dim: int, hidden: int, kind: str, bias: bool) -> nn.Sequential:
+    """One expert as dense layers (the shared expert every token takes): Linear, activation, Linear."""
+    width = 2 * hidden if kind == "swiglu" else hidden
+    act = SwiGLU() if kind == "swiglu" else nn.GELU(approximate="tanh")
+    return nn.Sequential(Linear(dim, width, bias=bias), act, Linear(hidden, dim, bias=bias))
+
+
 class MoELayer(nn.Module):
     """The MLP of a Race-DiT block: router, experts, optional shared expert, learned threshold."""
 
@@ -325,10 +372,10 @@ class MoELayer(nn.Module):
         self.config = config
         self.num_experts, self.k = config.num_experts, config.k
         self.expert_hidden = int(mlp_ratio * dim / config.split)
-        self.router = Router(dim, self.num_experts, config.router, target_dim)
-        self.experts = Experts(self.num_experts, dim, self.expert_hidden)
+        self.router = Router(dim, self.num_experts, config.router, target_dim, bias=config.router_bias)
+        self.experts = Experts(self.num_experts, dim, self.expert_hidden, config.expert_kind, config.expert_bias)
         self.shared_expert = (
-            nn.Sequential(Linear(dim, self.expert_hidden), nn.GELU(approximate="tanh"), Linear(self.expert_hidden, dim))
+            dense_expert(dim, config.shared_expert_hidden or self.expert_hidden, config.expert_kind, config.expert_bias)
             if config.shared_expert
             else None
         )
@@ -338,7 +385,9 @@ class MoELayer(nn.Module):
 
     def select(self, scores: torch.Tensor, thresholds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Choose (token, expert) pairs for scores [B, L, E]; updates tau while training a race.
-        `thresholds` [B] replace the learned one row by row under threshold inference."""
+        `thresholds` [B] replace the learned one row by row under threshold inference. Routing
+        "threshold" (a token-choice checkpoint given calibrated thresholds) infers by threshold, or
+        with `inference: topk` by its own top-k; it trains as a race."""
         routing = self.config.routing
         if routing == "token_choice":
             return token_choice(scores, self.k)
@@ -346,6 +395,8 @@ class MoELayer(nn.Module):
             return expert_choice(scores, self.k)
         if not self.training and self.config.inference == "threshold":
             return threshold(scores, self.threshold if thresholds is None else thresholds)
+        if not self.training and routing == "threshold":
+            return token_choice(scores, self.k)
         mask, kth = expert_race(scores, self.k)
         if self.training:
             self._update_threshold(kth.detach())
@@ -374,6 +425,6 @@ class MoELayer(nn.Module):
         )
         out = out.view(batch, seq_len, dim)
         if self.shared_expert is not None:
-            first, _, second = self.shared_expert
-            out = out + second(F.gelu(first(x, exe.row_tile), approximate="tanh"), exe.row_tile)
+            first, act, second = self.shared_expert
+            out = out + second(act(first(x, exe.row_tile)), exe.row_tile)
         return out, Routing(scores=scores, mask=mask, target=target, logits=logits)

@@ -10,29 +10,112 @@ the threshold to the race's K-th largest value with K = k x tokens -- so that, o
 pass, the layer activates k experts per token on average, while the split across
 timesteps and tokens stays the model's own. Sampling trajectories depend on the
 thresholds, so the pass repeats a few times (a fixed point; two are usually enough).
+
+A checkpoint trained with token choice (a published DiT-MoE) gets threshold routing on its own
+gates the same way (`calibrate(model, CalibrateOptions(routing="threshold"))`): the first pass
+samples with its top-k routing, the thresholds set from it make every layer select the pairs
+whose gate beats them (`MoEConfig.routing: threshold`), and the following passes refine them
+under threshold routing -- so `expert_budget` and compute that follows t work on its weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..dit import RaceDiT
 from .config import Calibration
 
+BUDGETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+CONVERTIBLE = ("token_choice", "expert_choice")  # routings that threshold routing can replace
+
+
+class CalibrateOptions(BaseModel):
+    """What `racedit calibrate CHECKPOINT` does to the loaded model (one field per flag)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    routing: Literal["keep", "threshold"] = Field(
+        "keep",
+        description="`threshold`: give a token-choice (or expert-choice) checkpoint, such as an imported "
+        "DiT-MoE, threshold routing on its own gates, each layer's threshold calibrated over the time grid "
+        "so that the mean experts per token is k (then `expert_budget` and compute that follows t work); "
+        "`keep`: re-estimate the thresholds of a threshold-routed model",
+    )
+    num_images: int = Field(40, ge=1, description="calibration samples (classes in turn)")
+    cfg_scale: float = Field(4.0, description="guidance of the calibration samples")
+    num_steps: int = Field(25, ge=1, description="Euler steps: the time grid calibrated over")
+    iterations: int = Field(
+        2, ge=0, description="passes towards the fixed point (0 keeps the thresholds, e.g. to add a budget table)"
+    )
+    budgets: list[float] = Field(
+        default_factory=lambda: list(BUDGETS),
+        description="expert budgets of the compute-dial table (must include 1.0; empty: no table)",
+    )
+    seed: int = Field(10_000, description="seed of the first calibration sample (the others follow)")
+
 
 @torch.no_grad()
-def calibrate_thresholds(model: RaceDiT, calibration: Optional[Calibration] = None) -> dict:
-    """Set every MoE layer's threshold from the model's own sampling pass; returns the metadata record."""
+def calibrate(model: RaceDiT, options: Optional[CalibrateOptions] = None) -> dict:
+    """`racedit calibrate` between loading and saving: thresholds (and, with `routing: threshold`, the
+    routing that uses them), then the compute dial's table; the model's metadata records both.
+    Returns the record."""
+    options = options or CalibrateOptions()
+    moe = model.config.moe
+    if moe is None:
+        raise ValueError("a dense model has no experts to calibrate")
+    converting = options.routing == "threshold" and moe.routing in CONVERTIBLE
+    if converting and not options.iterations:
+        raise ValueError("routing threshold needs at least one calibration pass (iterations >= 1)")
+    if moe.routing in CONVERTIBLE and not converting:
+        raise ValueError(
+            f"this checkpoint routes by {moe.routing}, which no threshold steers: "
+            "calibrate it with routing 'threshold' to give it threshold routing on its own gates"
+        )
+    calibration = Calibration(
+        num_images=options.num_images,
+        cfg_scale=options.cfg_scale,
+        num_steps=options.num_steps,
+        iterations=options.iterations,
+        seed=options.seed,
+    )
+    record = model.metadata.get("threshold_calibration", {})
+    if options.iterations:
+        record = calibrate_thresholds(model, calibration, routing=options.routing)
+        model.metadata = {**model.metadata, "threshold_calibration": record}
+    if options.budgets:
+        record = {**record, "budget_table": budget_table(model, calibration, options.budgets)}
+    return record
+
+
+def use_threshold_routing(model: RaceDiT) -> None:
+    """From now on every MoE layer selects the pairs whose gate beats its threshold (routing "threshold")."""
+    moe = dataclasses.replace(model.config.moe, routing="threshold")
+    model.config = dataclasses.replace(model.config, moe=moe)
+    for layer in model.moe_layers:
+        layer.config = moe
+
+
+@torch.no_grad()
+def calibrate_thresholds(
+    model: RaceDiT, calibration: Optional[Calibration] = None, routing: Literal["keep", "threshold"] = "keep"
+) -> dict:
+    """Set every MoE layer's threshold from the model's own sampling pass; returns the metadata record.
+    With `routing` "threshold", a token- or expert-choice model samples its first pass with its own
+    routing and routes by the thresholds from then on."""
     from ..sampling import generate
 
     calibration = calibration or Calibration()
     layers = model.moe_layers
     if not layers:
         return {}
+    original = model.config.moe.routing
+    converting = routing == "threshold" and original in CONVERTIBLE
     before = [float(layer.threshold) for layer in layers]
     n = calibration.num_images
     labels = [i % model.config.num_classes for i in range(n)]
@@ -59,21 +142,22 @@ def calibrate_thresholds(model: RaceDiT, calibration: Optional[Calibration] = No
                 gates = torch.cat(collected)
                 kth = int(round(gates.numel() / layer.num_experts * layer.k))  # K = k per token
                 layer.threshold.fill_(float(gates.topk(kth).values[-1]))
+            if converting and model.config.moe.routing != "threshold":
+                use_threshold_routing(model)
     finally:
         for handle in handles:
             handle.remove()
     _, usage = generate(model, labels, cfg_scale=calibration.cfg_scale, num_steps=calibration.num_steps, seeds=seeds)
     history.append(sum(u.mean_experts_per_token for u in usage) / n)
+    conversion = {"routing_before": original, "routing": model.config.moe.routing} if converting else {}
     return {
         **asdict(calibration),
         "method": "race K-th gate over the model's own sampling pass",
+        **conversion,
         "thresholds_before": before,
         "thresholds": [float(layer.threshold) for layer in layers],
         "mean_experts_per_token_by_iteration": [round(v, 4) for v in history],
     }
-
-
-BUDGETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 @torch.no_grad()

@@ -134,3 +134,73 @@ def test_the_models_gpu_path_matches_its_cpu_path():
     assert result["torch.float32"]["scale"] > 0.1 and result["torch.float32"]["err"] < 1e-5
     assert result["torch.float16"]["err"] < 1e-3 * max(1.0, result["torch.float16"]["scale"])
     assert result["layer"]["no_expert"] > 0 and result["layer"]["err"] < 1e-5
+
+
+def test_grouped_matmul_applies_swiglu_to_the_gate_and_up_halves_of_one_gemm():
+    """DiT-MoE's experts: [gate | up] of width 2H as one GEMM whose epilogue stores silu(gate) * up, with
+    and without biases, fp32 and fp16 (fp16 against the same rounding: fp32 sums, one rounding)."""
+    result = interpreted("""
+        import json, torch
+        import torch.nn.functional as F
+        from racedit.model import kernels
+        g = torch.Generator().manual_seed(3)
+        tile, experts, d, h = 16, 3, 40, 24
+        x = torch.randn(10, d, generator=g)
+        source = torch.full((3 * tile,), -1)
+        source[:5] = torch.tensor([4, 7, 9, 0, 2]); source[16:30] = torch.arange(14) % 10; source[32] = 3
+        tile_expert = torch.tensor([1, 0, 2], dtype=torch.int32)
+        rows = torch.where(source[:, None] >= 0, x[source.clamp(min=0)], 0.0)
+        e = tile_expert.repeat_interleave(tile)
+        out = {}
+        for dtype in (torch.float32, torch.float16):
+            w = torch.randn(experts, d, 2 * h, generator=g).to(dtype)
+            for bias in (None, torch.randn(experts, 2 * h, generator=g).to(dtype)):
+                y = kernels.grouped_matmul(x, w, tile_expert, tile, bias=bias, swiglu=True, a_index=source,
+                                           out_dtype=torch.float32)
+                z = torch.einsum("rk,rkn->rn", rows.to(dtype).double(), w.double()[e])
+                if bias is not None:
+                    z = z + bias.double()[e]
+                ref = (F.silu(z[:, :h]) * z[:, h:]).to(dtype).float()
+                err = (y - ref).abs().max().item() / ref.abs().max().item()
+                out[f"{dtype}-{bias is not None}"] = {"shape": list(y.shape), "err": err}
+        print(json.dumps(out))
+    """)
+    for name, r in result.items():
+        assert r["shape"] == [48, 24], name
+        assert r["err"] < (1e-5 if "float32" in name else 2e-3), (name, r)
+
+
+def test_a_dit_moe_models_gpu_path_matches_its_cpu_path():
+    """A DiT-MoE-shaped network (SwiGLU experts and shared expert without biases, softmax token choice,
+    qk-LayerNorm attention, t unscaled) on the Triton kernels against its CPU sorted dispatch."""
+    result = interpreted("""
+        import json, sys, torch
+        sys.path.insert(0, "tests")
+        from conftest import batch
+        from racedit.model import Execution, build, exact, moe
+
+        def gpu_branch(on: bool) -> None:
+            exact.triton_device = moe.triton_device = (lambda t: True) if on else (lambda t: t.is_cuda)
+
+        torch.manual_seed(0)
+        spec = dict(spec="2in4", hidden_split=1, routing="token_choice", gating="softmax", router="linear",
+                    router_bias=False, expert_kind="swiglu", expert_bias=False, shared_expert=True,
+                    shared_expert_hidden=96)
+        model = build("tiny", moe=spec, qk_norm=True, timestep_scale=1.0).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        out = {}
+        for dtype in (torch.float32, torch.float16):
+            model.set_precision(dtype)
+            x, t, y = batch(model, 5, seed=1)
+            with torch.no_grad():
+                cpu = model.with_execution(Execution(dispatch="sorted"))(x, t, y).prediction
+                gpu_branch(True)
+                gpu = model.with_execution(Execution(dispatch="grouped"))(x, t, y).prediction
+                gpu_branch(False)
+            out[str(dtype)] = {"err": (gpu - cpu).abs().max().item(), "scale": cpu.abs().max().item()}
+        print(json.dumps(out))
+    """)
+    assert result["torch.float32"]["scale"] > 0.1 and result["torch.float32"]["err"] < 1e-5
+    assert result["torch.float16"]["err"] < 1e-3 * max(1.0, result["torch.float16"]["scale"])
