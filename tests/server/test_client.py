@@ -131,7 +131,8 @@ def test_the_served_schema_is_the_sdk_models_plus_the_servers_limits(server):
         if issubclass(model, GenerateRequest):  # and the stream's request
             for name, (low, high) in limits.items():
                 mine["properties"][name].update(minimum=low, maximum=high)
-            mine["properties"]["sampler"]["anyOf"][0]["enum"] = ["euler", "heun"]  # the served model's samplers
+            served_samplers = ["euler", "heun", "ddim", "ddpm", "dpmpp_2m", "sde_euler"]  # the served model's
+            mine["properties"]["sampler"]["anyOf"][0]["enum"] = served_samplers
         assert theirs == mine, model.__name__
 
 
