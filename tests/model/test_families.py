@@ -22,7 +22,7 @@ from family_references import (
     sit_ode_euler,
     sit_sde_euler,
 )
-from test_import_dit import dit_state_dict
+from tiny_dits import dit_state_dict, tiny_transformer
 
 from racedit.model import CheckpointError, generate, load, read_config
 from racedit.model.config import Conventions, NoiseSchedule
@@ -47,32 +47,7 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def transformer(classes: int = 10, learn_sigma: bool = True, seed: int = 0, dit_style: bool = True):
-    """A tiny random diffusers DiT (4x8x8 latents, patch 2, width 32, 2 blocks); `dit_style`: set to
-    facebookresearch/DiT's own timestep frequencies and MLP LayerNorm eps, so that its weights under DiT's
-    names are a DiT (or SiT, or REPA) .pt."""
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8 if learn_sigma else 4,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=classes,
-    ).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        for block in model.transformer_blocks[1:]:
-            block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
-    if dit_style:
-        for block in model.transformer_blocks:
-            block.norm1.emb.time_proj.downscale_freq_shift = 0
-            block.norm3.eps = 1e-6
-    return model
+    return tiny_transformer(classes, learn_sigma, seed, dit_style)
 
 
 def network(model, channels=None):
