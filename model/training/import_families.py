@@ -335,8 +335,8 @@ def import_family(source: Path, family: str = "auto", num_heads: Optional[int] =
 
 
 def import_checkpoint(options: ImportOptions) -> tuple[Path, dict[str, Any]]:
-    """`racedit import`: write the checkpoint; returns its folder and what was imported (also recorded
-    in the checkpoint's metadata)."""
+    """`racedit import`: write the checkpoint; returns its folder and a record of what was imported (its
+    metadata, as written into the checkpoint) and of how it serves (`serving`: samplers and defaults)."""
     dense, held, family = import_family(options.source, options.family, options.num_heads)
     model = dense
     record: dict[str, Any] = {

@@ -16,6 +16,7 @@ from tiny_dits import dit_state_dict, tiny_transformer
 
 from racedit.model import generate, load
 from racedit.model.training.import_families import ImportOptions, import_checkpoint
+from racedit_client import Client
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,10 @@ def test_a_dit_checkpoint_serves_its_own_samplers_and_defaults(server_factory, d
     want, _ = generate(load(dit_checkpoint), [3], seeds=[5], as_float=True)
     got = np.load(io.BytesIO(base64.b64decode(answer.json()["images"][0]["data"])), allow_pickle=False)
     assert got.tobytes() == want[0].numpy().tobytes()
-    png = post(server, {"class_label": 3, "seed": 5, "num_steps": 10, "sampler": "dpmpp_2m"}).json()
-    assert png["images"][0]["mime_type"] == "image/png"  # decoded by the checkpoint's VAE
+    with Client(server.url) as client:  # the SDK reads a dense network's usage: no experts, every step
+        result = client.generate(3, seed=5, num_steps=10, sampler="dpmpp_2m")
+    assert result.images[0].size == (16, 16)  # decoded by the checkpoint's VAE
+    assert result.expert_usage.mean_experts_per_token == 0.0 and result.expert_usage.per_step == [0.0] * 10
     # ddpm with a learned variance and 3-channel guidance: the same bytes alone and among other samplers
     target = {"class_label": 7, "cfg_scale": 3.0, "num_steps": 12, "seed": 77, "num_images": 2, "output_format": "npy"}
     others = [
