@@ -26,7 +26,9 @@ def usage_summary(result: GenerateResult) -> str:
         f"pairs computed {u.activated_pairs} / {u.nominal_pairs} nominal = {u.compute_ratio:.3f}",
         "per layer: " + "  ".join(f"L{i}={layer.mean_experts_per_token:.2f}" for i, layer in enumerate(u.per_layer)),
     ]
-    if u.per_step:
+    if u.num_moe_layers == 0:  # a dense network (DiT, SiT, REPA as published): no experts to report
+        lines[1:] = ["a dense network: no experts"]
+    elif u.per_step:
         hi = max(u.per_step) or 1.0
         lines.append(
             "per step (t=1 -> 0): "
