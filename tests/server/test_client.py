@@ -256,4 +256,5 @@ def test_cli_help_shows_defaults():
     result = subprocess.run(
         [sys.executable, "-m", "racedit_client.cli", "generate", "--help"], capture_output=True, text=True, timeout=60
     )
-    assert "(default: 25)" in result.stdout and "(default: 4.0)" in result.stdout
+    assert "(default: None)" in result.stdout and "the model's own (25, DiT's 250)" in result.stdout
+    assert "(default: png)" in result.stdout
