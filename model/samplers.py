@@ -306,9 +306,10 @@ class DDPM(ChainSampler):
             eps, learned = split_noise(prediction, x.shape[1])
             x0 = recip * x - recipm1 * eps
             mean = c1 * x0 + c2 * x
-            if noisy:
-                log_variance = min_log if learned is None else None
-                if learned is not None:
+            if noisy:  # min_log: the posterior's (clipped) log variance, or DiT's fixed one without a learned range
+                if learned is None:
+                    log_variance = min_log
+                else:
                     frac = (learned + 1) / 2
                     log_variance = frac * max_log + (1 - frac) * min_log
                 mean = mean + torch.exp(0.5 * log_variance) * self.noise()
