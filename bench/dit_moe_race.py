@@ -53,7 +53,7 @@ def train_config(steps: int) -> dict:
             "depth": 4,
             "num_heads": 4,
             "qk_norm": True,
-            "timestep_scale": 1.0,
+            "conventions": {"time_scale": 1.0},  # t fed unscaled, as DiT-MoE XL/G
             "moe": MOE,
         },
         "data": {

@@ -22,6 +22,7 @@ from .options import (
     ClassifierOptions,
     EvalOptions,
     ImportDitOptions,
+    ImportOptions,
     Options,
     PackOptions,
     TrainOptions,
@@ -71,7 +72,8 @@ def _calibrate(options: CalibrateOptions) -> int:
     import torch
 
     from racedit.model.checkpoint import load, read_config, save
-    from racedit.model.training.calibrate import budget_table, calibrate_thresholds
+    from racedit.model.config import ConfigError
+    from racedit.model.training.calibrate import calibrate
     from racedit.model.training.config import Calibration
 
     model = load(options.checkpoint)
@@ -80,13 +82,12 @@ def _calibrate(options: CalibrateOptions) -> int:
         cfg_scale=options.cfg_scale,
         num_steps=options.num_steps,
         iterations=options.iterations,
+        seed=options.seed,
     )
-    record = model.metadata.get("threshold_calibration", {})
-    if options.iterations:  # 0 keeps the thresholds and the record of how they were set
-        record = calibrate_thresholds(model, calibration)
-        model.metadata = {**model.metadata, "threshold_calibration": record}
-    if options.budgets:  # the compute dial's table, on the thresholds just calibrated
-        record = {**record, "budget_table": budget_table(model, calibration, options.budgets)}
+    try:
+        record = calibrate(model, calibration, options.routing, options.budgets)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     weights_dtype = getattr(torch, read_config(options.checkpoint).get("weights_dtype", "float32"))
     out = save(
         model,
@@ -97,6 +98,21 @@ def _calibrate(options: CalibrateOptions) -> int:
     )
     print(json.dumps(record, indent=2))
     print(f"thresholds written to {out}")
+    return 0
+
+
+def _import(options: ImportOptions) -> int:
+    import json
+
+    from racedit.model.training.import_families import import_checkpoint
+
+    path, record = import_checkpoint(**options.model_dump())
+    print(json.dumps(record, indent=2))
+    serving = record["serving"]
+    print(
+        f"imported {options.source} -> {path} ({record['family']}): serve with `racedit serve --checkpoint {path}` "
+        f"(default sampler {serving['default_sampler']}, {serving['default_steps']} steps)"
+    )
     return 0
 
 
@@ -180,6 +196,7 @@ COMMANDS: dict[str, tuple[type[Options], Callable[[Any], int]]] = {
     "train": (TrainOptions, _train),
     "eval": (EvalOptions, _eval),
     "calibrate": (CalibrateOptions, _calibrate),
+    "import": (ImportOptions, _import),
     "import-dit": (ImportDitOptions, _import_dit),
     "pack": (PackOptions, _pack),
     "train-classifier": (ClassifierOptions, _train_classifier),

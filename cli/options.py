@@ -54,6 +54,12 @@ class CalibrateOptions(Options):
 
     checkpoint: Path = Field(..., description="checkpoint folder", json_schema_extra=POSITIONAL)
     out: Optional[Path] = Field(None, description="write here (default: update the checkpoint in place)")
+    routing: Literal["keep", "threshold"] = Field(
+        "keep",
+        description="threshold: give a token-choice checkpoint (an imported DiT-MoE) threshold routing on its own "
+        "gates, calibrated over the time grid so the mean experts per token is k (then expert_budget and compute "
+        "that follows t work); keep: re-estimate a threshold-routed model's thresholds",
+    )
     num_images: int = Field(40, ge=1, description="calibration samples (classes in turn)")
     cfg_scale: float = Field(4.0, ge=0, description="guidance of the calibration samples")
     num_steps: int = Field(25, ge=1, description="Euler steps: the time grid calibrated over")
@@ -63,6 +69,38 @@ class CalibrateOptions(Options):
     budgets: list[float] = Field(
         BUDGETS, description="expert budgets of the compute-dial table (must include 1.0; none: no table)"
     )
+    seed: int = Field(10_000, description="seed of the first calibration sample (the others follow)")
+
+
+class ImportOptions(Options):
+    """A racedit checkpoint from a published DiT-family checkpoint, served as it is."""
+
+    source: Path = Field(
+        ...,
+        description="a diffusers DiTPipeline folder, a DiTTransformer2DModel folder, or a .pt/.safetensors state dict "
+        "(DiT, SiT, REPA or DiT-MoE)",
+        json_schema_extra=POSITIONAL,
+    )
+    out: Path = Field(..., description="checkpoint folder to write")
+    family: Literal["auto", "dit", "diffusers", "sit", "repa", "dit-moe"] = Field(
+        "auto",
+        description="whose conventions the weights follow; auto: a diffusers folder is diffusers, DiT-MoE's gates "
+        "are dit-moe, a state dict with REPA's projectors is repa, other state dicts with DiT's keys are dit (SiT "
+        "shares them: say --family sit)",
+    )
+    vae: Optional[Path] = Field(
+        None,
+        description="a diffusers AutoencoderKL folder (save_pretrained), e.g. sd-vae-ft-ema, to decode the latents "
+        "(default: a pipeline's own vae/; a state dict without one serves latents only)",
+    )
+    num_heads: Optional[int] = Field(
+        None, ge=1, description="attention heads, which a state dict does not record (default: the published sizes')"
+    )
+    moe: Optional[str] = Field(None, description="upcycle every MLP into experts, e.g. 2in8 (default: dense)")
+    hidden_split: int = Field(
+        1, ge=1, description="with --moe: 1, each expert a copy of the dense MLP; S > 1, slices of its width / S"
+    )
+    gating: Literal["identity", "sigmoid", "softmax"] = Field("identity", description="with --moe: the routers' gate")
 
 
 class ImportDitOptions(Options):

@@ -24,7 +24,6 @@ Str = Annotated[str, Strict()]
 Bool = Annotated[bool, Strict()]
 Positive = Annotated[int, Field(strict=True, ge=1)]
 Fraction = Annotated[float, Field(strict=True, ge=0, lt=1)]  # in [0, 1)
-PositiveFloat = Annotated[float, Field(strict=True, gt=0)]
 FORBID_UNKNOWN = ConfigDict(extra="forbid")
 
 Routing = Literal["token_choice", "expert_choice", "expert_race", "threshold"]
@@ -33,6 +32,15 @@ RouterKind = Literal["linear", "mlp"]
 InferenceMode = Literal["threshold", "topk"]
 ExpertKind = Literal["gelu", "swiglu"]
 Objective = Literal["rectified_flow", "ddpm_eps"]
+Prediction = Literal["velocity", "noise", "noise_learned_range"]
+TimeConvention = Literal["noise_at_1", "noise_at_0", "timesteps"]
+Family = Literal["racedit", "dit", "diffusers", "sit", "repa", "dit-moe"]
+Spacing = Literal["leading", "trailing", "linspace"]
+# Every sampler racedit has (model/samplers.py registers one class for each name).
+SAMPLER_NAMES = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "sde_euler")
+SamplerName = Literal["euler", "heun", "ddim", "ddpm", "dpmpp_2m", "sde_euler"]
+FLOW_SAMPLERS = SAMPLER_NAMES  # a velocity network on the linear path: every sampler's mathematics is defined
+DISCRETE_SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")  # a network of integer timesteps: only the discrete chain's
 
 SHAPES10_CLASSES = [
     "circle",
@@ -164,6 +172,98 @@ class MoEConfig:
 
 
 @dataclass
+class NoiseSchedule:
+    """The discrete DDPM noise schedule of a family whose network takes integer timesteps (DiT), and
+    where a sampler's steps fall on it.
+
+    `arithmetic` says whose reference the samplers follow to the bit: "dit" is facebookresearch/DiT's
+    GaussianDiffusion (betas and their products in float64, rounded to fp32 where they meet the sample;
+    every sampler on DiT's respaced chain, `space_timesteps`), "diffusers" is the folder's scheduler
+    config as diffusers reads it back (fp32 products; `spacing` is the `timestep_spacing` that
+    DDIMScheduler and DDPMScheduler read from it, `multistep_spacing` DPMSolverMultistepScheduler's).
+    """
+
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: Float = 1e-4
+    beta_end: Float = 0.02
+    num_train_timesteps: Positive = 1000
+    arithmetic: Literal["dit", "diffusers"] = "dit"
+    spacing: Spacing = "leading"
+    multistep_spacing: Spacing = "linspace"
+    steps_offset: Annotated[int, Field(strict=True, ge=0)] = 0
+    clip_sample_range: Optional[Annotated[float, Field(strict=True, gt=0)]] = None  # ddim, ddpm: x0 clipped to +-r
+    set_alpha_to_one: Bool = True  # ddim's last step ends at alpha_bar 1 (else at alpha_bar[0])
+
+
+@dataclass
+class Conventions:
+    """How a published family's network is driven: what it predicts, how it reads time, how guidance
+    applies, and the family's own defaults. A checkpoint without this section is racedit's own
+    (`RACEDIT_CONVENTIONS`): velocity of rectified flow, t = 1 at noise, embedded as t * 1000.
+
+    - `prediction`: "velocity" is dx/d(model time) on the linear path x = (1 - s) x0 + s eps (s = 1 at
+      noise); "noise" is DDPM's eps; "noise_learned_range" is eps plus DiT's learned-range variance
+      (the second half of the output, which the samplers then receive).
+    - `time`: what the network is given: s itself ("noise_at_1": racedit, REPA), 1 - s ("noise_at_0":
+      SiT), or the integer timestep of `schedule` ("timesteps": DiT), passed through exactly.
+    - `time_scale`: the embedding's multiplier of that input (racedit 1000; the published families 1).
+    - guidance acts on the first `guidance_channels` channels (None: all; DiT and SiT: 3), the rest of
+      the output is the conditional row's, and only where `guidance_low <= s <= guidance_high` (REPA's
+      interval: s <= 0.7); elsewhere the image runs its conditional row alone.
+    """
+
+    __pydantic_config__ = FORBID_UNKNOWN
+
+    family: Family = "racedit"
+    prediction: Prediction = "velocity"
+    time: TimeConvention = "noise_at_1"
+    time_scale: Annotated[float, Field(strict=True, gt=0)] = 1000.0
+    schedule: Optional[NoiseSchedule] = None
+    guidance_channels: Optional[Positive] = None
+    guidance_low: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.0
+    guidance_high: Annotated[float, Field(strict=True, ge=0, le=1)] = 1.0
+    default_sampler: SamplerName = "euler"
+    default_steps: Positive = 25
+    default_cfg_scale: Annotated[float, Field(strict=True, ge=0)] = 4.0
+
+    @property
+    def discrete(self) -> bool:
+        """The network takes the integer timesteps of a DDPM chain."""
+        return self.time == "timesteps"
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers whose mathematics is defined for this family (the first is listed first)."""
+        return DISCRETE_SAMPLERS if self.discrete else FLOW_SAMPLERS
+
+    def guides_at(self, s: float) -> bool:
+        """Whether guidance applies at s (1 noise, 0 data)."""
+        return self.guidance_low <= s <= self.guidance_high
+
+    def validate(self) -> None:
+        """What the field types cannot say: the combinations that make sense."""
+        if self.discrete != (self.prediction != "velocity"):
+            raise ConfigError(
+                f"model.conventions: prediction {self.prediction!r} with time {self.time!r}: a velocity network "
+                "reads continuous time (noise_at_1, noise_at_0), a noise network a DDPM chain's timesteps"
+            )
+        if self.discrete != (self.schedule is not None):
+            raise ConfigError("model.conventions.schedule is required with time 'timesteps', and only there")
+        if self.default_sampler not in self.samplers:
+            raise ConfigError(
+                f"model.conventions.default_sampler {self.default_sampler!r} is not one of this family's "
+                f"samplers ({', '.join(self.samplers)})"
+            )
+        if self.guidance_low > self.guidance_high:
+            raise ConfigError("model.conventions: guidance_low is above guidance_high")
+
+
+RACEDIT_CONVENTIONS = Conventions()  # what a checkpoint without a conventions section is
+
+
+@dataclass
 class ModelConfig:
     """Architecture of a (Race-)DiT. `moe=None` gives a dense DiT baseline."""
 
@@ -192,12 +292,15 @@ class ModelConfig:
     position_order: Literal["row_col", "col_row"] = (
         "row_col"  # which axis the first half of the sin-cos positions encodes; DiT: "col_row"
     )
-    # What reaches the timestep embedding is timestep_scale * t for t in [0, 1]: 1000 is DiT's
-    # integer-step range (racedit's own models and DiT's DDPM), 1 feeds t unscaled (DiT-MoE's
-    # rectified-flow XL/G). qk_norm: LayerNorm (affine, eps 1e-6) over the head dim of q and k
-    # before attention (DiT-MoE XL/G).
-    timestep_scale: PositiveFloat = 1000.0
+    # qk_norm: LayerNorm (affine, eps 1e-6) over the head dim of q and k before attention (DiT-MoE XL/G).
     qk_norm: Bool = False
+    # A published family's conventions (`racedit import`); None: racedit's own (RACEDIT_CONVENTIONS).
+    conventions: Optional[Conventions] = None
+
+    @property
+    def family(self) -> Conventions:
+        """The conventions the samplers, guidance and the network's time embedding follow."""
+        return self.conventions if self.conventions is not None else RACEDIT_CONVENTIONS
 
     @property
     def out_channels(self) -> int:
@@ -240,6 +343,19 @@ class ModelConfig:
             )
         if self.moe is not None:
             self.moe.validate()
+        if self.conventions is not None:
+            self.conventions.validate()
+            want = "rectified_flow" if self.conventions.prediction == "velocity" else "ddpm_eps"
+            if self.objective != want:
+                raise ConfigError(
+                    f"model.objective {self.objective!r} contradicts conventions.prediction "
+                    f"{self.conventions.prediction!r} (objective {want!r})"
+                )
+            if self.conventions.prediction == "noise_learned_range" and not self.learn_sigma:
+                raise ConfigError("model.conventions.prediction noise_learned_range needs learn_sigma (its variance)")
+            channels = self.conventions.guidance_channels
+            if channels is not None and channels > self.in_channels:
+                raise ConfigError(f"model.conventions.guidance_channels {channels} > in_channels {self.in_channels}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -47,8 +47,8 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
-        # Time lives in [0, 1]; scaled to the range the embedding was trained on (DiT's 0..1000 by
-        # default, 1 where a family feeds t unscaled: `ModelConfig.timestep_scale`).
+        # racedit's flow-matching time lives in [0, 1], scaled to DiT's 0..1000 range for the frequencies;
+        # a published family's time goes in as its network reads it (scale 1: DiT's integer timesteps exactly).
         freq = self.sinusoid(t * self.scale, self.frequency_dim, shift=self.freq_shift)
         return self.mlp[2](F.silu(self.mlp[0](freq, tile)), tile)
 
@@ -198,7 +198,7 @@ class RaceDiT(nn.Module):
         self.autoencoder = None  # a latent checkpoint's VAE (model/autoencoder.py), set by load
         c, p, d = config.in_channels, config.patch_size, config.hidden_size
         self.x_embedder = nn.Conv2d(c, d, kernel_size=p, stride=p)
-        self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift, scale=config.timestep_scale)
+        self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift, scale=config.family.time_scale)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         self.register_buffer("pos_embed", positions(config), persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
@@ -288,9 +288,10 @@ class RaceDiT(nn.Module):
         thresholds: Optional[torch.Tensor] = None,
         return_stats: bool = False,
     ) -> DenoiserOutput:
-        """The prediction for (x_t, t, y): velocity, or DiT's noise (`config.objective`), and with
-        `return_stats` the routing statistics. x: [B, C, H, W], t: [B] in [0, 1] (x `timestep_scale`,
-        by default 1000: DiT's timestep), y: [B] int (null class allowed).
+        """The prediction for (x_t, t, y) in the family's terms (`config.family`: velocity, or noise, with
+        DiT's learned-range variance as channels C..2C when the conventions use it), and with
+        `return_stats` the routing statistics. x: [B, C, H, W], t: [B] the time as the family's network
+        reads it (racedit: s in [0, 1], x 1000 inside; DiT: integer timesteps), y: [B] int (null class allowed).
         `thresholds` [n_moe_layers, B]: per-row routing thresholds instead of the learned ones (the
         compute dial, `BudgetTable.thresholds`); each row's routing still depends on it alone."""
         exe = self.execution.resolve(x.device)
@@ -310,7 +311,9 @@ class RaceDiT(nn.Module):
             h, routing = block(h, c, exe, predict_target=self.training, thresholds=layer_thresholds)
             if routing is not None:
                 routings.append(routing)
-        prediction = self.unpatchify(self.final_layer(h, c, exe))[:, :c_in]  # a DiT's variance half is dropped
+        out = self.unpatchify(self.final_layer(h, c, exe))
+        # A DiT's variance half is dropped, unless its family's samplers use it (noise_learned_range).
+        prediction = out if self.config.family.prediction == "noise_learned_range" else out[:, :c_in]
         return DenoiserOutput(prediction, self.stats(routings, x.shape[0]) if return_stats else None)
 
     def stats(self, routings: list[Routing], batch: int) -> ForwardStats:

@@ -15,7 +15,7 @@ import torch
 from .budget import thresholds_for
 from .config import ModelConfig
 from .denoiser import Denoiser, device_of
-from .samplers import initial_noise, make_sampler, time_grid
+from .samplers import make_sampler, start_noise
 from .usage import UsageAccumulator, UsageSummary, usage_by_image
 
 
@@ -30,6 +30,9 @@ def guided_prediction(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """v = v_u + s (v_c - v_u) for N images, each with its own t, label and scale, in one forward;
     with `thresholds` [n_moe_layers, N], each image's rows route by its own (the compute dial).
+    Guidance acts on the channels the model's conventions name (DiT, SiT: the first 3; a learned
+    variance half is never guided): the other channels are the conditional row's, as in DiT's
+    `forward_with_cfg`.
 
     Rows: N conditional rows, then one unconditional row for each image with s != 1.
     Returns v [N, C, H, W] and, per forward row, experts_per_token [n_layers, R, L],
@@ -45,7 +48,12 @@ def guided_prediction(
     if guided.numel():
         v_u = out.prediction[x.shape[0] :]
         s = cfg_scales[guided].view(-1, 1, 1, 1).to(v.dtype)
-        v[guided] = v_u + s * (v[guided] - v_u)
+        channels = model.config.family.guidance_channels
+        if channels is None and v.shape[1] == x.shape[1]:
+            v[guided] = v_u + s * (v[guided] - v_u)
+        else:
+            k = channels or x.shape[1]
+            v[guided, :k] = v_u[:, :k] + s * (v[guided, :k] - v_u[:, :k])
     owner = torch.cat([torch.arange(x.shape[0], device=x.device), guided])
     return v, out.stats.experts_per_token, out.stats.expert_load, owner
 
@@ -56,16 +64,18 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 class ObjectiveError(ValueError):
-    """The model predicts something these samplers cannot integrate (DiT's DDPM noise)."""
+    """The checkpoint does not say how to sample it (DiT's noise without its family's conventions)."""
 
 
-def require_flow_model(config: ModelConfig) -> None:
-    """Refuse a checkpoint whose network does not predict rectified-flow velocity."""
+def require_servable(config: ModelConfig) -> None:
+    """Refuse a checkpoint the samplers cannot drive: a noise-predicting network without conventions
+    (written by `racedit import-dit`, which keeps DiT's weights for fine-tuning)."""
     objective = config.objective
-    if objective != "rectified_flow":
+    if objective != "rectified_flow" and config.conventions is None:
         raise ObjectiveError(
-            f"this checkpoint predicts {objective!r} (imported from DiT), but racedit samples rectified-flow "
-            "velocity: fine-tune it first with `racedit train --config CONFIG --init CHECKPOINT` (docs/latents.md)"
+            f"this checkpoint predicts {objective!r} (imported from DiT) but records no family conventions: "
+            "import it with `racedit import SOURCE --out DIR` to serve it as it is, or fine-tune it into "
+            "rectified flow with `racedit train --config CONFIG --init CHECKPOINT` (docs/latents.md)"
         )
 
 
@@ -73,23 +83,30 @@ def require_flow_model(config: ModelConfig) -> None:
 def generate(
     model: Denoiser,
     labels: Sequence[int],
-    cfg_scale: Union[float, Sequence[float]] = 4.0,
-    num_steps: int = 25,
+    cfg_scale: Union[None, float, Sequence[float]] = None,
+    num_steps: Optional[int] = None,
     seeds: Optional[Sequence[int]] = None,
-    sampler: str = "euler",
+    sampler: Optional[str] = None,
     as_float: bool = False,
     expert_budget: Union[float, Sequence[float]] = 1.0,
 ) -> tuple[torch.Tensor, list[UsageSummary]]:
     """Images uint8 [N, 3, H, W] and per-image expert usage.
 
-    `as_float` returns the final fp32 samples [N, C, H, W] as the sampler ends them instead
-    (what the server's `npy` output format carries). `expert_budget` (per image or one for all)
-    scales the experts per token through the checkpoint's budget table; 1.0 is the learned routing.
+    `cfg_scale`, `num_steps` and `sampler` left out take the model family's defaults (racedit's:
+    4.0, 25, euler; `model.config.family`). `as_float` returns the final fp32 samples [N, C, H, W]
+    as the sampler ends them instead (what the server's `npy` output format carries). `expert_budget`
+    (per image or one for all) scales the experts per token through the checkpoint's budget table;
+    1.0 is the learned routing.
 
-    Each image's noise comes from its own seed, and threshold routing makes every
-    row independent, so an image never depends on what else is in the batch.
+    Each image's noise comes from its own seed (and so does every noise a stochastic sampler adds),
+    and threshold routing makes every row independent, so an image never depends on what else is
+    in the batch.
     """
-    require_flow_model(model.config)
+    require_servable(model.config)
+    family = model.config.family
+    cfg_scale = family.default_cfg_scale if cfg_scale is None else cfg_scale
+    num_steps = family.default_steps if num_steps is None else num_steps
+    sampler = family.default_sampler if sampler is None else sampler
     model.eval()
     device = device_of(model)  # latents and timesteps stay fp32 whatever the parameters' dtype
     n = len(labels)
@@ -104,18 +121,18 @@ def generate(
     if any(b != 1.0 for b in budgets):
         thresholds = thresholds_for(model.budget_table, model.learned_thresholds(), budgets).to(device)
     cfg = model.config
-    noise = torch.stack([initial_noise(s, (cfg.in_channels, cfg.image_size, cfg.image_size)) for s in seeds])
-    state = make_sampler(sampler, noise.to(device), time_grid(num_steps))
+    noise, generators = start_noise(seeds, (cfg.in_channels, cfg.image_size, cfg.image_size))
+    state = make_sampler(sampler, noise.to(device), num_steps, family, generators)
     y = torch.tensor(list(labels), dtype=torch.long, device=device)
-    s = torch.tensor(scales, device=device)
     usage = [UsageAccumulator.for_model(cfg) for _ in range(n)]
-    rows = [1 if scale == 1.0 else 2 for scale in scales]
     while not state.done:
         x, t = state.query()
+        now = scales if family.guides_at(state.position) else [1.0] * n  # a guidance interval (REPA)
+        s = torch.tensor(now, device=device)
         v, ept, load, owner = guided_prediction(model, x, torch.full((n,), t, device=device), y, s, thresholds)
         counts = usage_by_image(ept, load, owner, n).cpu()
         for i in range(n):
-            usage[i].add(counts[:, i], rows[i])
+            usage[i].add(counts[:, i], 1 if now[i] == 1.0 else 2)
         state.update(v)
     x = state.x
     return (x.float().cpu() if as_float else to_uint8(x)), [u.summary() for u in usage]

@@ -101,7 +101,9 @@ class UsageAccumulator:
         return sum(self.step_selected) / slots if slots else 0.0
 
     def summary(self) -> UsageSummary:
-        if self.token_sum is None or self.rows == 0:
+        if self.token_sum is None or self.rows == 0 or self.num_layers == 0:  # nothing routed (a dense network)
+            grid = int(round(self.num_tokens**0.5))
+            token_map = [[0.0] * grid for _ in range(grid)] if self.num_layers == 0 else []
             return UsageSummary(
                 self.num_layers,
                 self.num_experts,
@@ -110,8 +112,8 @@ class UsageAccumulator:
                 0,
                 0,
                 [LayerSummary(0.0, [0] * self.num_experts) for _ in range(self.num_layers)],
-                [],
-                [],
+                [0.0] * len(self.step_slots),  # a dense network's steps: no expert ran
+                token_map,
                 [0.0] * (self.num_experts + 1),
             )
         per_token = self.token_sum.float() / self.rows  # [n_layers, L]

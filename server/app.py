@@ -102,12 +102,12 @@ def build_engine(settings: ServeSettings) -> Engine:
 
 
 def served_model(settings: ServeSettings, engine: Optional[Engine]) -> ServedModel:
-    """What the request schema needs of the served model, known before it loads. An ONNX denoiser
+    """What the request schema needs of the served model, known before it loads: its class names, budget
+    range, and its family's samplers and defaults (model/config.py `Conventions`). An ONNX denoiser
     has no compute dial."""
     from racedit.model import read_config
     from racedit.model.budget import BudgetTable, budget_range
     from racedit.model.config import ModelConfig
-    from racedit.model.samplers import DEFAULT_SAMPLER, SAMPLERS
 
     if engine is not None:
         config, budgets = engine.config, engine.runner.budget_range
@@ -116,7 +116,16 @@ def served_model(settings: ServeSettings, engine: Optional[Engine]) -> ServedMod
         config = ModelConfig.from_dict(document["model"])
         table = BudgetTable.from_metadata(document.get("metadata", {})) if settings.backend == "torch" else None
         budgets = budget_range(table)
-    return ServedModel(class_names_of(config), budgets, tuple(SAMPLERS), DEFAULT_SAMPLER)
+    family = config.family  # the checkpoint's conventions: its samplers and defaults
+    return ServedModel(
+        class_names_of(config),
+        budgets,
+        tuple(family.samplers),
+        family.default_sampler,
+        family.default_steps,
+        family.default_cfg_scale,
+        family.family,
+    )
 
 
 def document_stream_events(app: FastAPI) -> None:

@@ -97,10 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from racedit.model import CheckpointError, ConfigError, ModelConfig, read_config
     from racedit.model.autoencoder import AutoencoderError, require_diffusers
     from racedit.model.checkpoint import read_autoencoder
-    from racedit.model.sampling import ObjectiveError, require_flow_model
+    from racedit.model.sampling import ObjectiveError, require_servable
 
     try:  # what would fail after minutes of loading fails now, naming the file
-        require_flow_model(ModelConfig.from_dict(read_config(settings.checkpoint)["model"]))
+        require_servable(ModelConfig.from_dict(read_config(settings.checkpoint)["model"]))
         if read_autoencoder(settings.checkpoint) is not None:
             require_diffusers()
     except (CheckpointError, ConfigError, AutoencoderError, ObjectiveError) as exc:

@@ -161,6 +161,9 @@ def model_card(engine: Engine, name: str, backend: str, limits: Limits) -> Model
         expert_budget_range=list(runner.budget_range),
         samplers=list(limits.samplers),
         default_sampler=limits.default_sampler,
+        default_num_steps=limits.default_steps,
+        default_cfg_scale=limits.default_cfg_scale,
+        family=limits.family,
     )
 
 

@@ -1,8 +1,9 @@
 """KServe v2 / Open Inference Protocol routes, so the stock `tritonclient.http` works unchanged.
 
-Inputs: class_label INT64 [N], cfg_scale FP32 [N], num_steps INT32 [N], seed INT64 [N], expert_budget FP32 [N]
-(all but class_label optional; what is left out takes /generate's default, and a seed left out is drawn at
-random). Outputs: image UINT8 [N, H, W, 3], mean_experts_per_token FP32 [N] and seed INT64 [N] (the seeds
+Inputs: class_label INT64 [N], cfg_scale FP32 [N], num_steps INT32 [N], seed INT64 [N], expert_budget FP32 [N],
+sampler BYTES [N] (UTF-8 names: euler, ddpm, ...; GET /v1/models lists the model's) -- all but class_label
+optional; what is left out takes /generate's default, and a seed left out is drawn at random.
+Outputs: image UINT8 [N, H, W, 3], mean_experts_per_token FP32 [N] and seed INT64 [N] (the seeds
 used). Tensors travel as JSON lists or through Triton's binary tensor extension
 (`Inference-Header-Content-Length`).
 
@@ -44,8 +45,17 @@ DTYPES = {
     "FP16": np.float16,
     "FP32": np.float32,
     "FP64": np.float64,
+    "BYTES": np.object_,  # strings: JSON strings, or in binary each a 4-byte little-endian length and its bytes
 }
-INPUTS = {"class_label": "INT64", "cfg_scale": "FP32", "num_steps": "INT32", "seed": "INT64", "expert_budget": "FP32"}
+INPUTS = {
+    "class_label": "INT64",
+    "cfg_scale": "FP32",
+    "num_steps": "INT32",
+    "seed": "INT64",
+    "expert_budget": "FP32",
+    "sampler": "BYTES",
+}
+MAX_STRING = 64  # bytes of one BYTES element (sampler names are short)
 OUTPUTS = ("image", "mean_experts_per_token", "seed")
 HEADER = "inference-header-content-length"
 
@@ -53,6 +63,8 @@ HEADER = "inference-header-content-length"
 def _elements(datatype: str) -> TypeAdapter:
     """A JSON tensor's values, as strict as /generate's fields: integers for integer types (no 6.9, no
     true) within the type's range, finite numbers for float types."""
+    if datatype == "BYTES":
+        return TypeAdapter(list[Annotated[str, Strict(), Field(max_length=MAX_STRING)]])
     dtype = np.dtype(DTYPES[datatype])
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
@@ -149,7 +161,12 @@ def parse_infer(body: bytes, header_length: Optional[str], max_rows: int) -> tup
         if (size is None) == (item.data is None):
             raise InferError(f"input {name}: give either data or parameters.binary_data_size")
         dtype = np.dtype(DTYPES[item.datatype])
-        if size is not None:
+        if size is not None and item.datatype == "BYTES":
+            if offset + size > len(binary):
+                raise InferError(f"input {name}: binary_data_size {size} with {len(binary) - offset} bytes left")
+            tensors[name] = bytes_elements(name, binary[offset : offset + size], n)
+            offset += size
+        elif size is not None:
             if size != n * dtype.itemsize or offset + size > len(binary):
                 raise InferError(
                     f"input {name}: binary_data_size {size} with {len(binary) - offset} bytes left; "
@@ -164,7 +181,7 @@ def parse_infer(body: bytes, header_length: Optional[str], max_rows: int) -> tup
                 values = ELEMENTS[item.datatype].validate_python(item.data)
             except ValidationError as exc:
                 raise InferError(f"input {name}: data {describe(exc)}") from None
-            tensors[name] = np.asarray(values, dtype=dtype)
+            tensors[name] = np.array(values, dtype=dtype)
     if offset != len(binary):
         raise InferError(f"{len(binary) - offset} bytes of binary data after the inputs' binary_data_size")
     if "class_label" not in tensors:
@@ -172,6 +189,26 @@ def parse_infer(body: bytes, header_length: Optional[str], max_rows: int) -> tup
     if not 1 <= rows <= max_rows:
         raise InferError(f"{rows} rows: a request holds 1 to {max_rows} images (--max-images)")
     return document, tensors
+
+
+def bytes_elements(name: str, raw: bytes, n: int) -> np.ndarray:
+    """n BYTES elements from Triton's binary layout (each a uint32 little-endian length, then that many
+    bytes), decoded as UTF-8 strings; InferError unless they fill `raw` exactly."""
+    values, offset = [], 0
+    for _ in range(n):
+        if offset + 4 > len(raw):
+            raise InferError(f"input {name}: binary BYTES data ends inside an element's length")
+        length = int.from_bytes(raw[offset : offset + 4], "little")
+        if length > MAX_STRING or offset + 4 + length > len(raw):
+            raise InferError(f"input {name}: a BYTES element of {length} bytes (at most {MAX_STRING}, within the data)")
+        try:
+            values.append(raw[offset + 4 : offset + 4 + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InferError(f"input {name}: BYTES elements must be UTF-8 text") from None
+        offset += 4 + length
+    if offset != len(raw):
+        raise InferError(f"input {name}: {len(raw) - offset} bytes after its {n} BYTES elements")
+    return np.array(values, dtype=np.object_)
 
 
 def build_jobs(
@@ -182,12 +219,17 @@ def build_jobs(
     for i in range(len(tensors["class_label"])):
         try:
             body = request_model.model_validate(
-                {name: column[i].item() for name, column in tensors.items()} | {"num_images": 1}
+                {name: _scalar(column[i]) for name, column in tensors.items()} | {"num_images": 1}
             )
         except ValidationError as exc:
             raise InferError(f"row {i}: {describe(exc)}") from None
         bodies.append(body)
     return engine_jobs(limits, bodies, request_id)  # one id for the request, however many rows
+
+
+def _scalar(value: Any) -> Any:
+    """A numpy element as the Python value /generate's body would hold (a BYTES element is already a str)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def encode_outputs(

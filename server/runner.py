@@ -21,8 +21,8 @@ import torch
 from racedit.model.budget import BudgetTable, budget_range, thresholds_for
 from racedit.model.denoiser import Denoiser
 from racedit.model.exact import SERVING, Execution
-from racedit.model.samplers import Sampler, initial_noise, make_sampler, time_grid
-from racedit.model.sampling import guided_prediction, require_flow_model, to_uint8
+from racedit.model.samplers import Sampler, make_sampler, start_noise
+from racedit.model.sampling import guided_prediction, require_servable, to_uint8
 from racedit.model.usage import UsageAccumulator, usage_by_image
 
 from .requests import GenerationRequest, GenerationResult, StepProgress
@@ -63,11 +63,12 @@ class Runner:
         execution: Execution = SERVING,
         decoder: Optional[Decoder] = None,
     ):
-        require_flow_model(denoiser.config)
+        require_servable(denoiser.config)
         self.denoiser = denoiser.prepare(device, dtype, execution)
         self.device, self.dtype, self.decoder = device, dtype, decoder
         cfg = denoiser.config
         self.config = cfg
+        self.family = cfg.family  # the checkpoint's conventions: samplers, guidance channels and interval
         # Read once here, so answering about the model never waits on the device the engine is using.
         self.layer_thresholds = self.denoiser.learned_thresholds()
         self.budget_table: Optional[BudgetTable] = self.denoiser.budget_table
@@ -94,16 +95,25 @@ class Runner:
         low, high = self.budget_range
         if not low <= request.expert_budget <= high:
             raise ValueError(f"expert_budget {request.expert_budget:g} is outside this model's range {low:g}..{high:g}")
+        if request.sampler not in self.family.samplers:
+            raise ValueError(
+                f"sampler {request.sampler!r} is not one of this model's samplers ({', '.join(self.family.samplers)})"
+            )
+        schedule = self.family.schedule
+        if schedule is not None and request.num_steps > schedule.num_train_timesteps:
+            raise ValueError(
+                f"num_steps {request.num_steps} is more than this model's {schedule.num_train_timesteps} timesteps"
+            )
 
     def start(self, request: GenerationRequest) -> RequestState:
-        noise = torch.stack([initial_noise(s, self.image_shape) for s in request.seeds]).to(self.device)
+        noise, generators = start_noise(request.seeds, self.image_shape)  # each image's own CPU generator
         thresholds = None
         if request.expert_budget != 1.0:
             thresholds = thresholds_for(self.budget_table, self.layer_thresholds, [request.expert_budget])[:, 0]
             thresholds = thresholds.to(self.device)
         return RequestState(
             request,
-            make_sampler(request.sampler, noise, time_grid(request.num_steps)),
+            make_sampler(request.sampler, noise.to(self.device), request.num_steps, self.family, generators),
             UsageAccumulator.for_model(self.config),
             thresholds,
             time.monotonic(),
@@ -119,9 +129,12 @@ class Runner:
             return torch.tensor(values).repeat_interleave(images).to(self.device)
 
         queries = [state.sampler.query() for state in states]
+        asked = [state.sampler.query_index() for state in states]  # the grid point each prediction belongs to
+        # Guidance where the family's interval holds at the step's start (REPA's; everywhere for the others).
+        cfg = [s.request.cfg_scale if self.family.guides_at(s.sampler.position) else 1.0 for s in states]
         t = per_image([t for _, t in queries])
         labels = per_image([state.request.class_label for state in states])
-        scales = per_image([state.request.cfg_scale for state in states])
+        scales = per_image(cfg)
         x_t = torch.cat([x for x, _ in queries])
         dialled = any(state.thresholds is not None for state in states)  # else the learned thresholds, as ever
         thresholds = (
@@ -138,10 +151,10 @@ class Runner:
         v, ept, load, owner = guided_prediction(self.denoiser, x_t, t, labels, scales, thresholds)
         usage = usage_by_image(ept, load, owner, x_t.shape[0]).cpu()  # [n_layers, N, L + E + E + 1]
         progress, offset = [], 0
-        for state, n, (x_q, t_q) in zip(states, counts, queries):
-            state.usage.add(usage[:, offset : offset + n].sum(1), state.request.rows)
+        for state, n, x_q, index, scale in zip(states, counts, [x for x, _ in queries], asked, cfg):
+            state.usage.add(usage[:, offset : offset + n].sum(1), n * (1 if scale == 1.0 else 2))
             if state.sampler.update(v[offset : offset + n]) and state.request.on_step is not None:
-                progress.append((state, self._progress(state, x_q, t_q, v[offset : offset + n])))
+                progress.append((state, self._progress(state, x_q, index, v[offset : offset + n])))
             offset += n
         slots = int(ept.shape[0] * ept.shape[1] * ept.shape[2])
         tokens = int(usage[:, :, : ept.shape[2]].sum())
@@ -149,12 +162,13 @@ class Runner:
             rows=int(owner.numel()), mean_experts_per_token=tokens / slots if slots else 0.0, progress=progress
         )
 
-    def _progress(self, state: RequestState, x_t: torch.Tensor, t: float, v: torch.Tensor) -> StepProgress:
-        """A completed step of a streaming request (its own rows only); the preview is x0 = x_t - t * v."""
+    def _progress(self, state: RequestState, x_t: torch.Tensor, index: int, v: torch.Tensor) -> StepProgress:
+        """A completed step of a streaming request (its own rows only); the preview is the predicted clean
+        sample at the evaluated point (x0 = x_t - t * v for a velocity model)."""
         r, sampler = state.request, state.sampler
         preview = None
         if r.preview_every and (sampler.step % r.preview_every == 0 or sampler.done):
-            preview = x_t.float() - t * v.float()
+            preview = sampler.clean(x_t, v, index)
             preview = (self.decoder(preview) if self.decoder is not None else preview).cpu().numpy()
         return StepProgress(
             request_id=r.request_id,

@@ -47,7 +47,9 @@ class ServeSettings(BaseSettings):
     static_wait_ms: float = Field(20.0, ge=0, description="static mode: how long to gather a batch")
     max_batch_rows: int = Field(64, ge=1, description="rows per engine step (two per guided image)")
     max_queue: int = Field(256, ge=1, description="requests waiting before 429")
-    max_steps: int = Field(100, ge=1, description="largest num_steps accepted")
+    max_steps: int = Field(
+        1000, ge=1, description="largest num_steps accepted (DiT's and SiT's reference samplers take 250)"
+    )
     max_images: int = Field(8, ge=1, description="largest num_images accepted")
     max_cfg_scale: float = Field(20.0, gt=0, description="largest cfg_scale accepted")
     request_timeout_s: float = Field(300.0, gt=0, description="deadline of a request; later gives 504")

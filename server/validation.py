@@ -28,6 +28,9 @@ class Limits:
     budget_range: tuple[float, float] = (1.0, 1.0)  # the checkpoint's budget table, or 1.0 alone
     samplers: tuple[str, ...] = ("euler",)  # what a request may name
     default_sampler: str = "euler"
+    default_steps: int = 25  # the checkpoint family's (DiT: 250), at most max_steps
+    default_cfg_scale: float = 4.0
+    family: str = "racedit"
 
     @classmethod
     def from_settings(cls, settings: ServeSettings, model: ServedModel) -> Limits:
@@ -41,6 +44,9 @@ class Limits:
             model.budget_range,
             model.samplers,
             model.default_sampler,
+            min(model.default_steps, settings.max_steps),
+            min(model.default_cfg_scale, settings.max_cfg_scale),
+            model.family,
         )
 
 
@@ -52,6 +58,9 @@ class ServedModel:
     budget_range: tuple[float, float]
     samplers: tuple[str, ...]
     default_sampler: str
+    default_steps: int = 25
+    default_cfg_scale: float = 4.0
+    family: str = "racedit"
 
 
 def resolve_class(value: Union[int, str], class_names: list[str]) -> int:
@@ -108,9 +117,18 @@ def request_model(limits: Limits, base: type[GenerateRequest] = GenerateRequest)
         __doc__=base.__doc__,
         cfg_scale=(
             StrictFloat,
-            Field(4.0, ge=0, le=limits.max_cfg_scale, allow_inf_nan=False, description=field["cfg_scale"].description),
+            Field(
+                limits.default_cfg_scale,
+                ge=0,
+                le=limits.max_cfg_scale,
+                allow_inf_nan=False,
+                description=field["cfg_scale"].description,
+            ),
         ),
-        num_steps=(StrictInt, Field(25, ge=1, le=limits.max_steps, description=field["num_steps"].description)),
+        num_steps=(
+            StrictInt,
+            Field(limits.default_steps, ge=1, le=limits.max_steps, description=field["num_steps"].description),
+        ),
         num_images=(StrictInt, Field(1, ge=1, le=limits.max_images, description=field["num_images"].description)),
         expert_budget=(
             StrictFloat,

@@ -12,7 +12,7 @@ timesteps and tokens stays the model's own. Sampling trajectories depend on the
 thresholds, so the pass repeats a few times (a fixed point; two are usually enough).
 
 A checkpoint trained with token choice (a published DiT-MoE) gets threshold routing on its own
-gates the same way (`calibrate(model, CalibrateOptions(routing="threshold"))`): the first pass
+gates the same way (`calibrate(model, routing="threshold")`): the first pass
 samples with its top-k routing, the thresholds set from it make every layer select the pairs
 whose gate beats them (`MoEConfig.routing: threshold`), and the following passes refine them
 under threshold routing -- so `expert_budget` and compute that follows t work on its weights.
@@ -26,7 +26,6 @@ from dataclasses import asdict
 from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..dit import RaceDiT
 from .config import Calibration
@@ -35,61 +34,34 @@ BUDGETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 CONVERTIBLE = ("token_choice", "expert_choice")  # routings that threshold routing can replace
 
 
-class CalibrateOptions(BaseModel):
-    """What `racedit calibrate CHECKPOINT` does to the loaded model (one field per flag)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    routing: Literal["keep", "threshold"] = Field(
-        "keep",
-        description="`threshold`: give a token-choice (or expert-choice) checkpoint, such as an imported "
-        "DiT-MoE, threshold routing on its own gates, each layer's threshold calibrated over the time grid "
-        "so that the mean experts per token is k (then `expert_budget` and compute that follows t work); "
-        "`keep`: re-estimate the thresholds of a threshold-routed model",
-    )
-    num_images: int = Field(40, ge=1, description="calibration samples (classes in turn)")
-    cfg_scale: float = Field(4.0, description="guidance of the calibration samples")
-    num_steps: int = Field(25, ge=1, description="Euler steps: the time grid calibrated over")
-    iterations: int = Field(
-        2, ge=0, description="passes towards the fixed point (0 keeps the thresholds, e.g. to add a budget table)"
-    )
-    budgets: list[float] = Field(
-        default_factory=lambda: list(BUDGETS),
-        description="expert budgets of the compute-dial table (must include 1.0; empty: no table)",
-    )
-    seed: int = Field(10_000, description="seed of the first calibration sample (the others follow)")
-
-
 @torch.no_grad()
-def calibrate(model: RaceDiT, options: Optional[CalibrateOptions] = None) -> dict:
-    """`racedit calibrate` between loading and saving: thresholds (and, with `routing: threshold`, the
-    routing that uses them), then the compute dial's table; the model's metadata records both.
-    Returns the record."""
-    options = options or CalibrateOptions()
+def calibrate(
+    model: RaceDiT,
+    calibration: Optional[Calibration] = None,
+    routing: Literal["keep", "threshold"] = "keep",
+    budgets: Sequence[float] = BUDGETS,
+) -> dict:
+    """`racedit calibrate` between loading and saving (its flags: `racedit.cli.options.CalibrateOptions`):
+    thresholds (and, with `routing` "threshold", the routing that uses them), then the compute dial's
+    table for `budgets` (none: no table); the model's metadata records both. Returns the record."""
+    calibration = calibration or Calibration()
     moe = model.config.moe
     if moe is None:
         raise ValueError("a dense model has no experts to calibrate")
-    converting = options.routing == "threshold" and moe.routing in CONVERTIBLE
-    if converting and not options.iterations:
+    converting = routing == "threshold" and moe.routing in CONVERTIBLE
+    if converting and not calibration.iterations:
         raise ValueError("routing threshold needs at least one calibration pass (iterations >= 1)")
     if moe.routing in CONVERTIBLE and not converting:
         raise ValueError(
             f"this checkpoint routes by {moe.routing}, which no threshold steers: "
             "calibrate it with routing 'threshold' to give it threshold routing on its own gates"
         )
-    calibration = Calibration(
-        num_images=options.num_images,
-        cfg_scale=options.cfg_scale,
-        num_steps=options.num_steps,
-        iterations=options.iterations,
-        seed=options.seed,
-    )
     record = model.metadata.get("threshold_calibration", {})
-    if options.iterations:
-        record = calibrate_thresholds(model, calibration, routing=options.routing)
+    if calibration.iterations:
+        record = calibrate_thresholds(model, calibration, routing=routing)
         model.metadata = {**model.metadata, "threshold_calibration": record}
-    if options.budgets:
-        record = {**record, "budget_table": budget_table(model, calibration, options.budgets)}
+    if budgets:
+        record = {**record, "budget_table": budget_table(model, calibration, budgets)}
     return record
 
 

@@ -186,7 +186,8 @@ def parse_config(document: dict[str, Any]) -> TrainConfig:
                 "model.checkpoint takes the whole architecture from the checkpoint: "
                 f"drop the other model keys ({', '.join(['preset'] * bool(preset) + list(model_doc))})"
             )
-        model_doc = {**checkpoint.read_config(source)["model"], "objective": "rectified_flow"}
+        # trained as racedit's flow: its own objective and conventions (t = 1 noise, t * 1000 embedded)
+        model_doc = {**checkpoint.read_config(source)["model"], "objective": "rectified_flow", "conventions": None}
     model = preset_config(preset, **model_doc) if preset else ModelConfig.from_dict(model_doc)
     config = parse_section(TrainConfig, {**{k: ({} if v is None else v) for k, v in document.items()}, "model": model})
     data = config.data

@@ -35,7 +35,9 @@ def read_source(source: Union[str, Path]) -> tuple[dict[str, torch.Tensor], dict
         if not config_path.is_file():
             raise CheckpointError(f"{path}: not a diffusers DiTTransformer2DModel folder (no config.json)")
         config = json.loads(config_path.read_text())
-        if config.get("_class_name") not in (None, "DiTTransformer2DModel"):
+        # facebook/DiT-XL-2-256 was published as a Transformer2DModel with adaLN-Zero, which diffusers reads as DiT
+        legacy = config.get("_class_name") == "Transformer2DModel" and config.get("norm_type") == "ada_norm_zero"
+        if config.get("_class_name") not in (None, "DiTTransformer2DModel") and not legacy:
             raise CheckpointError(f"{config_path}: a {config['_class_name']}, not a DiTTransformer2DModel")
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -163,7 +165,23 @@ def import_dit(
 ) -> RaceDiT:
     """A racedit model holding the source DiT's weights: dense, or upcycled into `moe`'s experts."""
     state, config, kind = read_source(source)
+    dense = dense_model(state, config, kind, num_heads, source)
+    return upcycle(dense, moe, seed) if moe is not None else dense
+
+
+def dense_model(
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    kind: str,
+    num_heads: Optional[int],
+    source: Union[str, Path],
+    **overrides: Any,
+) -> RaceDiT:
+    """The dense racedit network holding a DiT's weights (`overrides` replace config fields, e.g. the
+    conventions of the family the weights come from)."""
     dense_cfg = dense_config(state, config, kind, num_heads)
+    if overrides:
+        dense_cfg = ModelConfig.from_dict({**dense_cfg.to_dict(), **overrides})
     dense = RaceDiT(dense_cfg)
     weights = {k: v.float() for k, v in racedit_state(state, kind, dense_cfg.depth).items()}
     if kind == "dit" and not torch.allclose(
@@ -175,8 +193,17 @@ def import_dit(
     missing, unexpected = dense.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{source}: does not map onto a DiT (missing {missing[:4]}, unexpected {unexpected[:4]})")
-    dense.eval()
-    return upcycle(dense, moe, seed) if moe is not None else dense
+    return dense.eval()
+
+
+def model_times(config: ModelConfig, s: torch.Tensor) -> torch.Tensor:
+    """Times across the path (s in (0, 1), 1 noise) as the model's network reads them: racedit's s,
+    SiT's 1 - s, or a DiT chain's integer timestep."""
+    family = config.family
+    if family.discrete:
+        total = family.schedule.num_train_timesteps
+        return (s * total).floor().clamp(max=total - 1)
+    return 1 - s if family.time == "noise_at_0" else s
 
 
 @torch.no_grad()
@@ -218,7 +245,7 @@ def upcycle(dense: RaceDiT, moe: MoEConfig, seed: int = 0, calibration_batches: 
     model.train()
     for _ in range(calibration_batches):
         x = torch.randn(16, cfg.in_channels, cfg.image_size, cfg.image_size, generator=generator)
-        t = (torch.arange(16) + 0.5) / 16
+        t = model_times(cfg, (torch.arange(16) + 0.5) / 16)
         y = torch.randint(0, cfg.num_classes, (16,), generator=generator)
         model(x, t, y)
     return model.eval()
@@ -231,7 +258,7 @@ def upcycling_report(dense: RaceDiT, upcycled: RaceDiT, num_inputs: int = 64, se
     cfg = dense.config
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(num_inputs, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
-    t = (torch.arange(num_inputs) + 0.5) / num_inputs
+    t = model_times(cfg, (torch.arange(num_inputs) + 0.5) / num_inputs)
     y = torch.randint(0, cfg.num_classes, (num_inputs,), generator=g)
     mlp_in = []  # each MoE block's input, as the upcycled model routes it
     hooks = [b.mlp.register_forward_hook(lambda m, i, o: mlp_in.append(i[0])) for b in upcycled.blocks]

@@ -20,7 +20,7 @@ The rest is DiT's (patch embedding, DiT's sin-cos positions, adaLN-Zero, a final
 second output half that the forward drops). Each maps onto `RaceDiT` with the MoE options of
 `MoEConfig` (`expert_kind: swiglu`, `expert_bias: false`, `shared_expert_hidden`, `router:
 linear`, `router_bias: false`, `gating: softmax`, `routing: token_choice`) and `ModelConfig`
-(`qk_norm`, `timestep_scale`, `objective`, `learn_sigma`). Its flash-attention path casts q and k
+(`qk_norm`, `conventions`, `objective`, `learn_sigma`). Its flash-attention path casts q and k
 to fp16; that belongs to the kernel, not the model: in fp32 nothing is cast.
 
 The gate and up projections of an expert become one [D, 2H] matrix (the gate's columns first),
@@ -37,7 +37,7 @@ from typing import Literal, Optional, Union
 import torch
 
 from ..checkpoint import CheckpointError
-from ..config import ModelConfig, MoEConfig
+from ..config import Conventions, ModelConfig, MoEConfig, NoiseSchedule
 from ..dit import RaceDiT, positions, sincos_pos_embed_2d
 
 Layout = Literal["timm", "fused"]
@@ -88,15 +88,20 @@ _FUSED_NAMES = {"Wqkv": "qkv", "out_proj": "proj", "q_norm": "q_norm", "k_norm":
 
 
 def read_state_dict(source: Union[str, Path]) -> dict[str, torch.Tensor]:
-    """The tensors of a DiT-MoE `.pt` (plain tensors only) or `.safetensors` file; a training
-    checkpoint's `ema` weights (else its `model`) when it nests them, as DiT-MoE's own loader does."""
+    """The tensors of a `.pt` (plain tensors only: racedit never unpickles code) or `.safetensors` state
+    dict (DiT, SiT, REPA, DiT-MoE); a training checkpoint's `ema` weights (else its `model`) when it nests
+    them, as the families' own samplers load."""
     path = Path(source)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -203,8 +208,34 @@ def dit_moe_config(
         timestep_freq_shift=0,
         mlp_norm_eps=1e-6,
         position_order="col_row",
-        timestep_scale=1.0 if rectified_flow else 1000.0,
+        conventions=dit_moe_conventions(rectified_flow, out == 2 * in_channels, in_channels),
         qk_norm=rectified_flow,
+    )
+
+
+def dit_moe_conventions(rectified_flow: bool, learn_sigma: bool, in_channels: int) -> Conventions:
+    """DiT-MoE's own: S/B are DiT's DDPM (integer timesteps, learned range, guidance on 3 channels, 250
+    ancestral steps); XL/G rectified flow in racedit's time with t fed unscaled, Euler, 50 steps, all channels."""
+    if rectified_flow:
+        return Conventions(
+            family="dit-moe",
+            prediction="velocity",
+            time="noise_at_1",
+            time_scale=1.0,
+            default_sampler="euler",
+            default_steps=50,
+            default_cfg_scale=4.0,
+        )
+    return Conventions(
+        family="dit-moe",
+        prediction="noise_learned_range" if learn_sigma else "noise",
+        time="timesteps",
+        time_scale=1.0,
+        schedule=NoiseSchedule(arithmetic="dit"),
+        guidance_channels=min(3, in_channels),
+        default_sampler="ddpm",
+        default_steps=250,
+        default_cfg_scale=4.0,
     )
 
 

@@ -282,7 +282,11 @@ def train(
         start = checkpoint.load(init)
         # The objective may change (DiT's DDPM noise -> rectified flow: racedit import-dit), and a checkpoint
         # without class names takes the folder's; nothing else.
-        ignored = {"objective": None, **({"class_names": None} if start.config.class_names is None else {})}
+        ignored = {
+            "objective": None,
+            "conventions": None,  # a published family's: fine-tuning makes it racedit's flow
+            **({"class_names": None} if start.config.class_names is None else {}),
+        }
         if {**start.config.to_dict(), **ignored} != {**config.model.to_dict(), **ignored}:
             raise ConfigError(f"--init {init}: its model config differs from the training config's model section")
         model.load_state_dict(start.state_dict())

@@ -42,9 +42,14 @@ async function loadModel() {
   card = (await response.json()).data[0];
   $("class").replaceChildren(...card.classes.map((name, index) => new Option(`${index}: ${name}`, index)));
   const routing = card.routing ? `${card.routing.routing}, ${card.routing.spec}` : "dense";
-  $("model-info").textContent = `${card.id}: ${card.image_shape[1]}x${card.image_shape[2]}, ${routing}, ` +
+  const family = card.family && card.family !== "racedit" ? ` (${card.family})` : "";
+  $("model-info").textContent = `${card.id}${family}: ${card.image_shape[1]}x${card.image_shape[2]}, ${routing}, ` +
     `${(card.parameters_activated / 1e6).toFixed(1)} M of ${(card.parameters_total / 1e6).toFixed(1)} M parameters active, ` +
     `${card.dtype}${card.batch_invariant ? ", batch-invariant" : ""}`;
+  // The samplers this model's family serves, its default selected; its default steps and guidance.
+  $("sampler").replaceChildren(...card.samplers.map((name) => new Option(name, name, false, name === card.default_sampler)));
+  $("steps").value = card.default_num_steps;
+  $("cfg").value = card.default_cfg_scale;
   const [low, high] = card.expert_budget_range;  // the dial's calibrated range (1.0 alone without a table)
   Object.assign($("budget"), { min: low, max: high });
   $("budget").disabled = low === high;
@@ -178,7 +183,7 @@ function onEvent(name, data) {
   } else if (name === "result") {
     $("progress-bar").style.width = "100%";
     $("progress-text").textContent = `done: ${data.request.num_images} x ${data.request.class_name}, ` +
-      `cfg ${data.request.cfg_scale}, ${data.request.num_steps} steps, seed ${data.request.seed}; ` +
+      `cfg ${data.request.cfg_scale}, ${data.request.num_steps} ${data.request.sampler} steps, seed ${data.request.seed}; ` +
       `${data.expert_usage.mean_experts_per_token.toFixed(3)} experts per token (k = ${data.expert_usage.nominal_k})`;
     showImages(data.images, data.expert_usage.token_map);
     setState("done");
@@ -202,7 +207,7 @@ async function generate(event) {
   const body = {
     class_label: Number($("class").value), cfg_scale: Number($("cfg").value), num_steps: Number($("steps").value),
     num_images: Number($("num-images").value), preview_every: Number($("preview-every").value),
-    expert_budget: Number($("budget").value),
+    expert_budget: Number($("budget").value), sampler: $("sampler").value,
   };
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   try {

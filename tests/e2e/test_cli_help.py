@@ -57,6 +57,7 @@ def test_every_subcommand_is_covered():
         "train",
         "eval",
         "calibrate",
+        "import",
         "import-dit",
         "pack",
         "train-classifier",
@@ -86,6 +87,7 @@ def test_every_flag_has_help_with_its_default(name, parser):
         (["eval", "--num-steps", "many"], "--num-steps: Input should be a valid integer"),
         (["calibrate", "ck", "--iterations", "-1"], "--iterations: Input should be greater than or equal to 0"),
         (["import-dit", "dit.pt", "--out", "o", "--hidden-split", "0"], "--hidden-split"),
+        (["import", "dit.pt", "--out", "o", "--family", "dall-e"], "invalid choice: 'dall-e'"),
         (["train-classifier", "--steps", "2.5"], "--steps: Input should be a valid integer"),
         (["export", "onnx", "--out", "o", "--opset", "x"], "--opset: Input should be a valid integer"),
         (["serve", "--port", "99999"], "port: Input should be less than or equal to 65535"),
@@ -106,6 +108,7 @@ def test_options_are_typed_with_their_models_defaults():
         argv = {
             "train": ["--config", "c.yaml"],
             "calibrate": ["ck"],
+            "import": ["s", "--out", "o"],
             "import-dit": ["s", "--out", "o"],
             "pack": ["--checkpoint", "c", "--out", "o"],
         }.get(name, [])

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from racedit.model import CheckpointError, generate, load, save
-from racedit.model.training.calibrate import CalibrateOptions, calibrate
+from racedit.model.training.calibrate import calibrate
+from racedit.model.training.config import Calibration
 from racedit.model.training.import_dit_moe import detect_layout, import_dit_moe
 
 D, HEADS, DEPTH, EXPERTS, K, PATCH, SIZE, CHANNELS, CLASSES = 64, 4, 2, 4, 2, 2, 8, 4, 10
@@ -181,8 +182,11 @@ def test_dit_moe_weights_import_with_forward_parity_and_the_same_experts(fused):
     assert detect_layout(state) == ("fused" if fused else "timm")
     model = import_dit_moe(state, num_heads=HEADS)  # timm-layout weights do not record it
     cfg = model.config
-    assert (cfg.objective, cfg.timestep_scale, cfg.qk_norm, cfg.learn_sigma) == (
-        ("rectified_flow", 1.0, True, True) if fused else ("ddpm_eps", 1000.0, False, True)
+    family = cfg.family
+    assert (cfg.objective, family.family, family.time, family.time_scale, cfg.qk_norm, cfg.learn_sigma) == (
+        ("rectified_flow", "dit-moe", "noise_at_1", 1.0, True, True)
+        if fused
+        else ("ddpm_eps", "dit-moe", "timesteps", 1.0, False, True)
     )
     moe = cfg.moe
     assert (moe.spec, moe.routing, moe.gating, moe.expert_kind, moe.shared_expert_hidden) == (
@@ -197,8 +201,8 @@ def test_dit_moe_weights_import_with_forward_parity_and_the_same_experts(fused):
     with torch.no_grad():
         want = reference(x, t, y)[:, :CHANNELS]
         chosen = [block.moe.chosen for block in reference.blocks]
-        out = model(x, t if fused else steps / 1000, y, return_stats=True)
-    assert rel_l2(out.prediction, want) <= 1e-5
+        out = model(x, t, y, return_stats=True)  # S/B: DiT's integer timesteps pass through as they are
+    assert rel_l2(out.prediction[:, :CHANNELS], want) <= 1e-5  # S/B also return DiT's variance half
     for layer, (routing, index) in enumerate(zip(out.stats.routing, chosen)):
         want_mask = torch.zeros_like(routing.mask).scatter_(-1, index, True)
         assert torch.equal(routing.mask, want_mask), f"layer {layer} chose other experts"
@@ -245,9 +249,9 @@ def test_dit_moe_rows_are_batch_invariant_and_report_their_experts(served):
 def test_calibrate_gives_a_token_choice_checkpoint_threshold_routing_on_its_own_gates(served, tmp_path):
     model = import_dit_moe(Reference(fused=True, seed=1).state_dict())
     with pytest.raises(ValueError, match="routing 'threshold'"):
-        calibrate(model, CalibrateOptions())  # a token-choice model has no threshold to re-estimate
-    options = CalibrateOptions(routing="threshold", num_images=4, num_steps=4, budgets=[0.5, 1.0, 1.5])
-    record = calibrate(model, options)
+        calibrate(model)  # a token-choice model has no threshold to re-estimate
+    calibration = Calibration(num_images=4, num_steps=4)
+    record = calibrate(model, calibration, routing="threshold", budgets=[0.5, 1.0, 1.5])
     assert model.config.moe.routing == "threshold"
     assert (record["routing_before"], record["routing"]) == ("token_choice", "threshold")
     history = record["mean_experts_per_token_by_iteration"]
@@ -279,15 +283,15 @@ def test_the_new_moe_options_are_typed():
         preset_config("tiny", moe={"shared_expert_hidden": 32})
     with pytest.raises(ConfigError, match="moe.expert_kind must be gelu or swiglu"):
         preset_config("tiny", moe={"expert_kind": "relu"})
-    with pytest.raises(ConfigError, match="model.timestep_scale must be > 0"):
-        preset_config("tiny", timestep_scale=0.0)
+    with pytest.raises(ConfigError, match="model.conventions.time_scale must be > 0"):
+        preset_config("tiny", conventions={"time_scale": 0.0})
     old = preset_config("tiny").to_dict()
-    for key in ("timestep_scale", "qk_norm"):  # a checkpoint written before these fields loads as before
+    for key in ("conventions", "qk_norm"):  # a checkpoint written before these fields loads as before
         old.pop(key)
     for key in ("expert_kind", "expert_bias", "shared_expert_hidden", "router_bias"):
         old["moe"].pop(key)
     config = ModelConfig.from_dict(old)
-    assert (config.timestep_scale, config.qk_norm, config.moe.expert_kind, config.moe.expert_bias) == (
+    assert (config.family.time_scale, config.qk_norm, config.moe.expert_kind, config.moe.expert_bias) == (
         1000.0,
         False,
         "gelu",
@@ -328,3 +332,49 @@ def test_on_cuda_a_dit_moes_rows_are_batch_invariant(dtype):
         reference = cpu(x.cpu(), t.cpu(), y.cpu()).prediction
     assert all(torch.equal(together[i : i + 1], a) for i, a in enumerate(alone))
     assert rel_l2(together.cpu(), reference) < (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_the_cli_imports_a_dit_moe_file_and_gives_it_race_routing(tmp_path):
+    """`racedit import FILE` recognises DiT-MoE by its gates; `racedit calibrate --routing threshold` then
+    gives the imported token-choice checkpoint threshold routing and a budget table."""
+    import subprocess
+    import sys
+
+    from racedit.model import load
+
+    torch.save(Reference(fused=True, seed=2).state_dict(), tmp_path / "dit_moe_xl_tiny.pt")
+    run = [sys.executable, "-m", "racedit.cli"]
+    done = subprocess.run(
+        [*run, "import", str(tmp_path / "dit_moe_xl_tiny.pt"), "--out", str(tmp_path / "ck")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(dit-moe)" in done.stdout and load(tmp_path / "ck").config.family.family == "dit-moe"
+    done = subprocess.run(
+        [
+            *run,
+            "calibrate",
+            str(tmp_path / "ck"),
+            "--routing",
+            "threshold",
+            "--num-images",
+            "2",
+            "--num-steps",
+            "3",
+            "--budgets",
+            "0.5",
+            "1.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = load(tmp_path / "ck")
+    assert model.config.moe.routing == "threshold" and model.budget_table.budgets == [0.5, 1.0]
+    done = subprocess.run(
+        [*run, "calibrate", str(tmp_path / "ck.missing")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and "racedit calibrate: error" in done.stderr

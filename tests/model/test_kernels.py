@@ -186,7 +186,7 @@ def test_a_dit_moe_models_gpu_path_matches_its_cpu_path():
         spec = dict(spec="2in4", hidden_split=1, routing="token_choice", gating="softmax", router="linear",
                     router_bias=False, expert_kind="swiglu", expert_bias=False, shared_expert=True,
                     shared_expert_hidden=96)
-        model = build("tiny", moe=spec, qk_norm=True, timestep_scale=1.0).eval()
+        model = build("tiny", moe=spec, qk_norm=True, conventions={"time_scale": 1.0}).eval()
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)

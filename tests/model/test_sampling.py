@@ -97,7 +97,7 @@ def test_heun_sampler_and_bad_arguments():
     euler, _ = generate(model, labels=[2], num_steps=4, seeds=[0])
     assert heun.shape == euler.shape and not torch.equal(heun, euler)
     with pytest.raises(ValueError, match="sampler"):
-        generate(model, labels=[2], sampler="ddim")
+        generate(model, labels=[2], sampler="lms")
     with pytest.raises(ValueError, match="same length"):
         generate(model, labels=[2, 3], seeds=[1])
 

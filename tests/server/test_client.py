@@ -131,7 +131,8 @@ def test_the_served_schema_is_the_sdk_models_plus_the_servers_limits(server):
         if issubclass(model, GenerateRequest):  # and the stream's request
             for name, (low, high) in limits.items():
                 mine["properties"][name].update(minimum=low, maximum=high)
-            mine["properties"]["sampler"]["anyOf"][0]["enum"] = ["euler", "heun"]  # the served model's samplers
+            served_samplers = ["euler", "heun", "ddim", "ddpm", "dpmpp_2m", "sde_euler"]  # the served model's
+            mine["properties"]["sampler"]["anyOf"][0]["enum"] = served_samplers
         assert theirs == mine, model.__name__
 
 
@@ -255,4 +256,5 @@ def test_cli_help_shows_defaults():
     result = subprocess.run(
         [sys.executable, "-m", "racedit_client.cli", "generate", "--help"], capture_output=True, text=True, timeout=60
     )
-    assert "(default: 25)" in result.stdout and "(default: 4.0)" in result.stdout
+    assert "(default: None)" in result.stdout and "the model's own (25, DiT's 250)" in result.stdout
+    assert "(default: png)" in result.stdout

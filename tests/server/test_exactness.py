@@ -1,7 +1,8 @@
 """Batch invariance to the bit, over HTTP: a request's npy bytes alone equal its bytes among any mix
-of concurrent requests (classes, scales, step counts, image counts, cfg-1 rows), whatever step it
-joins at, in step and static batching, for several --max-batch-rows, in fp32 and bf16, on the
-tiny preset and on the bundled model."""
+of concurrent requests (classes, scales, step counts, image counts, cfg-1 rows, samplers), whatever
+step it joins at, in step and static batching, for several --max-batch-rows, in fp32 and bf16, on the
+tiny preset and on the bundled model -- the stochastic samplers (ddpm, sde_euler) included, whose
+every noise comes from the image's own generator."""
 
 import base64
 import io
@@ -135,3 +136,29 @@ def test_bundled_model_npy_bytes_are_the_same_alone_among_others_and_in_the_libr
     model = load(DEFAULT_CHECKPOINT).set_precision(getattr(torch, dtype)).to(device)
     expected, _ = generate(model, labels=[5], cfg_scale=4.0, num_steps=5, seeds=[77], as_float=True)
     assert np.load(io.BytesIO(alone[0]), allow_pickle=False).tobytes() == expected[0].cpu().numpy().tobytes()
+
+
+SAMPLER_MIXES = [  # every sampler at once around the target, guided and not
+    {"class_label": 0, "cfg_scale": 1.0, "num_steps": 300, "seed": 3, "num_images": 2, "sampler": "sde_euler"},
+    {"class_label": 2, "cfg_scale": 7.0, "num_steps": 90, "seed": 40, "sampler": "heun"},
+    {"class_label": 5, "cfg_scale": 2.5, "num_steps": 400, "seed": 41, "num_images": 2, "sampler": "ddpm"},
+    {"class_label": 8, "cfg_scale": 0.0, "num_steps": 120, "seed": 42, "sampler": "dpmpp_2m"},
+]
+
+
+def test_stochastic_samplers_npy_bytes_are_the_same_alone_and_among_others(server_factory, tiny_checkpoint):
+    """ddpm and sde_euler draw a fresh noise per step: from the image's generator, so a request's bytes are
+    still its own -- alone, among other samplers mid-flight, and in the library's generate()."""
+    server = server_factory("--device", "cpu", "--dtype", "float32", "--max-steps", "1000", "--max-batch-rows", "32")
+    model = load(tiny_checkpoint)
+    for sampler in ("ddpm", "sde_euler"):
+        target = {**TARGET, "sampler": sampler}
+        alone = samples(post(server, target))
+        together, still_running = run_among_others(server, target, SAMPLER_MIXES, static=False)
+        assert still_running and samples(together) == alone, sampler
+        expected, _ = generate(
+            model, [6, 6], cfg_scale=4.0, num_steps=8, seeds=[1234, 1235], sampler=sampler, as_float=True
+        )
+        assert [e.numpy().tobytes() for e in expected] == [
+            np.load(io.BytesIO(a), allow_pickle=False).tobytes() for a in alone
+        ], sampler

@@ -45,7 +45,9 @@ def test_a_generation_in_the_playground(server_factory, browser):
     page.wait_for_selector("body[data-state=ready]", timeout=30_000)
     assert page.locator("#class option").count() == 10 and page.is_enabled("#generate")
     assert "racedit-tiny" in page.inner_text("#model-info")
+    assert page.locator("#sampler option").count() == 6 and page.input_value("#sampler") == "euler"
     page.select_option("#class", "6")
+    page.select_option("#sampler", "ddpm")
     page.fill("#steps", "10")
     page.fill("#seed", "3")
     page.fill("#num-images", "2")
@@ -55,6 +57,7 @@ def test_a_generation_in_the_playground(server_factory, browser):
     assert page.inner_text("#timing")
     assert page.evaluate("document.getElementById('progress-bar').style.width") == "100%"
     assert "2 x star" in page.inner_text("#progress-text") and "seed 3" in page.inner_text("#progress-text")
+    assert "10 ddpm steps" in page.inner_text("#progress-text")
     assert page.locator("#images img").count() == 2
     assert page.evaluate(
         "[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth === 16)"
@@ -97,7 +100,9 @@ def test_the_readme_screenshot_is_the_page_after_a_generation(server_factory, br
     page, errors = offline_page(browser, server.url)
     page.goto(server.url + "/")
     page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+    assert page.locator("#sampler option").count() == 6 and page.input_value("#sampler") == "euler"
     page.select_option("#class", "6")
+    page.select_option("#sampler", "ddpm")
     page.fill("#steps", "25")
     page.fill("#seed", "3")
     page.fill("#num-images", "4")

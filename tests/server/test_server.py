@@ -161,9 +161,11 @@ def test_body_too_large(server):
 
 def test_a_request_names_its_sampler_and_gets_the_library_s_bytes(server, tiny_checkpoint):
     card = httpx.get(server.url + "/v1/models").json()["data"][0]
-    assert card["samplers"] == ["euler", "heun"] and card["default_sampler"] == "euler"
+    assert card["samplers"] == ["euler", "heun", "ddim", "ddpm", "dpmpp_2m", "sde_euler"]
+    assert (card["default_sampler"], card["default_num_steps"], card["default_cfg_scale"]) == ("euler", 25, 4.0)
+    assert card["family"] == "racedit"
     model = load(tiny_checkpoint)
-    for sampler in ("heun", None):
+    for sampler in ("heun", "ddpm", "sde_euler", None):
         body = {"class_label": 3, "cfg_scale": 2.5, "num_steps": 4, "seed": 21, "output_format": "npy"}
         r = post(server, {**body, "sampler": sampler} if sampler else body)
         assert r.status_code == 200, r.text
@@ -172,9 +174,9 @@ def test_a_request_names_its_sampler_and_gets_the_library_s_bytes(server, tiny_c
             model, [3], cfg_scale=2.5, num_steps=4, seeds=[21], sampler=sampler or "euler", as_float=True
         )
         got = np.load(io.BytesIO(base64.b64decode(r.json()["images"][0]["data"])), allow_pickle=False)
-        assert got.tobytes() == want[0].numpy().tobytes()
-    r = post(server, {"class_label": 3, "sampler": "ddim"})
-    assert r.status_code == 422 and "sampler" in r.text and "'euler' or 'heun'" in r.text
+        assert got.tobytes() == want[0].numpy().tobytes(), sampler
+    r = post(server, {"class_label": 3, "sampler": "lms"})
+    assert r.status_code == 422 and "sampler" in r.text and "'dpmpp_2m' or 'sde_euler'" in r.text
 
 
 def test_models_and_health(server):
@@ -303,7 +305,8 @@ def test_tritonclient_http_infer(server):
     client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("racedit-tiny")
     meta = client.get_model_metadata("racedit-tiny")
-    assert [i["name"] for i in meta["inputs"]] == ["class_label", "cfg_scale", "num_steps", "seed", "expert_budget"]
+    names = ["class_label", "cfg_scale", "num_steps", "seed", "expert_budget", "sampler"]
+    assert [i["name"] for i in meta["inputs"]] == names and meta["inputs"][-1]["datatype"] == "BYTES"
     inputs = []
     for name, dtype, values in [
         ("class_label", "INT64", np.array([6, 1], dtype=np.int64)),
@@ -341,6 +344,21 @@ def test_tritonclient_http_infer(server):
         client.infer("racedit-tiny", [item])
     with pytest.raises(triton.InferenceServerException, match="unknown model"):
         client.infer("other", [item])
+    # A sampler per row: an optional BYTES input, binary (length-prefixed) or JSON.
+    for binary in (True, False):
+        label = triton.InferInput("class_label", [2], "INT64")
+        label.set_data_from_numpy(np.array([6, 6], dtype=np.int64))
+        seed = triton.InferInput("seed", [2], "INT64")
+        seed.set_data_from_numpy(np.array([11, 11], dtype=np.int64))
+        sampler = triton.InferInput("sampler", [2], "BYTES")
+        sampler.set_data_from_numpy(np.array([b"ddpm", b"euler"], dtype=np.object_), binary_data=binary)
+        images = client.infer("racedit-tiny", [label, seed, sampler]).as_numpy("image")
+        ddpm = post(server, {"class_label": 6, "seed": 11, "sampler": "ddpm"}).json()
+        assert np.array_equal(images[0], decode(ddpm["images"][0])) and not np.array_equal(images[0], images[1])
+    sampler = triton.InferInput("sampler", [1], "BYTES")
+    sampler.set_data_from_numpy(np.array([b"lms"], dtype=np.object_))
+    with pytest.raises(triton.InferenceServerException, match="sampler"):
+        client.infer("racedit-tiny", [item, sampler])
 
 
 # ----------------------------------------------- a server with tight limits ----

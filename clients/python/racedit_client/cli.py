@@ -26,7 +26,9 @@ def usage_summary(result: GenerateResult) -> str:
         f"pairs computed {u.activated_pairs} / {u.nominal_pairs} nominal = {u.compute_ratio:.3f}",
         "per layer: " + "  ".join(f"L{i}={layer.mean_experts_per_token:.2f}" for i, layer in enumerate(u.per_layer)),
     ]
-    if u.per_step:
+    if u.num_moe_layers == 0:  # a dense network (DiT, SiT, REPA as published): no experts to report
+        lines[1:] = ["a dense network: no experts"]
+    elif u.per_step:
         hi = max(u.per_step) or 1.0
         lines.append(
             "per step (t=1 -> 0): "
@@ -76,8 +78,8 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate images and save them", formatter_class=defaults)
     g.add_argument("--class", dest="class_label", required=True, help="class name or index")
-    g.add_argument("--cfg", type=float, default=4.0, help="guidance scale")
-    g.add_argument("--steps", type=int, default=25, help="sampler steps")
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale; None: the model's own (4, REPA's 1.8)")
+    g.add_argument("--steps", type=int, default=None, help="sampler steps; None: the model's own (25, DiT's 250)")
     g.add_argument(
         "--sampler",
         default=None,

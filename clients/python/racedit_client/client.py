@@ -51,6 +51,13 @@ class GenerateResult:
     replica: Optional[str] = None  # the Ray Serve replica that answered (x-racedit-replica), if any
 
 
+def _body(model: type[GenerateRequest], **fields: Any) -> dict[str, Any]:
+    """A request body checked by the wire model; what is None is left out, so the server's defaults (the
+    model family's sampler, steps and guidance scale: GET /v1/models) apply."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    return model(**given).model_dump(exclude_unset=True)
+
+
 class _Core:
     def __init__(
         self,
@@ -115,15 +122,16 @@ class _Core:
     @staticmethod
     def generate_body(
         class_label: Union[int, str],
-        cfg_scale: float,
-        num_steps: int,
+        cfg_scale: Optional[float],
+        num_steps: Optional[int],
         seed: Optional[int],
         num_images: int,
         output_format: str,
         expert_budget: float = 1.0,
         sampler: Optional[str] = None,
     ) -> dict[str, Any]:
-        return GenerateRequest(
+        return _body(
+            GenerateRequest,
             class_label=class_label,
             cfg_scale=cfg_scale,
             num_steps=num_steps,
@@ -132,13 +140,13 @@ class _Core:
             output_format=output_format,
             expert_budget=expert_budget,
             sampler=sampler,
-        ).model_dump(exclude_none=True)
+        )
 
     @staticmethod
     def stream_body(
         class_label: Union[int, str],
-        cfg_scale: float,
-        num_steps: int,
+        cfg_scale: Optional[float],
+        num_steps: Optional[int],
         seed: Optional[int],
         num_images: int,
         output_format: str,
@@ -146,7 +154,8 @@ class _Core:
         expert_budget: float,
         sampler: Optional[str] = None,
     ) -> dict[str, Any]:
-        return GenerateStreamRequest(
+        return _body(
+            GenerateStreamRequest,
             class_label=class_label,
             cfg_scale=cfg_scale,
             num_steps=num_steps,
@@ -156,7 +165,7 @@ class _Core:
             preview_every=preview_every,
             expert_budget=expert_budget,
             sampler=sampler,
-        ).model_dump(exclude_none=True)
+        )
 
     @staticmethod
     def parse_generate(response: httpx.Response) -> GenerateResult:
@@ -303,8 +312,8 @@ class Client(_Core):
     def generate(
         self,
         class_label: Union[int, str],
-        cfg_scale: float = 4.0,
-        num_steps: int = 25,
+        cfg_scale: Optional[float] = None,
+        num_steps: Optional[int] = None,
         seed: Optional[int] = None,
         num_images: int = 1,
         output_format: str = "png",
@@ -319,8 +328,8 @@ class Client(_Core):
     def stream(
         self,
         class_label: Union[int, str],
-        cfg_scale: float = 4.0,
-        num_steps: int = 25,
+        cfg_scale: Optional[float] = None,
+        num_steps: Optional[int] = None,
         seed: Optional[int] = None,
         num_images: int = 1,
         output_format: str = "png",
@@ -399,8 +408,8 @@ class AsyncClient(_Core):
     async def generate(
         self,
         class_label: Union[int, str],
-        cfg_scale: float = 4.0,
-        num_steps: int = 25,
+        cfg_scale: Optional[float] = None,
+        num_steps: Optional[int] = None,
         seed: Optional[int] = None,
         num_images: int = 1,
         output_format: str = "png",
@@ -415,8 +424,8 @@ class AsyncClient(_Core):
     async def stream(
         self,
         class_label: Union[int, str],
-        cfg_scale: float = 4.0,
-        num_steps: int = 25,
+        cfg_scale: Optional[float] = None,
+        num_steps: Optional[int] = None,
         seed: Optional[int] = None,
         num_images: int = 1,
         output_format: str = "png",

@@ -40,7 +40,8 @@ class GenerateRequest(BaseModel):
     )
     sampler: Optional[StrictStr] = Field(
         None,
-        description="the sampler (euler, heun, ...: GET /v1/models lists the model's); left out: the model's default",
+        description="the sampler (euler, heun, ddim, ddpm, dpmpp_2m, sde_euler: GET /v1/models lists the "
+        "model's); left out: the model's default",
     )
     output_format: Literal["png", "jpeg", "webp", "npy"] = Field(
         "png",
@@ -178,6 +179,11 @@ class ModelCard(BaseModel):
     )
     samplers: list[str] = Field(..., description="the samplers a request may name")
     default_sampler: str = Field(..., description="the sampler of a request that names none")
+    default_num_steps: int = Field(25, description="num_steps of a request that names none (the model family's)")
+    default_cfg_scale: float = Field(4.0, description="cfg_scale of a request that names none (the model family's)")
+    family: str = Field(
+        "racedit", description="whose conventions the checkpoint follows: racedit, dit, diffusers, sit, repa, ..."
+    )
 
 
 class ModelList(BaseModel):
