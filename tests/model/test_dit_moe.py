@@ -378,3 +378,53 @@ def test_the_cli_imports_a_dit_moe_file_and_gives_it_race_routing(tmp_path):
         [*run, "calibrate", str(tmp_path / "ck.missing")], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 2 and "racedit calibrate: error" in done.stderr
+
+
+def test_dit_moe_samples_as_its_sample_py_does():
+    """S/B: DiT's ancestral DDPM with learned-range variance over respaced steps, guidance on 3 channels
+    (tests/family_references.py's re-expression of DiT's p_sample_loop, which DiT-MoE's sample.py runs);
+    XL/G: Euler from t = 1 to 0 with t fed unscaled and guidance on every channel. Same noise, relative
+    L2 of the final samples <= 1e-5."""
+    from family_references import dit_p_sample_loop
+
+    label, seed, scale, steps = 3, 11, 4.0, 10
+
+    def noise_of(count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:  # what racedit draws for the image
+        g = torch.Generator().manual_seed(seed)
+        shape = (1, CHANNELS, SIZE, SIZE)
+        return torch.randn(shape, generator=g), [torch.randn(shape, generator=g) for _ in range(count)]
+
+    y = torch.tensor([label])
+    timm = Reference(fused=False, seed=3).eval()
+    got, _ = generate(
+        import_dit_moe(timm.state_dict(), num_heads=HEADS),
+        [label],
+        cfg_scale=scale,
+        num_steps=steps,
+        seeds=[seed],
+        sampler="ddpm",
+        as_float=True,
+    )
+    noise, step_noises = noise_of(steps)
+    with torch.no_grad():
+        want = dit_p_sample_loop(lambda x, t, y: timm(x, t.float(), y), noise, y, CLASSES, scale, steps, step_noises)
+    assert rel_l2(got, want) <= 1e-5, rel_l2(got, want)
+
+    fused = Reference(fused=True, seed=4).eval()
+    got, _ = generate(
+        import_dit_moe(fused.state_dict()),
+        [label],
+        cfg_scale=scale,
+        num_steps=steps,
+        seeds=[seed],
+        sampler="euler",
+        as_float=True,
+    )
+    x, _ = noise_of(0)
+    with torch.no_grad():
+        for i in range(steps):
+            t, t_next = 1 - i / steps, 1 - (i + 1) / steps
+            rows = fused(torch.cat([x, x]), torch.full((2,), t), torch.cat([y, torch.tensor([CLASSES])]))[:, :CHANNELS]
+            v = rows[1:] + scale * (rows[:1] - rows[1:])
+            x = x + (t_next - t) * v
+    assert rel_l2(got, x) <= 1e-5, rel_l2(got, x)
