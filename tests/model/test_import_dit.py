@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from tiny_dits import dit_state_dict
 
 from racedit.model import CheckpointError, generate, load, read_config
 from racedit.model.config import MoEConfig
@@ -65,35 +66,6 @@ def test_untied_conditioning_embeddings_are_refused(tmp_path):
     tiny_dit(tied=False).save_pretrained(tmp_path / "dit")
     with pytest.raises(CheckpointError, match="conditioning embedding differs"):
         import_dit(tmp_path / "dit")
-
-
-def dit_state_dict(source) -> dict:
-    """The diffusers model's weights under facebookresearch/DiT's names (fused qkv, shared embedders)."""
-    s = {k: v.clone() for k, v in source.state_dict().items()}
-    e = "transformer_blocks.0.norm1.emb."
-    out = {
-        "x_embedder.proj.weight": s["pos_embed.proj.weight"],
-        "x_embedder.proj.bias": s["pos_embed.proj.bias"],
-        "pos_embed": source.pos_embed.pos_embed.clone(),
-        "t_embedder.mlp.0.weight": s[e + "timestep_embedder.linear_1.weight"],
-        "t_embedder.mlp.0.bias": s[e + "timestep_embedder.linear_1.bias"],
-        "t_embedder.mlp.2.weight": s[e + "timestep_embedder.linear_2.weight"],
-        "t_embedder.mlp.2.bias": s[e + "timestep_embedder.linear_2.bias"],
-        "y_embedder.embedding_table.weight": s[e + "class_embedder.embedding_table.weight"],
-        "final_layer.adaLN_modulation.1.weight": s["proj_out_1.weight"],
-        "final_layer.adaLN_modulation.1.bias": s["proj_out_1.bias"],
-        "final_layer.linear.weight": s["proj_out_2.weight"],
-        "final_layer.linear.bias": s["proj_out_2.bias"],
-    }
-    for i in range(len(source.transformer_blocks)):
-        b = f"transformer_blocks.{i}."
-        for part in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([s[b + f"attn1.to_{n}.{part}"] for n in "qkv"])
-            out[f"blocks.{i}.attn.proj.{part}"] = s[b + f"attn1.to_out.0.{part}"]
-            out[f"blocks.{i}.mlp.fc1.{part}"] = s[b + f"ff.net.0.proj.{part}"]
-            out[f"blocks.{i}.mlp.fc2.{part}"] = s[b + f"ff.net.2.{part}"]
-            out[f"blocks.{i}.adaLN_modulation.{1}.{part}"] = s[b + f"norm1.linear.{part}"]
-    return out
 
 
 def test_dit_pt_state_dict_imports_with_forward_parity(tmp_path):
