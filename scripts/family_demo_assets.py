@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from latent_demo_assets import demo_vae  # scripts/ is on the path when a script here runs
 
 from racedit.model import build
 from racedit.model.dit import sincos_pos_embed_2d
@@ -52,22 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(tiny_dit_state_dict(), args.out / "DiT-XL-2-tiny.pt")
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.18215,
-    )
-    vae.save_pretrained(args.out / "vae", safe_serialization=True)
+    demo_vae().save_pretrained(args.out / "vae", safe_serialization=True)  # the latent walk-through's VAE
     print(f"wrote {args.out / 'DiT-XL-2-tiny.pt'} and {args.out / 'vae'}")
 
 

@@ -21,6 +21,25 @@ from racedit.model.training.data import Shapes10
 CLASSES = ("circle", "square", "star")
 
 
+def demo_vae():
+    """A tiny random diffusers AutoencoderKL: 32x32x3 images <-> 8x8x4 latents, diffusers' default
+    scaling factor (0.18215, sd-vae-ft-ema's), seed 0."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -34,21 +53,7 @@ def main() -> None:
         folder = args.out / "images" / name
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(shapes.draw(index)).save(folder / f"{index:05d}.png")
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    vae.save_pretrained(args.out / "vae", safe_serialization=True)
+    demo_vae().save_pretrained(args.out / "vae", safe_serialization=True)
     print(f"wrote {args.out / 'images'} ({', '.join(CLASSES)}) and {args.out / 'vae'}")
 
 

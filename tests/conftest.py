@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import pytest
@@ -143,7 +144,7 @@ def server_factory(tmp_path_factory, tiny_checkpoint):
 
 
 # ------------------------------------------------------------- latents ----
-def tiny_vae(seed: int = 0):
+def tiny_vae(seed: int = 0, scaling_factor: float = 0.5, shift_factor: Optional[float] = 0.1):
     """A real diffusers AutoencoderKL, tiny and random: 3 -> 4 channels, each side halved (16 px <-> 8)."""
     from diffusers import AutoencoderKL
 
@@ -158,8 +159,8 @@ def tiny_vae(seed: int = 0):
         latent_channels=4,
         norm_num_groups=4,
         sample_size=16,
-        scaling_factor=0.5,
-        shift_factor=0.1,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     ).eval()
 
 

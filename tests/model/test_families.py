@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_vae
 from family_references import (
     dit_p_sample_loop,
     dit_respaced_steps,
@@ -64,21 +65,7 @@ def network(model, channels=None):
 
 def vae():
     """A tiny AutoencoderKL without a shift (DiTPipeline divides by scaling_factor alone)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=0.18215,
-    ).eval()
+    return tiny_vae(seed=1, scaling_factor=0.18215, shift_factor=None)
 
 
 def image_noise(seed: int, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
