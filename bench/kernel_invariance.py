@@ -3,7 +3,8 @@
 For each kernel at a DiT's shapes: the first sample's rows computed alone and inside batches of
 2 to 128 samples, compared to the bit (bf16 and fp32), and the time of the largest batch.
 Kernels: cuBLAS (F.linear) and the Triton kernel of model/kernels.py for the linears; torch's
-grouped GEMM and the Triton grouped kernel for the experts (tile-padded groups, as served);
+grouped GEMM and the Triton grouped kernel for the experts (tile-padded groups); the whole MoE
+layer on the device path (model/kernels.py: routing, layout, grouped GEMMs, combine), as served;
 SDPA on each attention backend. The adaLN case has one row per sample (M = 1 to 128), where
 cuBLAS's choice of kernel (split-K for a short M) is likeliest to change with the batch.
 
@@ -27,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save, time_call  # noqa: E402
 
 from racedit.model import kernels  # noqa: E402
-from racedit.model.exact import GPU_GROUP_TILE, padded  # noqa: E402
+from racedit.model.config import MoEConfig  # noqa: E402
+from racedit.model.exact import GPU_GROUP_TILE, SERVING, padded  # noqa: E402
+from racedit.model.moe import MoELayer  # noqa: E402
 
 BATCHES = [1, 2, 3, 4, 8, 16, 32, 64, 128]
 
@@ -91,12 +94,12 @@ def main() -> None:
             )
             buffer = flat.new_zeros(sum(sizes), d).index_copy_(0, slot, flat[order])
             if invariant:
-                tile_group = (
-                    torch.arange(args.experts, device=device)
-                    .repeat_interleave(torch.tensor(sizes, device=device) // tile)
-                    .to(torch.int32)
-                )
-                y = kernels.grouped_matmul(buffer, w_e, tile_group, tile)
+                tiles = torch.tensor(sizes, device=device) // tile
+                tile_group = torch.arange(args.experts, device=device).repeat_interleave(tiles).to(torch.int32)
+                full = [min(tile, c - i * tile) for c, n_tiles in zip(counts, tiles.tolist()) for i in range(n_tiles)]
+                tile_rows = torch.tensor(full, device=device, dtype=torch.int32)
+                num_tiles = torch.tensor([len(full)], device=device, dtype=torch.int32)
+                y = kernels.grouped_linear(buffer, None, w_e, None, tile_group, tile_rows, num_tiles, tile, "none")
             else:
                 y = torch._grouped_mm(buffer, w_e, offs=torch.tensor(sizes, device=device).cumsum(0).to(torch.int32))
             out = torch.empty(flat.shape[0], hidden_e, device=device, dtype=y.dtype)
@@ -111,6 +114,14 @@ def main() -> None:
 
             return fn
 
+        layer = MoELayer(d, 4.0, MoEConfig(spec=f"{args.k}in{args.experts}"), 4).to(device).eval()
+        for p in layer.parameters():
+            p.data = p.data.to(dtype)
+        execution = SERVING.resolve(device)
+
+        def moe_layer(x: torch.Tensor) -> torch.Tensor:  # the served layer: routing and dispatch on the device
+            return layer(x.float(), execution)[0]
+
         w_ada = (torch.randn(6 * d, d, device=device, generator=g) / d**0.5).to(dtype)  # adaLN: one row per sample
 
         def conditions(b: int) -> torch.Tensor:
@@ -118,13 +129,19 @@ def main() -> None:
 
         cases: dict[str, tuple[Callable, Callable]] = {
             "adaLN linear (M = samples), cuBLAS": (lambda c: F.linear(c, w_ada), conditions),
-            "adaLN linear (M = samples), Triton fixed tiles": (lambda c: kernels.matmul(c, w_ada.t()), conditions),
+            "adaLN linear (M = samples), Triton fixed tiles": (
+                lambda c: kernels.linear(c, w_ada, None, dtype, "none", None, None, 1),
+                conditions,
+            ),
             "linear, cuBLAS (F.linear)": (lambda x: F.linear(x, w, bias), tokens),
             "linear, Triton fixed tiles": (
-                lambda x: kernels.matmul(x.reshape(-1, d), w.t(), bias).view(x.shape[0], n, -1),
+                lambda x: kernels.linear(x.reshape(-1, d), w, bias, dtype, "none", None, None, 1).view(
+                    x.shape[0], n, -1
+                ),
                 tokens,
             ),
             f"experts, Triton grouped, tiles of {GPU_GROUP_TILE}": (lambda x: grouped(x, True), tokens),
+            "MoE layer, device path (threshold routing, layout, grouped GEMMs, combine)": (moe_layer, tokens),
         }
         if dtype == torch.bfloat16:
             cases["experts, torch._grouped_mm"] = (lambda x: grouped(x, False), tokens)

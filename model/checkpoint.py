@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .autoencoder import Autoencoder, AutoencoderError, copy_autoencoder
 from .config import ConfigError, ModelConfig
-from .dit import RaceDiT, positions
+from .dit import RaceDiT
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -119,7 +119,7 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
     model.load_state_dict(
         {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True, assign=True
     )
-    model.pos_embed = positions(config)  # the one buffer that is computed, not saved
+    model.compute_buffers()  # the non-persistent buffers, computed from the config
     model.metadata = document.get("metadata", {})
     model.autoencoder = read_autoencoder(folder)
     return model.to(device).eval()

@@ -21,12 +21,24 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .budget import BudgetTable
 from .config import ModelConfig
 from .denoiser import DenoiserOutput, ForwardStats
-from .exact import SERVING, Execution, Linear, linear
+from .exact import SERVING, Execution, Linear, device_path, kernel_device, linear
 from .moe import MoELayer, Routing
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def norm_modulate(
+    x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """modulate(norm(x), shift, scale): x [B, L, D] fp32, shift and scale [B, D]. On the device path one
+    kernel that emits the next GEMM's input dtype (`out_dtype`) once; elsewhere fp32."""
+    if device_path(x):
+        from . import kernels  # Triton: only on the device path
+
+        return kernels.norm_modulate(x, shift, scale, norm.eps, out_dtype)
+    return modulate(norm(x), shift, scale)
 
 
 # ------------------------------------------------------------ embeddings ----
@@ -37,20 +49,24 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_dim, self.freq_shift, self.scale = frequency_dim, freq_shift, scale
         self.mlp = nn.Sequential(Linear(frequency_dim, dim), nn.SiLU(), Linear(dim, dim))
+        self.register_buffer("freqs", self.frequencies(frequency_dim, shift=freq_shift), persistent=False)
 
     @staticmethod
-    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: int = 0) -> torch.Tensor:
+    def frequencies(dim: int, max_period: float = 10000.0, shift: int = 0) -> torch.Tensor:
         half = dim // 2
-        exponent = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
-        freqs = torch.exp(exponent / (half - shift))
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32)
+        return torch.exp(exponent / (half - shift))
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         args = t.float()[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
         # racedit's flow-matching time lives in [0, 1], scaled to DiT's 0..1000 range for the frequencies;
         # a published family's time goes in as its network reads it (scale 1: DiT's integer timesteps exactly).
-        freq = self.sinusoid(t * self.scale, self.frequency_dim, shift=self.freq_shift)
-        return self.mlp[2](F.silu(self.mlp[0](freq, tile)), tile)
+        freq = self.sinusoid(t * self.scale, self.freqs)
+        return self.mlp[2](self.mlp[0](freq, tile, activation="silu"), tile)
 
 
 class LabelEmbedder(nn.Module):
@@ -115,15 +131,18 @@ class Attention(nn.Module):
         # fp32 whatever the parameters' dtype (norms stay fp32, model/exact.py)
         return F.layer_norm(x, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
 
-    def forward(self, x: torch.Tensor, exe: Execution) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, exe: Execution, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """residual + gate * Attn(x): x [B, L, D], gate [B, D] (the proj GEMM's epilogue on the device path)."""
         b, n, d = x.shape
-        qkv = self.qkv(x, exe.row_tile).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        dtype = self.qkv.weight.dtype  # attention's matmuls run in the parameters' dtype
+        qkv = self.qkv(x, exe.row_tile, out_dtype=dtype)  # [B, L, 3 * D]: q, k, v as SDPA reads them
+        qkv = qkv.view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.q_norm is not None:
-            qkv = torch.stack([self._norm(qkv[0], self.q_norm), self._norm(qkv[1], self.k_norm), qkv[2]])
-        qkv = qkv.to(self.qkv.weight.dtype)  # attention's matmuls run in the parameters' dtype
+            q, k = self._norm(qkv[0].float(), self.q_norm), self._norm(qkv[1].float(), self.k_norm)
+            qkv = torch.stack([q, k, qkv[2].float()]).to(dtype)
         with attention_backend(exe.attention):
             out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, L, d_head], per sample
-        return self.proj(out.transpose(1, 2).reshape(b, n, d), exe.row_tile)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d), exe.row_tile, residual=residual, gate=gate)
 
 
 class MLP(nn.Module):
@@ -133,8 +152,16 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, exe: Execution) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x, exe.row_tile), approximate="tanh"), exe.row_tile)
+    def forward(
+        self,
+        x: torch.Tensor,
+        exe: Execution,
+        residual: Optional[torch.Tensor] = None,
+        gate: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """MLP(x), or with `residual` and `gate` residual + gate * MLP(x), as `Attention.forward`."""
+        h = self.fc1(x, exe.row_tile, activation="gelu_tanh", out_dtype=self.fc2.weight.dtype)
+        return self.fc2(h, exe.row_tile, residual=residual, gate=gate)
 
 
 class Block(nn.Module):
@@ -155,21 +182,24 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        c: torch.Tensor,
+        modulation: torch.Tensor,
         exe: Execution,
         predict_target: bool,
         thresholds: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[Routing]]:
-        modulation = self.adaLN_modulation[1](F.silu(c), exe.row_tile)
+        """x [B, L, D] fp32, modulation [B, 6D] (this block's adaLN output, `RaceDiT.modulations`)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), exe)
-        h = modulate(self.norm2(x), shift2, scale2)
-        routing = None
+        h = norm_modulate(x, self.norm1, shift1, scale1, self.attn.qkv.weight.dtype)
+        x = self.attn(h, exe, residual=x, gate=gate1)
+        h = norm_modulate(x, self.norm2, shift2, scale2, self.mlp_input_dtype)
         if isinstance(self.mlp, MoELayer):
-            h, routing = self.mlp(h, exe, predict_target, thresholds)
-        else:
-            h = self.mlp(h, exe)
-        return x + gate2.unsqueeze(1) * h, routing
+            return self.mlp(h, exe, predict_target, thresholds, residual=x, gate=gate2)
+        return self.mlp(h, exe, residual=x, gate=gate2), None
+
+    @property
+    def mlp_input_dtype(self) -> torch.dtype:
+        """The dtype the MLP's first GEMMs round their input to (router and experts share it)."""
+        return self.mlp.experts.w1.dtype if isinstance(self.mlp, MoELayer) else self.mlp.fc1.weight.dtype
 
 
 class FinalLayer(nn.Module):
@@ -180,9 +210,9 @@ class FinalLayer(nn.Module):
         self.linear = Linear(d, config.patch_size**2 * config.out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(d, 2 * d))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, exe: Execution) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation[1](F.silu(c), exe.row_tile).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale), exe.row_tile)
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor, exe: Execution) -> torch.Tensor:
+        shift, scale = modulation.chunk(2, dim=1)
+        return self.linear(norm_modulate(x, self.norm, shift, scale, self.linear.weight.dtype), exe.row_tile)
 
 
 # ----------------------------------------------------------------- model ----
@@ -196,6 +226,7 @@ class RaceDiT(nn.Module):
         self.execution: Execution = SERVING  # how forwards run: `with_execution`, never per module
         self.metadata: dict = {}  # a loaded checkpoint's metadata (calibration, budget table, history)
         self.autoencoder = None  # a latent checkpoint's VAE (model/autoencoder.py), set by load
+        self._fused_modulation: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # `fuse_modulations`
         c, p, d = config.in_channels, config.patch_size, config.hidden_size
         self.x_embedder = nn.Conv2d(c, d, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift, scale=config.family.time_scale)
@@ -205,9 +236,23 @@ class RaceDiT(nn.Module):
         self.final_layer = FinalLayer(config)
         self.initialize_weights()
 
+    def compute_buffers(self) -> RaceDiT:
+        """Make the buffers that are computed from the config, never saved (the position table, the
+        timestep frequencies), on the CPU: after an init on the meta device, which leaves them empty."""
+        t_emb = self.t_embedder
+        self.pos_embed = positions(self.config)
+        t_emb.freqs = TimestepEmbedder.frequencies(t_emb.frequency_dim, shift=t_emb.freq_shift)
+        return self
+
     @property
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+
+    def device_buffer_bytes(self, rows: int) -> int:
+        """Worst-case bytes of the MoE buffers of a forward of `rows` rows on the device path (one layer's
+        at a time: the allocator reuses them layer after layer), what a CUDA graph of it holds beyond
+        the activations."""
+        return max((layer.device_buffer_bytes(rows * self.config.num_tokens) for layer in self.moe_layers), default=0)
 
     @property
     def null_class(self) -> int:
@@ -222,6 +267,40 @@ class RaceDiT(nn.Module):
         """The compute dial's table loaded with the checkpoint, if it has one."""
         return BudgetTable.from_metadata(self.metadata)
 
+    @property
+    def modulation_layers(self) -> list[Linear]:
+        """Every block's adaLN linear, then the final layer's: functions of the condition c alone."""
+        return [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+
+    def modulations(self, c: torch.Tensor, tile: Optional[int]) -> list[torch.Tensor]:
+        """Every block's adaLN output [B, 6D] and the final layer's [B, 2D] from c [B, D]: one GEMM for
+        all of them on the device path once `fuse_modulations` has run (a fixed-config kernel computes
+        each column alike whatever the width); one per layer elsewhere."""
+        layers = self.modulation_layers
+        cond = F.silu(c)
+        fused = self._fused_modulation
+        if fused is not None and device_path(c, fused[0]):
+            return list(linear(cond, *fused, tile).split([layer.out_features for layer in layers], dim=1))
+        return [layer(cond, tile) for layer in layers]
+
+    def fuse_modulations(self) -> RaceDiT:
+        """Store every adaLN weight and bias in one tensor, each layer's a view of it, for `modulations`."""
+        layers = self.modulation_layers
+        weight = torch.cat([layer.weight.data for layer in layers])
+        bias = torch.cat([layer.bias.data for layer in layers])
+        start = 0
+        for layer in layers:
+            stop = start + layer.out_features
+            layer.weight.data, layer.bias.data = weight[start:stop], bias[start:stop]
+            start = stop
+        self._fused_modulation = (weight, bias)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # `to`, `cuda`, `half`... give the parameters new tensors: the fused adaLN weights would be stale.
+        self._fused_modulation = None
+        return super()._apply(fn, recurse)
+
     def with_execution(self, execution: Execution) -> RaceDiT:
         """How forwards run from now on (model/exact.py): serving's batch-invariant row tiles
         (`SERVING`, the default) or exports' shape-generic graph (`EXPORT`)."""
@@ -230,7 +309,8 @@ class RaceDiT(nn.Module):
 
     def prepare(self, device: torch.device, dtype: torch.dtype, execution: Execution) -> RaceDiT:
         """Ready to serve: on `device`, matmuls in `dtype`, `execution` resolved for the device, eval mode."""
-        return self.to(device).eval().set_precision(dtype).with_execution(execution.resolve(device))
+        model = self.to(device).eval().set_precision(dtype).with_execution(execution.resolve(device))
+        return model.fuse_modulations() if kernel_device(device) else model
 
     def set_precision(self, dtype: torch.dtype) -> RaceDiT:
         """Run the matmuls in `dtype`: only the parameters are cast. `Module.to(dtype)` would also cast
@@ -238,6 +318,7 @@ class RaceDiT(nn.Module):
         becomes 0.9609 in bf16); thresholds, timesteps and activations between GEMMs stay fp32."""
         for p in self.parameters():
             p.data = p.data.to(dtype)
+        self._fused_modulation = None  # the parameters are new tensors: fuse again (`prepare` does)
         return self
 
     def initialize_weights(self) -> None:
@@ -303,15 +384,16 @@ class RaceDiT(nn.Module):
         h = linear(self.patches(x), w.reshape(w.shape[0], -1), self.x_embedder.bias, exe.row_tile)
         h = h + self.pos_embed  # [B, L, D]
         c = self.t_embedder(t.float(), exe.row_tile) + self.y_embedder(y)  # [B, D]
+        *modulations, final = self.modulations(c, exe.row_tile)
         routings: list[Routing] = []
-        for block in self.blocks:
+        for block, modulation in zip(self.blocks, modulations):
             layer_thresholds = (
                 None if thresholds is None or not isinstance(block.mlp, MoELayer) else thresholds[len(routings)].float()
             )
-            h, routing = block(h, c, exe, predict_target=self.training, thresholds=layer_thresholds)
+            h, routing = block(h, modulation, exe, predict_target=self.training, thresholds=layer_thresholds)
             if routing is not None:
                 routings.append(routing)
-        out = self.unpatchify(self.final_layer(h, c, exe))
+        out = self.unpatchify(self.final_layer(h, final, exe))
         # A DiT's variance half is dropped, unless its family's samplers use it (noise_learned_range).
         prediction = out if self.config.family.prediction == "noise_learned_range" else out[:, :c_in]
         return DenoiserOutput(prediction, self.stats(routings, x.shape[0]) if return_stats else None)

@@ -21,7 +21,10 @@ the batch-mates. So:
 
 On a CUDA GPU, padding is not enough: cuBLAS and CUTLASS pick tile shapes, split-K and
 stream-K from the call's shape, so there every GEMM with a row tile runs on one fixed-config
-Triton kernel instead (model/kernels.py), and attention on a kernel without split-KV.
+Triton kernel instead (model/kernels.py), and attention on a kernel without split-KV. That is
+the *device path*: CUDA tensors with no autograd; or CPU tensors with RACEDIT_TRITON_ON_CPU=1,
+which runs the same Triton programs in Triton's interpreter (it sets TRITON_INTERPRET=1), so a
+machine without a GPU tests the code a GPU runs.
 
 The engine checks the whole forward end to end at start-up (`Engine.batch_invariant`),
 because no library documents these kernel choices as a contract.
@@ -30,6 +33,7 @@ because no library documents these kernel choices as a contract.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
@@ -92,39 +96,89 @@ def rounded(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.to(weight.dtype).float()
 
 
-def triton_device(t: torch.Tensor) -> bool:
-    """Whether kernels for this tensor run in Triton (model/kernels.py): on a CUDA device."""
-    return t.is_cuda
+TRITON_ON_CPU = os.environ.get("RACEDIT_TRITON_ON_CPU", "") == "1"
+if TRITON_ON_CPU:  # Triton reads this when a kernel is defined: before model/kernels.py is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def gpu_invariant(t: torch.Tensor, tile: Optional[int]) -> bool:
-    """Whether this GEMM runs on the batch-invariant Triton kernel: on CUDA, with a row tile."""
-    return triton_device(t) and tile is not None
+def kernel_device(device: torch.device) -> bool:
+    """Whether the device path's Triton kernels run on `device`: CUDA, or the CPU under RACEDIT_TRITON_ON_CPU=1."""
+    return device.type == "cuda" or (TRITON_ON_CPU and device.type == "cpu")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tile: Optional[int]) -> torch.Tensor:
-    """y = x W^T + b in the weight's dtype, on whole row tiles; x and y in fp32. x: [..., K] -> [..., N]."""
+def device_path(*tensors: torch.Tensor) -> bool:
+    """Whether work on these tensors takes the device path (model/kernels.py): on a kernel device, and
+    no autograd (the kernels have no backward; training takes the torch path)."""
+    if not kernel_device(tensors[0].device):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def gpu_invariant(t: torch.Tensor, weight: torch.Tensor, tile: Optional[int]) -> bool:
+    """Whether this GEMM runs on the batch-invariant Triton kernel: on the device path, with a row tile."""
+    return tile is not None and device_path(t, weight)
+
+
+Activation = Literal["none", "gelu_tanh", "gelu", "swiglu", "silu"]
+
+
+def activate(h: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """The activation a GEMM's epilogue applies on the device path, here on its rounded result (fp32)."""
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "swiglu":
+        gate_half, up = h.chunk(2, dim=-1)
+        return F.silu(gate_half) * up
+    if activation == "silu":
+        return F.silu(h)
+    return h
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    tile: Optional[int],
+    activation: Activation = "none",
+    residual: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """y = act(x W^T + b) in the weight's dtype, on whole row tiles; x: [..., K] -> [..., N], fp32 (or
+    `out_dtype`, holding the same values: what the next GEMM reads). With `residual` [B, L, N] and `gate`
+    [B, N]: residual + gate * y, a block's gated residual (fp32). On the device path, one kernel: the
+    activation acts on the fp32 sum before rounding; elsewhere on the rounded result."""
     lead = x.shape[:-1]
-    bias = operand(bias, weight) if bias is not None else None
-    if gpu_invariant(x, tile):  # rows are independent in the kernel: no padding; it rounds in and out itself
-        from . import kernels  # Triton: only where a GPU runs the GEMM
+    width = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
+    if gpu_invariant(x, weight, tile):  # rows are independent in the kernel: no padding; it rounds in and out itself
+        from . import kernels  # Triton: only on the device path
 
-        out = kernels.matmul(x.reshape(-1, x.shape[-1]), weight.t(), bias, out_dtype=torch.float32)
-        return out.view(*lead, weight.shape[0])
+        rows = x.reshape(-1, x.shape[-1])
+        per_gate = rows.shape[0] // gate.shape[0] if gate is not None else 1
+        res = residual.reshape(rows.shape[0], width) if residual is not None else None
+        dtype = torch.float32 if residual is not None else out_dtype
+        out = kernels.linear(rows, weight, bias, dtype, activation, res, gate, per_gate)
+        return out.view(*lead, width)
+    bias = operand(bias, weight) if bias is not None else None
     rows = operand(x.reshape(-1, x.shape[-1]), weight)
     out = F.linear(pad_rows(rows, tile), operand(weight, weight), bias)[: rows.shape[0]]
-    return rounded(out, weight).view(*lead, weight.shape[0])
+    out = activate(rounded(out, weight), activation).view(*lead, width)
+    if residual is not None:
+        return residual + gate.unsqueeze(1) * out
+    return out.to(out_dtype)
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) computed by `linear`: batch-invariant on whole
-    row tiles (`tile`, from the model's `Execution`), fp32 in and out."""
+    row tiles (`tile`, from the model's `Execution`), fp32 in and out, and `linear`'s epilogues."""
 
-    def forward(self, x: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, tile)
+    def forward(self, x: torch.Tensor, tile: Optional[int], **epilogue) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, tile, **epilogue)
 
 
-Dispatch = Literal["grouped", "sorted", "loop"]
+Dispatch = Literal["device", "grouped", "sorted", "loop"]
 
 
 @dataclass(frozen=True)
@@ -133,14 +187,15 @@ class Execution:
 
     row_tile: GEMMs on whole tiles of this many rows (batch-invariant); None: plain GEMMs whose
         kernels may follow the batch (exports keep a shape-generic graph that way).
-    dispatch: how the experts run (model/moe.py); "auto" resolves by device: one grouped GEMM on
-        CUDA, sorted groups one after another on a CPU; "loop" for exports.
+    dispatch: how the experts run (model/moe.py); "auto" resolves by device: "device" (routing and
+        dispatch on the device, model/kernels.py) where the kernels run, sorted groups one after
+        another on a CPU; "grouped", one grouped GEMM per matrix from host-read sizes; "loop" for exports.
     attention: "efficient" pins SDPA's memory-efficient kernel (batch-invariant on a GPU: no split-KV);
         "default" lets PyTorch choose; "auto" resolves to "efficient" on CUDA with a row tile.
     """
 
     row_tile: Optional[int] = ROW_TILE
-    dispatch: Literal["auto", "grouped", "sorted", "loop"] = "auto"
+    dispatch: Literal["auto", "device", "grouped", "sorted", "loop"] = "auto"
     attention: Literal["auto", "efficient", "default"] = "auto"
 
     @property
@@ -150,7 +205,7 @@ class Execution:
     def resolve(self, device: torch.device) -> Execution:
         """The concrete setting on `device` (no "auto" left)."""
         cuda = device.type == "cuda"
-        dispatch = self.dispatch if self.dispatch != "auto" else ("grouped" if cuda else "sorted")
+        dispatch = self.dispatch if self.dispatch != "auto" else ("device" if kernel_device(device) else "sorted")
         attention = (
             self.attention
             if self.attention != "auto"
@@ -168,7 +223,7 @@ def grouped_mm(rows: torch.Tensor, weights: torch.Tensor, sizes: list[int]) -> t
 
     One grouped GEMM (`torch._grouped_mm`) on CUDA for bf16 on Hopper and newer; elsewhere
     the groups one after another (their sizes are already on the host: no sync). Not batch-
-    invariant on a GPU: there `Experts.run_grouped` takes the Triton kernel when a row tile is set.
+    invariant on a GPU: the device path (model/kernels.py) is what serves there.
     """
     if rows.is_cuda and rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0):
         ends = torch.tensor(sizes, device=rows.device).cumsum(0).to(torch.int32)

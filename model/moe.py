@@ -15,10 +15,13 @@ silu(x W_gate) * (x W_up) W_down, the gate and up projections one GEMM of width 
 
 Only selected pairs are computed (sparse dispatch), never all experts densely:
 
-    grouped_dispatch  serving on CUDA: the selected pairs sorted by expert, each expert's
-                      group padded to whole row tiles, all experts as ONE grouped GEMM per
-                      matrix; one host sync (tokens per expert), batch-invariant (model/exact.py)
-    sorted_dispatch   serving on a CPU: the same sorted, padded groups one after another
+    on the device     serving on CUDA (`MoELayer.forward_on_device`): routing, the groups'
+                      layout, two persistent grouped GEMMs and the combine as six or seven
+                      Triton launches with no host sync (model/kernels.py), batch-invariant
+    sorted_dispatch   serving on a CPU: the selected pairs sorted by expert, each expert's
+                      group padded to whole row tiles (model/exact.py), one after another;
+                      one host sync (tokens per expert)
+    grouped_dispatch  the same groups as one grouped GEMM per matrix (`torch._grouped_mm`)
     loop_dispatch     exports: per expert NonZero -> gather -> expert -> scatter-add,
                       data-dependent sizes with no host sync, so ONNX and torch.export
                       keep true sparse compute
@@ -40,20 +43,19 @@ from .exact import (
     ROW_TILE,
     Execution,
     Linear,
+    device_path,
     gather_rows,
     gemm_dtype,
-    gpu_invariant,
     grouped_mm,
     operand,
     pad_rows,
     padded,
     rounded,
-    triton_device,
 )
 
 
 # ---------------------------------------------------------------- gating ----
-def gate(logits: torch.Tensor, kind: str) -> torch.Tensor:
+def gating(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """Gating function G(logits). Identity keeps the order of scores across tokens."""
     if kind == "identity":
         return logits
@@ -123,7 +125,7 @@ class Router(nn.Module):
         self, x: torch.Tensor, tile: Optional[int], predict_target: bool
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.kind == "mlp":
-            h = F.gelu(self.hidden(x, tile))
+            h = self.hidden(x, tile, activation="gelu", out_dtype=self.gate_head.weight.dtype)
             target = self.target_head(h, tile) if predict_target else None
             return self.gate_head(h, tile), target
         return self.gate_head(x, tile), None
@@ -198,15 +200,17 @@ class Experts(nn.Module):
             out = out.view(-1, tile, out.shape[1]).add_(operand(self.b2, self.w2)[tile_expert].unsqueeze(1))
         return rounded(out.view(rows.shape[0], -1), self.w2)
 
-    def run_tiled(self, x: torch.Tensor, source: torch.Tensor, tile_expert: torch.Tensor, tile: int) -> torch.Tensor:
-        """`run_grouped` on a GPU, batch-invariant: row r of the groups is token source[r] of x (-1: padding),
-        gathered, rounded, biased, activated (GELU, or SwiGLU over the gate and up halves of one GEMM of width
-        2 D_e) and rounded again inside one Triton kernel per matrix. -> [R, D] (fp32)."""
-        from . import kernels  # Triton: only where a GPU runs the layer
+    def run_on_device(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """All experts over the device-side layout: row r of the groups is token layout.source[r] of x,
+        gathered, rounded, biased, activated (GELU, or SwiGLU over the gate and up halves of one GEMM
+        of width 2 D_e) and rounded again in one persistent Triton GEMM per matrix -> [R, D] in the
+        weights' dtype (R the worst case; only the tiles the device counted are written)."""
+        from . import kernels  # Triton: only on the device path
 
-        gelu, glu = self.kind == "gelu", self.kind == "swiglu"
-        h = kernels.grouped_matmul(x, self.w1, tile_expert, tile, bias=self.b1, gelu=gelu, swiglu=glu, a_index=source)
-        return kernels.grouped_matmul(h, self.w2, tile_expert, tile, bias=self.b2, out_dtype=torch.float32)
+        act = "swiglu" if self.kind == "swiglu" else "gelu_tanh"
+        tiles = (layout.tile_expert, layout.tile_rows, layout.num_tiles, layout.tile)
+        h = kernels.grouped_linear(x, layout.source, self.w1, self.b1, *tiles, act)
+        return kernels.grouped_linear(h, None, self.w2, self.b2, *tiles, "none")
 
 
 @dataclass
@@ -219,6 +223,38 @@ class Workspace:
     rows: torch.Tensor  # [R, D] fp32, the gathered tokens, zero-padded to whole tiles
     hidden: torch.Tensor  # [R, D_e] in the GEMM dtype
     out: torch.Tensor  # [R, D] in the GEMM dtype
+
+
+def worst_case_tiles(tokens: int, experts: int, tile: int, top_k: int = 0) -> int:
+    """Most tiles the selected pairs can fill, each expert's group padded to whole tiles: threshold
+    routing may give a token every expert; top-k gives each exactly k."""
+    every = experts * -(-tokens // tile)
+    return min(every, -(-tokens * top_k // tile) + experts) if top_k else every
+
+
+@dataclass
+class Layout:
+    """Where the selected pairs of one layer call go, all on the device (model/kernels.py): fixed shapes
+    whatever the routing, so nothing waits on the host and a CUDA graph can hold it."""
+
+    slot: torch.Tensor  # [N, E] int32: each pair's row in the grouped buffers, -1 where not selected
+    source: torch.Tensor  # [R] int32: each row's token (the first tile_rows[t] rows of tile t are real)
+    tile_expert: torch.Tensor  # [R / tile] int32: each tile's expert (the first num_tiles are real)
+    tile_rows: torch.Tensor  # [R / tile] int32
+    num_tiles: torch.Tensor  # [1] int32
+    tile: int
+
+    @classmethod
+    def build(cls, mask: torch.Tensor, block_counts: torch.Tensor, block: int, tile: int, top_k: int) -> Layout:
+        """The layout of mask [N, E] from each block of `block` tokens' count per expert (`kernels.route`);
+        R is the worst case: every token may take every expert, or exactly `top_k` under token choice."""
+        from . import kernels  # Triton: only on the device path
+
+        tokens, experts = mask.shape
+        max_tiles = worst_case_tiles(tokens, experts, tile, top_k)
+        offsets, tile_expert, tile_rows, num_tiles, _ = kernels.dispatch_layout(block_counts, tile, max_tiles)
+        slot, source = kernels.scatter_pairs(mask, offsets, block, max_tiles, tile)
+        return cls(slot, source, tile_expert, tile_rows, num_tiles, tile)
 
 
 @dataclass
@@ -259,12 +295,11 @@ def grouped_dispatch(
     """Only the selected pairs, all experts as one grouped GEMM per matrix. x [N, D], weights and mask [N, E] -> [N, D].
 
     Each expert's group starts at a whole tile of a padded buffer and is zero-padded to whole
-    tiles (on a GPU, tiles of the grouped kernel's height), so a row is computed by the same kernel
-    whatever the group's size; each token sums its gated expert outputs in expert order: on a GPU
-    in one kernel (`kernels.combine`), elsewhere one `index_add_` per expert. A token with no expert
+    tiles, so a row is computed by the same kernel whatever the group's size; each token sums its
+    gated expert outputs in expert order, one `index_add_` per expert. A token with no expert
     receives zero. Everything but the tokens per expert (the one host read) is derived on the device.
     """
-    tile = GPU_GROUP_TILE if gpu_invariant(x, row_tile) else row_tile or 1
+    tile = row_tile or 1
     pairs = sort_pairs(weights, mask)
     token = pairs.token
     if not token.numel():
@@ -277,18 +312,8 @@ def grouped_dispatch(
     tile_expert = torch.arange(mask.shape[1], device=x.device, dtype=torch.int32).repeat_interleave(
         (pairs.device_counts + padding) // tile, output_size=total // tile
     )
-    if gpu_invariant(x, row_tile):
-        source = torch.full((total,), -1, device=x.device).index_copy_(0, slot, token)
-        y = experts.run_tiled(x, source, tile_expert, tile)  # [R, D]
-    else:
-        rows = x.new_zeros(total, x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
-        y = experts.run_grouped(rows, host_sizes, tile_expert, tile)
-    if triton_device(x):
-        from . import kernels  # Triton: only where a GPU runs the layer
-
-        by_token = token.argsort(stable=True)  # each token's pairs, still in expert order
-        first_pair = F.pad(mask.sum(1).cumsum(0), (1, 0))  # [N + 1]
-        return kernels.combine(y, slot[by_token], pairs.gate_values[by_token, 0], first_pair)
+    rows = x.new_zeros(total, x.shape[1]).index_copy_(0, slot, x.index_select(0, token))
+    y = experts.run_grouped(rows, host_sizes, tile_expert, tile)
     y = y.index_select(0, slot).mul_(pairs.gate_values)  # [P, D]
     out = torch.zeros_like(x, dtype=torch.float32)
     for _, start, stop in groups(pairs.counts):  # expert by expert: see `sorted_dispatch`
@@ -409,14 +434,24 @@ class MoELayer(nn.Module):
         self.threshold_updates.add_(1)
 
     def forward(
-        self, x: torch.Tensor, exe: Execution, predict_target: bool = False, thresholds: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        exe: Execution,
+        predict_target: bool = False,
+        thresholds: Optional[torch.Tensor] = None,
+        residual: Optional[torch.Tensor] = None,
+        gate: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Routing]:
-        """x [B, L, D] -> [B, L, D] and the routing; `exe` resolved (model/exact.py)."""
+        """x [B, L, D] -> [B, L, D] and the routing; `exe` resolved (model/exact.py). With `residual`
+        [B, L, D] and `gate` [B, D]: residual + gate * that, the block's gated residual."""
+        if exe.dispatch == "device" and device_path(x, self.experts.w1) and not predict_target:
+            return self.forward_on_device(x, exe, thresholds, residual, gate)
         batch, seq_len, dim = x.shape
         logits, target = self.router(x, exe.row_tile, predict_target)  # [B, L, E]
-        scores = gate(logits, self.config.gating)
+        scores = gating(logits, self.config.gating)
         mask = self.select(scores, thresholds)
-        out = DISPATCH[exe.dispatch](
+        dispatch = DISPATCH["sorted" if exe.dispatch == "device" else exe.dispatch]
+        out = dispatch(
             x.reshape(-1, dim),
             scores.reshape(-1, self.num_experts),
             mask.reshape(-1, self.num_experts),
@@ -427,4 +462,72 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             first, act, second = self.shared_expert
             out = out + second(act(first(x, exe.row_tile)), exe.row_tile)
+        if residual is not None:
+            out = residual + gate.unsqueeze(1) * out
         return out, Routing(scores=scores, mask=mask, target=target, logits=logits)
+
+    @property
+    def top_k_on_device(self) -> int:
+        """k when the device path selects each token's top-k, 0 when it selects by threshold."""
+        routing = self.config.routing
+        return (
+            self.k if routing == "token_choice" or (routing == "threshold" and self.config.inference == "topk") else 0
+        )
+
+    def device_buffer_bytes(self, tokens: int) -> int:
+        """Bytes of the device path's buffers for one call over `tokens` tokens, sized for the worst case
+        (every token taking every expert under threshold routing): what a CUDA graph of the layer holds."""
+        experts, dim, width = self.num_experts, self.experts.w2.shape[2], self.experts.w2.shape[1]
+        rows = worst_case_tiles(tokens, experts, GPU_GROUP_TILE, self.top_k_on_device) * GPU_GROUP_TILE
+        element = self.experts.w1.element_size()
+        per_pair = 4 + 4 + 1 + 4  # logits, gate values, mask, slot
+        return tokens * experts * per_pair + rows * (4 + (width + dim) * element) + tokens * dim * 4
+
+    def forward_on_device(
+        self,
+        x: torch.Tensor,
+        exe: Execution,
+        thresholds: Optional[torch.Tensor],
+        residual: Optional[torch.Tensor],
+        gate: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, Routing]:
+        """The layer as six launches (seven with the MLP router), none waiting on the host or shaped by
+        the routing: the router's GEMM(s) with routing in the last one's epilogue, layout, scatter, two
+        grouped GEMMs, combine with the shared expert, gate and residual (model/kernels.py)."""
+        from . import kernels  # Triton: only on the device path
+
+        batch, seq_len, dim = x.shape
+        router, tile = self.router, exe.row_tile
+        h = (
+            x
+            if router.kind != "mlp"
+            else router.hidden(x, tile, activation="gelu", out_dtype=router.gate_head.weight.dtype)
+        )
+        h = h.reshape(-1, h.shape[-1])
+        head = router.gate_head
+        block = kernels.route_block(head.weight)
+        routing, top_k = self.config.routing, self.top_k_on_device
+        if top_k or (routing != "expert_choice" and self.config.inference == "threshold"):
+            tau = None if top_k else thresholds if thresholds is not None else self.threshold.view(1).expand(batch)
+            logits, scores, mask, block_counts = kernels.route(
+                h, head.weight, head.bias, tau, seq_len, self.config.gating, top_k
+            )
+        else:  # expert choice, or a race's inference by the batch's top-k: selected in torch, laid out here
+            logits = head(h, tile)
+            scores = gating(logits, self.config.gating)
+            mask = self.select(scores.view(batch, seq_len, -1), thresholds).reshape(scores.shape)
+            block_counts = kernels.count_pairs(mask, block)
+        layout = Layout.build(mask, block_counts, block, GPU_GROUP_TILE, top_k)
+        y = self.experts.run_on_device(x.reshape(-1, dim), layout)
+        shared = None
+        if self.shared_expert is not None:
+            first, _, second = self.shared_expert
+            kind = "swiglu" if self.config.expert_kind == "swiglu" else "gelu_tanh"
+            hidden = first(x, exe.row_tile, activation=kind, out_dtype=second.weight.dtype)
+            shared = second(hidden, exe.row_tile).reshape(-1, dim)
+        res = residual.reshape(-1, dim) if residual is not None else None
+        out = kernels.combine(y, layout.slot, scores, shared, res, gate, seq_len)
+        shape = (batch, seq_len, self.num_experts)
+        return out.view(batch, seq_len, dim), Routing(
+            scores=scores.view(shape), mask=mask.view(shape), target=None, logits=logits.view(shape)
+        )

@@ -21,7 +21,7 @@ import torch
 from ..checkpoint import CheckpointError
 from ..config import ModelConfig, MoEConfig
 from ..dit import RaceDiT, sincos_pos_embed_2d
-from ..moe import gate
+from ..moe import gating
 
 # DiT's published sizes have no head count in their weights: width -> heads (DiT Table 1).
 DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
@@ -224,7 +224,7 @@ def upcycle(dense: RaceDiT, moe: MoEConfig, seed: int = 0, calibration_batches: 
     generator = torch.Generator().manual_seed(seed)
     k, split = moe.k, moe.split
     bias = 1.0 / k if moe.gating == "identity" else 0.0
-    g = float(gate(torch.full((1, moe.num_experts), bias), moe.gating)[0, 0])
+    g = float(gating(torch.full((1, moe.num_experts), bias), moe.gating)[0, 0])
     for block, dense_block in zip(model.blocks, dense.blocks):
         fc1, fc2 = dense_block.mlp.fc1, dense_block.mlp.fc2
         width = fc1.weight.shape[0]

@@ -38,7 +38,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import Conventions, ModelConfig, MoEConfig, NoiseSchedule
-from ..dit import RaceDiT, positions, sincos_pos_embed_2d
+from ..dit import RaceDiT, sincos_pos_embed_2d
 
 Layout = Literal["timm", "fused"]
 
@@ -309,6 +309,6 @@ def import_dit_moe(
     if missing:
         raise CheckpointError(f"no weights for {missing[:4]}")
     model.load_state_dict({**weights, **buffers}, assign=True)
-    model.pos_embed = positions(config)  # the non-persistent position table, computed
+    model.compute_buffers()  # the non-persistent buffers, computed from the config
     model.metadata = {"imported_from": {"family": "dit-moe", "layout": layout}}
     return model.eval()

@@ -1,9 +1,10 @@
-"""The GPU kernels (model/kernels.py) on a CPU, in Triton's interpreter: the same programs, run by
-NumPy, so CPU CI checks their indexing, masking, row gathers, epilogues and the order of their
-sums, and the GPU branch of the MoE dispatch around them. The interpreter has no bf16: fp32 and
-fp16 here. That a row's bytes never depend on its batch-mates is a property of the compiled kernels
-and is tested on a GPU (tests/server/test_exactness.py -k cuda); NumPy's matmul inside the interpreter
-makes no such promise, so nothing here compares bytes across batches."""
+"""The device path (model/kernels.py and the code around it) on a CPU: RACEDIT_TRITON_ON_CPU=1 runs the
+very Triton programs a GPU runs, in Triton's interpreter, on CPU tensors. So CPU CI checks each kernel
+against the torch path, the routing and dispatch metadata, what a forward asks of the device (launches
+and host reads, counted), that no op's shape follows the routing, and that the forward traces under
+fake tensors -- the properties a CUDA graph needs. The interpreter has no bf16: fp32 and fp16 here.
+That a row's bytes never depend on its batch-mates on a GPU is tested there
+(tests/server/test_exactness.py -k cuda)."""
 
 import json
 import os
@@ -18,189 +19,342 @@ pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="on a GPU the CUDA tests of test_exactness.py run these kernels compiled"
 )
 
+PRELUDE = """
+import json, sys, torch
+sys.path.insert(0, "tests")
+from racedit.model import exact          # first: the switch sets TRITON_INTERPRET before Triton loads
+from racedit.model import kernels
 
-def interpreted(code: str) -> dict:
-    """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (read when a kernel is decorated);
-    its last line of output is a JSON object."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def torch_path(on: bool) -> None:
+    '''The CPU's torch path (on) or the device path (off), in this process.'''
+    exact.TRITON_ON_CPU = not on
+"""
+
+
+def on_device_path(code: str) -> dict:
+    """Run `code` in a fresh interpreter under the documented switch alone; its last line is JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["RACEDIT_TRITON_ON_CPU"] = "1"
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_matmul_computes_a_linear_rounding_through_the_weights_dtype():
-    result = interpreted("""
-        import json, torch
-        from racedit.model import kernels
+def test_the_switch_sends_cpu_tensors_down_the_device_path():
+    from racedit.model import Execution
+
+    assert Execution().resolve(torch.device("cpu")).dispatch == "sorted"  # without it: the torch path
+    result = on_device_path("""
+        import os
+        from racedit.model import Execution
+        x = torch.zeros(2, 3)
+        print(json.dumps({"dispatch": Execution().resolve(torch.device("cpu")).dispatch,
+                          "interpret": os.environ.get("TRITON_INTERPRET"), "device_path": exact.device_path(x),
+                          "with_grad": exact.device_path(x.requires_grad_())}))
+    """)
+    assert result == {"dispatch": "device", "interpret": "1", "device_path": True, "with_grad": False}
+
+
+def test_linear_rounds_through_the_weights_dtype_and_applies_each_epilogue():
+    result = on_device_path("""
+        import torch.nn.functional as F
         g = torch.Generator().manual_seed(0)
+        acts = {"none": lambda z: z, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "gelu": F.gelu,
+                "silu": F.silu, "swiglu": lambda z: F.silu(z[:, :50]) * z[:, 50:]}
         out = {}
         for dtype in (torch.float32, torch.float16):
-            x = torch.randn(70, 72, generator=g)                    # fp32 activations, 70 rows: a partial tile
-            w = torch.randn(100, 72, generator=g).to(dtype)          # nn.Linear layout [N, K], read transposed
+            x = torch.randn(70, 72, generator=g)                   # 70 rows: a partial tile
+            w = torch.randn(100, 72, generator=g).to(dtype)         # nn.Linear layout [N, K]
             b = torch.randn(100, generator=g).to(dtype)
-            y = kernels.matmul(x, w.t(), b, out_dtype=torch.float32)
-            ref = (x.to(dtype).float() @ w.float().t() + b.float()).to(dtype).float()
-            out[str(dtype)] = {"dtype": str(y.dtype), "err": (y - ref).abs().max().item(),
-                               "rounded": bool(torch.equal(y, y.to(dtype).float())), "shape": list(y.shape)}
-        print(json.dumps(out))
-    """)
-    assert result["torch.float32"] == {**result["torch.float32"], "dtype": "torch.float32", "shape": [70, 100]}
-    assert result["torch.float32"]["err"] < 1e-4
-    assert result["torch.float16"]["err"] < 0.05 and result["torch.float16"]["rounded"]  # fp16 values held in fp32
-
-
-def test_grouped_matmul_gathers_rows_and_adds_each_tiles_experts_bias_and_gelu():
-    result = interpreted("""
-        import json, torch
-        import torch.nn.functional as F
-        from racedit.model import kernels
-        g = torch.Generator().manual_seed(1)
-        tile, experts, d, h = 16, 3, 40, 24
-        x = torch.randn(10, d, generator=g)                          # the tokens
-        w = torch.randn(experts, d, h, generator=g)
-        b = torch.randn(experts, h, generator=g)
-        source = torch.full((4 * tile,), -1)                        # tiles: expert 2, 0, 0, 1; -1 rows are padding
-        source[[0, 1, 2]] = torch.tensor([4, 7, 9]); source[16:16 + 20] = torch.arange(20) % 10; source[48] = 3
-        tile_expert = torch.tensor([2, 0, 0, 1], dtype=torch.int32)
-        y = kernels.grouped_matmul(x, w, tile_expert, tile, bias=b, gelu=True, a_index=source)
-        rows = torch.where(source[:, None] >= 0, x[source.clamp(min=0)], 0.0)
-        e = tile_expert.repeat_interleave(tile)
-        ref = F.gelu(torch.einsum("rk,rkn->rn", rows, w[e]) + b[e], approximate="tanh")
-        bad = False
-        try:
-            kernels.grouped_matmul(x, w, tile_expert, 24, a_index=source)
-        except ValueError:
-            bad = True
-        print(json.dumps({"err": (y - ref).abs().max().item(), "shape": list(y.shape), "refuses_odd_tiles": bad}))
-    """)
-    assert result["shape"] == [64, 24] and result["err"] < 1e-4 and result["refuses_odd_tiles"]
-
-
-def test_combine_sums_each_tokens_pairs_in_their_order():
-    result = interpreted("""
-        import json, torch
-        from racedit.model import kernels
-        g = torch.Generator().manual_seed(2)
-        y = torch.randn(12, 300, generator=g) * torch.logspace(-4, 4, 12)[:, None]  # magnitudes where order shows
-        row = torch.tensor([3, 0, 11, 7, 2, 9, 5, 1])
-        gate = torch.rand(8, generator=g)
-        first = torch.tensor([0, 2, 2, 5, 8])                      # token 1 has no expert
-        out = kernels.combine(y, row, gate, first)
-        ref = torch.zeros(4, 300)
-        for t in range(4):
-            for p in range(int(first[t]), int(first[t + 1])):
-                ref[t] = ref[t] + y[row[p]] * gate[p]
-        print(json.dumps({"equal": bool(torch.equal(out, ref)), "empty_row_zero": bool((out[1] == 0).all())}))
-    """)
-    assert result == {"equal": True, "empty_row_zero": True}
-
-
-def test_the_models_gpu_path_matches_its_cpu_path():
-    """The network with every GEMM, the grouped experts and the combine on the Triton kernels (the
-    GPU branch, taken here for CPU tensors) against the CPU path: fp32 alike within rounding; fp16
-    against the CPU's emulation of fp16 GEMMs, which rounds the same way."""
-    result = interpreted("""
-        import json, sys, torch
-        sys.path.insert(0, "tests")
-        from conftest import batch, tiny_model
-        from racedit.model import Execution, exact, moe
-        from racedit.model.moe import Experts, grouped_dispatch, sorted_dispatch
-
-        def gpu_branch(on: bool) -> None:
-            exact.triton_device = moe.triton_device = (lambda t: True) if on else (lambda t: t.is_cuda)
-
-        out = {}
-        for dtype in (torch.float32, torch.float16):
-            model = tiny_model().set_precision(dtype).with_execution(Execution(dispatch="grouped"))
-            x, t, y = batch(model, 5, seed=1)
-            with torch.no_grad():
-                cpu = model(x, t, y).prediction
-                gpu_branch(True)
-                gpu = model(x, t, y).prediction
-                gpu_branch(False)
-            out[str(dtype)] = {"err": (gpu - cpu).abs().max().item(), "scale": cpu.abs().max().item()}
-        experts = Experts(8, 48, 64)
-        tokens, weights = torch.randn(300, 48), torch.rand(300, 8)
-        mask = weights > 0.8                                        # some tokens take no expert, some several
-        with torch.no_grad():
-            reference = sorted_dispatch(tokens, weights, mask, experts, None)
-            gpu_branch(True)
-            layer = grouped_dispatch(tokens, weights, mask, experts, 32)
-        out["layer"] = {"err": (layer - reference).abs().max().item(), "no_expert": int((mask.sum(1) == 0).sum())}
-        print(json.dumps(out))
-    """)
-    assert result["torch.float32"]["scale"] > 0.1 and result["torch.float32"]["err"] < 1e-5
-    assert result["torch.float16"]["err"] < 1e-3 * max(1.0, result["torch.float16"]["scale"])
-    assert result["layer"]["no_expert"] > 0 and result["layer"]["err"] < 1e-5
-
-
-def test_grouped_matmul_applies_swiglu_to_the_gate_and_up_halves_of_one_gemm():
-    """DiT-MoE's experts: [gate | up] of width 2H as one GEMM whose epilogue stores silu(gate) * up, with
-    and without biases, fp32 and fp16 (fp16 against the same rounding: fp32 sums, one rounding)."""
-    result = interpreted("""
-        import json, torch
-        import torch.nn.functional as F
-        from racedit.model import kernels
-        g = torch.Generator().manual_seed(3)
-        tile, experts, d, h = 16, 3, 40, 24
-        x = torch.randn(10, d, generator=g)
-        source = torch.full((3 * tile,), -1)
-        source[:5] = torch.tensor([4, 7, 9, 0, 2]); source[16:30] = torch.arange(14) % 10; source[32] = 3
-        tile_expert = torch.tensor([1, 0, 2], dtype=torch.int32)
-        rows = torch.where(source[:, None] >= 0, x[source.clamp(min=0)], 0.0)
-        e = tile_expert.repeat_interleave(tile)
-        out = {}
-        for dtype in (torch.float32, torch.float16):
-            w = torch.randn(experts, d, 2 * h, generator=g).to(dtype)
-            for bias in (None, torch.randn(experts, 2 * h, generator=g).to(dtype)):
-                y = kernels.grouped_matmul(x, w, tile_expert, tile, bias=bias, swiglu=True, a_index=source,
-                                           out_dtype=torch.float32)
-                z = torch.einsum("rk,rkn->rn", rows.to(dtype).double(), w.double()[e])
-                if bias is not None:
-                    z = z + bias.double()[e]
-                ref = (F.silu(z[:, :h]) * z[:, h:]).to(dtype).float()
-                err = (y - ref).abs().max().item() / ref.abs().max().item()
-                out[f"{dtype}-{bias is not None}"] = {"shape": list(y.shape), "err": err}
+            z = x.to(dtype).double() @ w.double().t() + b.double()
+            for name, act in acts.items():
+                y = kernels.linear(x, w, b, torch.float32, name, None, None, 1)
+                ref = act(z).to(dtype).float()
+                out[f"{dtype}-{name}"] = {"err": ((y - ref).abs().max() / ref.abs().max()).item(),
+                                           "shape": list(y.shape), "rounded": bool(torch.equal(y, y.to(dtype).float()))}
+            residual, gate = torch.randn(70, 100, generator=g), torch.randn(7, 100, generator=g)  # 10 rows a sample
+            y = kernels.linear(x, w, b, torch.float32, "none", residual, gate, 10)
+            ref = residual + gate.repeat_interleave(10, 0) * z.to(dtype).float()
+            out[f"{dtype}-residual"] = {"err": ((y - ref).abs().max() / ref.abs().max()).item(), "shape": list(y.shape),
+                                        "rounded": True}
+            half = kernels.linear(x, w, b, dtype, "none", None, None, 1)
+            out[f"{dtype}-out_dtype"] = {"err": 0.0 if half.dtype == dtype else 1.0, "shape": list(half.shape),
+                                         "rounded": True}
         print(json.dumps(out))
     """)
     for name, r in result.items():
-        assert r["shape"] == [48, 24], name
+        assert r["shape"] == ([70, 50] if "swiglu" in name else [70, 100]) and r["rounded"], (name, r)
         assert r["err"] < (1e-5 if "float32" in name else 2e-3), (name, r)
 
 
-def test_a_dit_moe_models_gpu_path_matches_its_cpu_path():
-    """A DiT-MoE-shaped network (SwiGLU experts and shared expert without biases, softmax token choice,
-    qk-LayerNorm attention, t unscaled) on the Triton kernels against its CPU sorted dispatch."""
-    result = interpreted("""
-        import json, sys, torch
-        sys.path.insert(0, "tests")
-        from conftest import batch
-        from racedit.model import Execution, build, exact, moe
-
-        def gpu_branch(on: bool) -> None:
-            exact.triton_device = moe.triton_device = (lambda t: True) if on else (lambda t: t.is_cuda)
-
-        torch.manual_seed(0)
-        spec = dict(spec="2in4", hidden_split=1, routing="token_choice", gating="softmax", router="linear",
-                    router_bias=False, expert_kind="swiglu", expert_bias=False, shared_expert=True,
-                    shared_expert_hidden=96)
-        model = build("tiny", moe=spec, qk_norm=True, conventions={"time_scale": 1.0}).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
+def test_grouped_linear_computes_the_tiles_the_device_counted_and_gathers_their_rows():
+    """Tiles are walked by a persistent grid up to num_tiles (a device tensor); tile t's first tile_rows[t]
+    rows are real, gathered from the tokens by index; bias and GELU or SwiGLU in the epilogue."""
+    result = on_device_path("""
+        import torch.nn.functional as F
+        g = torch.Generator().manual_seed(1)
+        tile, experts, d, h = 16, 3, 40, 24
+        x = torch.randn(10, d, generator=g)                          # the tokens
+        source = torch.randint(0, 10, (5 * tile,), generator=g, dtype=torch.int32)
+        tile_expert = torch.tensor([2, 0, 0, 1, 1], dtype=torch.int32)
+        tile_rows = torch.tensor([3, 16, 4, 1, 16], dtype=torch.int32)
+        num_tiles = torch.tensor([4], dtype=torch.int32)             # the last tile is beyond the count
+        real = torch.cat([torch.arange(tile) < n for n in tile_rows[:4]])
+        e = tile_expert.repeat_interleave(tile)[: 4 * tile]
+        rows = x[source[: 4 * tile].long()]
         out = {}
         for dtype in (torch.float32, torch.float16):
-            model.set_precision(dtype)
-            x, t, y = batch(model, 5, seed=1)
-            with torch.no_grad():
-                cpu = model.with_execution(Execution(dispatch="sorted"))(x, t, y).prediction
-                gpu_branch(True)
-                gpu = model.with_execution(Execution(dispatch="grouped"))(x, t, y).prediction
-                gpu_branch(False)
-            out[str(dtype)] = {"err": (gpu - cpu).abs().max().item(), "scale": cpu.abs().max().item()}
+            for act in ("gelu_tanh", "swiglu"):
+                width = 2 * h if act == "swiglu" else h
+                w = torch.randn(experts, d, width, generator=g).to(dtype)
+                for bias in (None, torch.randn(experts, width, generator=g).to(dtype)):
+                    y = kernels.grouped_linear(x, source, w, bias, tile_expert, tile_rows, num_tiles, tile, act)
+                    z = torch.einsum("rk,rkn->rn", rows.to(dtype).double(), w.double()[e])
+                    if bias is not None:
+                        z = z + bias.double()[e]
+                    ref = (F.silu(z[:, :h]) * z[:, h:] if act == "swiglu" else F.gelu(z, approximate="tanh")).to(dtype)
+                    err = (y[: 4 * tile][real].double() - ref[real]).abs().max() / ref[real].abs().max()
+                    out[f"{dtype}-{act}-{bias is not None}"] = {"err": err.item(), "shape": list(y.shape),
+                                                                "dtype": str(y.dtype) == str(dtype)}
+        try:
+            kernels.grouped_linear(x, source, w, None, tile_expert, tile_rows, num_tiles, 24, "none")
+            out["odd tile"] = {"refused": False}
+        except ValueError:
+            out["odd tile"] = {"refused": True}
         print(json.dumps(out))
     """)
-    assert result["torch.float32"]["scale"] > 0.1 and result["torch.float32"]["err"] < 1e-5
-    assert result["torch.float16"]["err"] < 1e-3 * max(1.0, result["torch.float16"]["scale"])
+    assert result.pop("odd tile") == {"refused": True}
+    for name, r in result.items():
+        assert r["shape"] == [80, 24] and r["dtype"], (name, r)
+        assert r["err"] < (1e-6 if "float32" in name else 2e-3), (name, r)
+
+
+def test_routing_and_layout_on_the_device_match_torch():
+    """route (the gate-head GEMM with gating and selection in its epilogue: per-sample thresholds or top-k),
+    count_pairs, dispatch_layout and scatter_pairs against the same decisions made in torch."""
+    result = on_device_path("""
+        from racedit.model.moe import gating, token_choice, worst_case_tiles
+        g = torch.Generator().manual_seed(2)
+        tokens, experts, dim, per_sample, tile = 150, 8, 32, 30, 16   # 5 samples; blocks of 64 tokens (fp32)
+        x = torch.randn(tokens, dim, generator=g)
+        w, b = torch.randn(experts, dim, generator=g) / 4, torch.randn(experts, generator=g) / 4
+        out = {}
+        cases = (("sigmoid", torch.linspace(0.4, 0.8, 5), 0), ("identity", torch.tensor([0.2]).expand(5), 0),
+                 ("softmax", None, 2))
+        for kind, tau, top_k in cases:
+            logits, scores, mask, counts = kernels.route(x, w, b, tau, per_sample, kind, top_k)
+            ref_logits = x @ w.t() + b
+            ref_scores = gating(ref_logits, kind)
+            if top_k:
+                ref_mask = token_choice(ref_scores[None], top_k)[0]
+            else:
+                ref_mask = ref_scores > tau.repeat_interleave(per_sample)[:, None]
+            block = kernels.route_block(w)
+            given = kernels.count_pairs(mask, block)
+            max_tiles = worst_case_tiles(tokens, experts, tile, top_k)
+            offsets, tile_expert, tile_rows, num_tiles, per_expert = kernels.dispatch_layout(counts, tile, max_tiles)
+            slot, source = kernels.scatter_pairs(mask, offsets, block, max_tiles, tile)
+            # Every selected pair has a slot in its expert's group, the groups in expert order, whole tiles each.
+            n = int(num_tiles)
+            ok = bool(torch.equal(per_expert, mask.sum(0, dtype=torch.int32)))
+            ok &= n == int(((per_expert + tile - 1) // tile).sum()) and n <= max_tiles
+            starts = torch.cat([torch.zeros(1, dtype=torch.long), ((per_expert + tile - 1) // tile).cumsum(0)]) * tile
+            for e in range(experts):
+                chosen = mask[:, e].nonzero().squeeze(1)
+                ok &= bool(torch.equal(slot[chosen, e].long(), starts[e] + torch.arange(len(chosen))))  # token order
+                ok &= bool(torch.equal(source[slot[chosen, e].long()].long(), chosen))
+                ok &= bool((slot[~mask[:, e], e] == -1).all())
+                mine = tile_expert[:n] == e
+                ok &= int(tile_rows[:n][mine].sum()) == len(chosen)
+            out[kind] = {"logits": (logits - ref_logits).abs().max().item(),
+                         "scores": (scores - ref_scores).abs().max().item(),
+                         "mask": bool(torch.equal(mask, ref_mask)), "pairs": int(mask.sum()), "layout": ok,
+                         "counts": bool(torch.equal(given, counts)), "none": int((mask.sum(1) == 0).sum())}
+        print(json.dumps(out))
+    """)
+    for kind, r in result.items():
+        assert r["logits"] < 1e-5 and r["scores"] < 1e-5, (kind, r)
+        assert r["mask"] and r["layout"] and r["counts"], (kind, r)
+    assert result["softmax"]["pairs"] == 2 * 150 and result["softmax"]["none"] == 0
+    assert result["sigmoid"]["none"] > 0 and result["sigmoid"]["pairs"] != result["identity"]["pairs"]
+
+
+def test_combine_sums_each_tokens_experts_in_expert_order_then_gates_and_adds_the_residual():
+    result = on_device_path("""
+        g = torch.Generator().manual_seed(3)
+        tokens, experts, dim = 6, 4, 300
+        y = torch.randn(12, dim, generator=g) * torch.logspace(-4, 4, 12)[:, None]   # magnitudes where order shows
+        slot = torch.tensor([[3, -1, 11, 7], [-1, -1, -1, -1], [2, 9, -1, 5], [1, -1, -1, -1],
+                             [-1, 0, 4, -1], [6, 8, 10, -1]], dtype=torch.int32)
+        scores = torch.rand(tokens, experts, generator=g)
+        extra, residual, gate = (torch.randn(tokens, dim, generator=g), torch.randn(tokens, dim, generator=g),
+                                 torch.randn(3, dim, generator=g))
+        ref = torch.zeros(tokens, dim)
+        for t in range(tokens):
+            for e in range(experts):
+                if slot[t, e] >= 0:
+                    ref[t] = ref[t] + y[slot[t, e]] * scores[t, e]
+        plain = kernels.combine(y, slot, scores, None, None, None, 1)
+        full = kernels.combine(y, slot, scores, extra, residual, gate, 2)
+        ref_full = residual + gate.repeat_interleave(2, 0) * (ref + extra)
+        print(json.dumps({"equal": bool(torch.equal(plain, ref)), "empty_row_zero": bool((plain[1] == 0).all()),
+                          "full": (full - ref_full).abs().max().item()}))
+    """)
+    assert result["equal"] and result["empty_row_zero"] and result["full"] < 1e-5
+
+
+def test_the_models_device_path_matches_its_torch_path():
+    """A Race-DiT (MLP router, GELU experts with biases) and a DiT-MoE-shaped network (SwiGLU experts and a
+    shared expert without biases, softmax top-2, qk-LayerNorm, t unscaled) with every GEMM, routing,
+    dispatch, combine and adaLN norm on the kernels, against the torch path: fp32 alike within rounding,
+    fp16 against the CPU's emulation of fp16 GEMMs, which rounds the same way; the same experts chosen."""
+    result = on_device_path("""
+        from conftest import batch, tiny_model
+        from racedit.model import build
+        torch.manual_seed(0)
+        moe = dict(spec="2in4", hidden_split=1, routing="token_choice", gating="softmax", router="linear",
+                   router_bias=False, expert_kind="swiglu", expert_bias=False, shared_expert=True,
+                   shared_expert_hidden=96)
+        dit_moe = build("tiny", moe=moe, qk_norm=True, conventions={"time_scale": 1.0}).eval()
+        with torch.no_grad():
+            for p in dit_moe.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        out = {}
+        for name, model in (("race-dit", tiny_model()), ("dit-moe", dit_moe)):
+            for dtype in (torch.float32, torch.float16):
+                model.set_precision(dtype)
+                x, t, y = batch(model, 5, seed=1)
+                with torch.no_grad():
+                    torch_path(True)
+                    ref = model(x, t, y, return_stats=True)
+                    torch_path(False)
+                    model.fuse_modulations()
+                    dev = model(x, t, y, return_stats=True)
+                out[f"{name}-{dtype}"] = {
+                    "err": (dev.prediction - ref.prediction).abs().max().item(),
+                    "scale": ref.prediction.abs().max().item(),
+                    "experts": bool(torch.equal(dev.stats.experts_per_token, ref.stats.experts_per_token)),
+                    "load": bool(torch.equal(dev.stats.expert_load, ref.stats.expert_load))}
+        print(json.dumps(out))
+    """)
+    for name, r in result.items():
+        assert r["scale"] > 0.1 and r["experts"] and r["load"], (name, r)
+        assert r["err"] < (1e-5 if "float32" in name else 1e-3 * max(1.0, r["scale"])), (name, r)
+
+
+def test_a_rows_routing_does_not_follow_its_batch_mates():
+    """A row's routing decisions and stats, alone and among six others that route differently (other
+    thresholds: the compute dial), on the device path; its gate values and output within rounding. (Bytes
+    are compared on a GPU: NumPy's matmul in the interpreter may round a row by where it sits in a tile.)"""
+    result = on_device_path("""
+        from conftest import batch, tiny_model
+        model = tiny_model().fuse_modulations()
+        x, t, y = batch(model, 7, seed=4)
+        learned = torch.tensor(model.learned_thresholds())
+        thresholds = learned[:, None] + torch.linspace(-0.3, 0.3, 7)
+        with torch.no_grad():
+            alone = model(x[3:4], t[3:4], y[3:4], thresholds=thresholds[:, 3:4], return_stats=True)
+            among = model(x, t, y, thresholds=thresholds, return_stats=True)
+        pairs = list(zip(alone.stats.routing, among.stats.routing))
+        print(json.dumps({
+            "mask": all(torch.equal(a.mask, b.mask[3:4]) for a, b in pairs),
+            "stats": torch.equal(alone.stats.expert_load, among.stats.expert_load[:, 3:4])
+            and torch.equal(alone.stats.experts_per_token, among.stats.experts_per_token[:, 3:4]),
+            "scores": max((a.scores - b.scores[3:4]).abs().max().item() for a, b in pairs),
+            "prediction": (alone.prediction - among.prediction[3:4]).abs().max().item(),
+            "mates_differ": len({int(among.stats.experts_per_token[:, i].sum()) for i in range(7)}) > 1}))
+    """)
+    assert result["mask"] and result["stats"] and result["mates_differ"], result
+    assert result["scores"] < 1e-5 and result["prediction"] < 1e-5, result
+
+
+def test_what_a_forward_asks_of_the_device_is_counted_and_bounded():
+    """Launches (Triton's, hooked, and every aten op that runs a kernel) and host reads of one MoE layer
+    and of a whole forward of B/2's structure (12 blocks, MLP routers, 4 of 32 experts; narrow widths:
+    the counts do not depend on widths), and of a DiT-MoE layer (linear router, shared expert)."""
+    result = on_device_path("""
+        from launches import device_work
+        from racedit.model import build, SERVING
+        torch.manual_seed(0)
+        model = build("B/2", hidden_size=64, num_heads=2, image_size=8, num_classes=10).eval().fuse_modulations()
+        x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
+        exe = SERVING.resolve(torch.device("cpu"))
+        h, residual, gate, tau = torch.randn(3, 16, 64), torch.randn(3, 16, 64), torch.randn(3, 64), torch.rand(3)
+        out = {}
+        with torch.no_grad():
+            with device_work() as work:
+                model(x, t, y, return_stats=True)
+            out["forward"] = work.summary()
+            with device_work() as work:
+                model.blocks[0].mlp(h, exe, thresholds=tau, residual=residual, gate=gate)
+            out["layer"] = work.summary()
+            shared = build("B/2", hidden_size=64, num_heads=2, image_size=8, num_classes=10, depth=1,
+                           moe=dict(spec="2in8", routing="token_choice", gating="softmax", router="linear",
+                                    expert_kind="swiglu", shared_expert=True)).eval()
+            with device_work() as work:
+                shared.blocks[0].mlp(h, exe, residual=residual, gate=gate)
+            out["dit-moe layer"] = work.summary()
+        print(json.dumps(out))
+    """)
+    forward, layer, dit_moe = result["forward"], result["layer"], result["dit-moe layer"]
+    assert forward["host_reads"] == [] and layer["host_reads"] == [] and dit_moe["host_reads"] == []
+    assert layer["launches"] == layer["triton"] == 7, layer  # hidden GEMM, route, layout, scatter, 2 GEMMs, combine
+    assert dit_moe["launches"] == dit_moe["triton"] == 8, dit_moe  # route, layout, scatter, 2 GEMMs, shared x2, combine
+    assert forward["launches"] <= 170, forward  # the same forward took 686 before the device path
+    # Per block: 2 adaLN norms, qkv, proj (gate and residual fused), the MoE layer's 7; then the patch
+    # embedding, the timestep MLP's 2, every adaLN as 1 GEMM, the final norm and linear.
+    assert forward["triton"] == 12 * (4 + 7) + 6, forward
+
+
+def test_no_op_shape_follows_the_routing():
+    """The same ops with the same shapes for two calls of an MoE layer that select very different numbers of
+    pairs (a low and a high threshold), so one captured CUDA graph serves both."""
+    result = on_device_path("""
+        from launches import device_work
+        from conftest import tiny_model
+        from racedit.model import SERVING
+        model = tiny_model()
+        layer, exe = model.blocks[0].mlp, SERVING.resolve(torch.device("cpu"))
+        h = torch.randn(4, 16, 64)
+        runs = []
+        with torch.no_grad():
+            for tau in (-1.0, 1.0):
+                with device_work() as work:
+                    _, routing = layer(h, exe, thresholds=torch.full((4,), tau))
+                runs.append((work.ops, int(routing.mask.sum())))
+        print(json.dumps({"same_ops": runs[0][0] == runs[1][0], "ops": len(runs[0][0]), "pairs": [r[1] for r in runs]}))
+    """)
+    assert result["same_ops"] and result["ops"] > 0, result
+    assert result["pairs"][0] > 2 * result["pairs"][1], result
+
+
+def test_the_forward_traces_under_fake_tensors_where_the_torch_path_cannot():
+    """Under FakeTensorMode nothing has a value: a forward that read one on the host, or made a shape of
+    one, would raise. The device path traces (its kernels are torch.library ops with fake
+    implementations); the torch path's dispatch reads the tokens per expert and does not. TorchDynamo
+    captures the device path's forward as one graph (no graph break), the torch path's in pieces."""
+    result = on_device_path("""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from conftest import batch, tiny_model
+        from racedit.model import Execution
+        model = tiny_model().fuse_modulations()
+        x, t, y = batch(model, 3)
+        out = {}
+        for dispatch in ("device", "sorted"):
+            model.with_execution(Execution(dispatch=dispatch))
+            try:
+                with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+                    traced = model(x, t, y, return_stats=True)
+                out[dispatch] = {"shape": list(traced.prediction.shape), "load": list(traced.stats.expert_load.shape)}
+            except Exception as exc:
+                out[dispatch] = {"error": type(exc).__name__}
+            with torch.no_grad():
+                explained = torch._dynamo.explain(model)(x, t, y, return_stats=True)
+            out[dispatch + " breaks"] = explained.graph_break_count
+        print(json.dumps(out))
+    """)
+    assert result["device"] == {"shape": [3, 3, 16, 16], "load": [2, 3, 4]}, result
+    assert "error" in result["sorted"], result
+    assert result["device breaks"] == 0 < result["sorted breaks"], result
