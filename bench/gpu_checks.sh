@@ -75,7 +75,9 @@ else  # issue #28's order; the limits add up to the budget (560 s)
     # Every CUDA-only test: the exactness tests over HTTP (tiny step bf16/fp32, static bf16, the bundled
     # model) and the DiT-MoE SwiGLU kernel's batch invariance (fp32, bf16), and any new `-k cuda` test.
     # Expected: all pass (4 of 4 in two of the three lease calls; 6 selected on this checkout).
-    step exactness 100 "$PY" -m pytest -q -p no:cacheprovider tests/model tests/server -k cuda
+    # A test module that cannot be imported there (a missing optional package) does not stop the others.
+    step exactness 100 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests/model tests/server \
+        -k cuda
     # Which kernels make a row depend on its batch-mates, at XL/2 widths. Expected: as on 2026-11-26 --
     # cuBLAS fp32 adaLN and FlashAttention differ, everything racedit serves with is the same bytes.
     step kernels-xl 25 "$PY" bench/kernel_invariance.py --repeats 10
