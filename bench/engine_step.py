@@ -57,11 +57,14 @@ def graph_replay(model: RaceDiT, max_rows: int) -> tuple[Optional[Callable[..., 
     """The served forward replayed from one CUDA graph per row bucket, or None and why not."""
     try:
         from racedit.model.graphs import GraphedDenoiser, row_buckets
-    except ImportError:
-        return None, "graphs: not available in this checkout (no racedit.model.graphs)"
+    except ImportError as error:
+        return None, f"graphs: not available in this checkout ({error})"
     if next(model.parameters()).device.type != "cuda":
         return None, "graphs: CUDA only"
-    return GraphedDenoiser(model, row_buckets(max_rows), graphs=True), "graphs: GraphedDenoiser"
+    try:
+        return GraphedDenoiser(model, row_buckets(max_rows), graphs=True), f"graphs: buckets {row_buckets(max_rows)}"
+    except Exception as error:  # a wrapper that cannot be built is a finding: the saved file says why
+        return None, f"graphs: GraphedDenoiser failed: {type(error).__name__}: {str(error)[:300]}"
 
 
 def experts_per_token(model: RaceDiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> float:
