@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: timing and saving results as JSON and markdown."""
+"""Helpers shared by the benchmarks: timing, saving results as JSON and markdown, random models."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+
+from racedit.model import RaceDiT, build
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -80,3 +82,25 @@ def save(name: str, payload: dict[str, Any], table: list[dict[str, Any]]) -> Pat
             f"# {name}\n\n{json.dumps(payload['machine'])}\n\n" + "\n".join(lines) + "\n"
         )
     return RESULTS / f"{name}.json"
+
+
+def random_model(preset: str, moe: Optional[str], device: torch.device) -> RaceDiT:
+    """A randomly initialised preset (built on `device`: XL/2-4in32 has 2.4 B parameters) in eval
+    mode, its thresholds set by two training forwards of a race on random inputs, so threshold
+    routing activates about k experts per token as a trained model's does."""
+    with torch.device(device):
+        model = build(preset, **({"moe": {"spec": moe}} if moe else {})).train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(*random_inputs(model, 8, device))
+    return model.eval()
+
+
+def random_inputs(model: RaceDiT, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, t, y) of `rows` random samples for `model`."""
+    cfg = model.config
+    return (
+        torch.randn(rows, cfg.in_channels, cfg.image_size, cfg.image_size, device=device),
+        torch.rand(rows, device=device),
+        torch.randint(0, cfg.num_classes, (rows,), device=device),
+    )

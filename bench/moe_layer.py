@@ -7,8 +7,12 @@ kernels (addmm, GELU in place, addmm).
     python bench/moe_layer.py [--tokens 4096] [--dim 256] [--spec 2in8] [--device cpu|cuda] [--compile] [--head-to-head]
 
 All variants compute the same selected (token, expert) pairs: the top B*L*k of an expert race,
-so the experts do exactly the dense MLP's activated FLOPs. With --compile on CUDA, the whole
-denoising step of the bundled-size model is also timed eagerly and under torch.compile.
+so the experts do exactly the dense MLP's activated FLOPs (the MoE layer variants add their
+router's). With --compile, the dense MLP is also compiled (torch.compile, dynamic=False) and timed
+round-robin against the served dispatch and layer in a second table, saved after the first.
+At XL/2 widths (issue #28's goal: the MoE layer at most 1.5x the dense MLP):
+
+    python bench/moe_layer.py --device cuda --compile --spec 4in32 --dim 1152 --tokens 16384
 
 A CPU variant's time includes the page faults of the buffers it allocates, and how many there
 are follows what ran before in the process (glibc returns large freed buffers to the OS or
@@ -30,12 +34,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_ratio, save, time_call, time_rounds  # noqa: E402
+from common import median_ratio, save, time_rounds  # noqa: E402
+from flops import expert_flops  # noqa: E402
 
 from racedit.model.config import MoEConfig
-from racedit.model.exact import ROW_TILE, Execution
+from racedit.model.exact import ROW_TILE, SERVING, Execution
 from racedit.model.moe import Experts, MoELayer, expert_race, grouped_dispatch, loop_dispatch, sorted_dispatch
 from racedit.server.engine import pick_device
+
+LAYER = "MoE layer (MLP router, served dispatch)"
+COMPILED = "dense MLP, torch.compile"
 
 
 def reference_loop(
@@ -78,21 +86,6 @@ def page_faults_per_call(fns: dict[str, Callable[[], object]], repeats: int = 5)
     return {name: count / repeats for name, count in faults.items()}
 
 
-def whole_step(device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
-    """One forward of the shapes10-size model at 64 rows: eager vs torch.compile (CUDA only)."""
-    from racedit.model import build
-
-    model = build("shapes10").to(device).eval().set_precision(dtype)
-    x = torch.randn(64, 3, 32, 32, device=device)
-    t, y = torch.rand(64, device=device), torch.randint(0, 10, (64,), device=device)
-    compiled = torch.compile(model)
-    with torch.no_grad():
-        return {
-            "whole step, eager": time_call(lambda: model(x, t, y), repeats, cuda=True),
-            "whole step, torch.compile": time_call(lambda: compiled(x, t, y), repeats, cuda=True),
-        }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -101,7 +94,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--compile", action="store_true", help="also time the whole step under torch.compile (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="also time the dense MLP under torch.compile")
     parser.add_argument(
         "--head-to-head",
         action="store_true",
@@ -127,7 +120,7 @@ def main() -> None:
     ]
     x = torch.randn(1, n, d, device=device)
     with torch.no_grad():
-        scores = layer_linear.router(x, False)[0]
+        scores = layer_linear.router(x, None, False)[0]
     mask, _ = expert_race(scores, k)
     for module in (layer_linear, layer_mlp, dense, *modules):  # matmuls in `dtype`, as set_precision serves them
         for p in module.parameters():
@@ -141,6 +134,7 @@ def main() -> None:
         if Execution().resolve(device).dispatch == "grouped"
         else "sorted dispatch, row tiles (served on CPU)"
     )
+    served_exe = SERVING.resolve(device)
     with torch.no_grad():
         variants = {
             dense_name: lambda: dense(dense_x),
@@ -157,40 +151,24 @@ def main() -> None:
             ),
             "per-expert NonZero loop (export path)": lambda: loop_dispatch(flat_x, flat_w, flat_m, experts),
             "DiT-MoE-style argsort loop + scatter_reduce": lambda: reference_loop(dense_x, flat_w, flat_m, modules),
-            "MoE layer (linear router, served dispatch)": lambda: layer_linear(x),
-            "MoE layer (MLP router, served dispatch)": lambda: layer_mlp(x),
+            "MoE layer (linear router, served dispatch)": lambda: layer_linear(x, served_exe),
+            LAYER: lambda: layer_mlp(x, served_exe),
         }
         if args.head_to_head:
             keep = {dense_name, "dense MLP, GELU in place (the experts' kernels)", served}
             variants = {name: fn for name, fn in variants.items() if name in keep}
         rounds = time_rounds(variants, args.repeats, cuda=cuda)
         faults = page_faults_per_call(variants)
-        timings = {name: statistics.median(values) for name, values in rounds.items()}
-    # "vs dense" is the median over rounds of the ratio within a round (this machine's load drifts
-    # between rounds and moves every variant of a round alike), not a ratio of medians.
-    rows = [
-        {
-            "variant": name,
-            "ms": seconds * 1000,
-            "vs dense": median_ratio(rounds, name, dense_name) if name in rounds else seconds / timings[dense_name],
-            "page faults per call": faults.get(name, float("nan")),
-        }
-        for name, seconds in timings.items()
-    ]
+    rows = table("eager", rounds, dense_name, faults)
     pairs = {
         "served_dispatch_over_dense": (served, dense_name),
         "served_dispatch_over_per_expert_loop": (served, "per-expert NonZero loop (export path)"),
         "served_dispatch_over_argsort_loop": (served, "DiT-MoE-style argsort loop + scatter_reduce"),
         "served_dispatch_over_dense_gelu_in_place": (served, "dense MLP, GELU in place (the experts' kernels)"),
         "row_tile_cost_sorted": ("sorted dispatch, row tiles (served on CPU)", "sorted dispatch, no tiles"),
-        "layer_mlp_router_over_dense": ("MoE layer (MLP router, served dispatch)", dense_name),
+        "layer_mlp_router_over_dense": (LAYER, dense_name),
     }
     ratios = {key: median_ratio(rounds, a, b) for key, (a, b) in pairs.items() if a in rounds and b in rounds}
-    for row in rows:
-        print(
-            f"{row['variant']:45s} {row['ms']:8.3f} ms  {row['vs dense']:.3f}x dense  "
-            f"{row['page faults per call']:6.0f} page faults per call"
-        )
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
     name = f"moe_layer-{device.type}" + ("-head-to-head" if args.head_to_head else "")
@@ -201,26 +179,53 @@ def main() -> None:
         "dtype": str(dtype).removeprefix("torch."),
         "expert_hidden": hidden,
         "row_tile": ROW_TILE,
+        "experts_gflop": n * k * expert_flops(d, hidden, "gelu") / 1e9,  # the selected pairs' (the dense MLP's too)
         "ratios": ratios,
     }
     print(f"saved {save(name, header, rows)}", flush=True)
-    if args.compile and cuda:  # after the layer's figures are saved: compiling can take minutes
+    if args.compile:  # after the eager figures are saved: compiling takes a while
+        compiled = torch.compile(dense, dynamic=False)
+        against = {
+            COMPILED: lambda: compiled(dense_x),
+            **{v: variants[v] for v in (dense_name, served, LAYER) if v in variants},
+        }
         try:
             with torch.no_grad():
-                for step_name, seconds in whole_step(device, dtype, args.repeats).items():
-                    rows.append(
-                        {
-                            "variant": step_name,
-                            "ms": seconds * 1000,
-                            "vs dense": float("nan"),
-                            "page faults per call": float("nan"),
-                        }
-                    )
-                    print(f"{step_name:45s} {seconds * 1000:8.3f} ms")
-        except Exception as error:  # torch.compile of the served step is best effort: say why not
-            header["whole_step_compile_error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            print(f"whole step under torch.compile failed: {header['whole_step_compile_error']}")
-        save(name, header, rows)
+                second = time_rounds(against, args.repeats, cuda=cuda)
+        except Exception as error:  # a compile that fails is a finding: record it
+            header["compile_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"torch.compile of the dense MLP failed: {header['compile_error']}")
+        else:
+            rows += table("compiled", second, COMPILED, {})
+            for key, variant in (("served_dispatch", served), ("layer_mlp_router", LAYER), ("dense", dense_name)):
+                if variant not in second:
+                    continue
+                ratios[f"{key}_over_dense_compiled"] = median_ratio(second, variant, COMPILED)
+                print(f"{key}_over_dense_compiled: {ratios[f'{key}_over_dense_compiled']:.3f}")
+        print(f"saved {save(name, header, rows)}", flush=True)
+
+
+def table(
+    round_name: str, rounds: dict[str, list[float]], base: str, faults: dict[str, float]
+) -> list[dict[str, object]]:
+    """One row per variant of a round-robin: its median ms, and the median over rounds of its time
+    over `base`'s in the same round (the load drifts between rounds and moves every variant of a
+    round alike), not a ratio of medians."""
+    rows = []
+    for name, values in rounds.items():
+        row = {
+            "round": round_name,
+            "variant": name,
+            "ms": statistics.median(values) * 1000,
+            "vs dense": median_ratio(rounds, name, base),  # the round's dense MLP: eager, or compiled
+            "page faults per call": faults.get(name, float("nan")),
+        }
+        print(
+            f"{round_name:8s} {name:55s} {row['ms']:8.3f} ms  {row['vs dense']:.3f}x {base}  "
+            f"{row['page faults per call']:6.0f} page faults per call"
+        )
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ arrivals at a fixed rate, how traffic from many independent users looks.
 With `--ray-replicas`, step batching is measured on the plain server and on `racedit serve
 --ray` with each replica count (the host's cores split evenly between replicas), instead of
 step against static batching. Prints and saves
-bench/results/serve_load[-ray][-<preset>-<device>].{json,md}. On CUDA it also
-reports the share of the GPU's bf16 dense peak that the served forwards reached
-(`--peak-tflops`, default 989 for an H100 SXM). All traffic stays on loopback,
-bounded in count and time.
+bench/results/serve_load[-ray][-<preset>-<device>].{json,md}. Per cell and at saturation it
+reports the TFLOP/s the served forwards reached and, off a CPU, their share of the GPU's bf16
+dense peak (`--peak-tflops`, default 989: an H100 SXM or an H200), counting activated FLOPs as
+bench/flops.py does (adaLN and the timestep MLP once per sample, not per token), 2 rows per
+guided image and step, at the experts per token the answers report.
+All traffic stays on loopback, bounded in count and time.
 """
 
 from __future__ import annotations
@@ -31,15 +33,18 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from common import random_model, save  # noqa: E402
+from flops import BF16_PEAK_TFLOPS, forward_flops  # noqa: E402
 
-from racedit.model import DEFAULT_CHECKPOINT, load
+from racedit.model import DEFAULT_CHECKPOINT, load, read_config
+from racedit.model.config import ModelConfig
 
 
 def free_port() -> int:
@@ -122,6 +127,33 @@ def request_body(index: int, steps: list[int]) -> dict:
     return {"class_label": index % 10, "cfg_scale": 4.0, "num_steps": steps[index % len(steps)], "seed": index}
 
 
+@dataclass
+class Answers:
+    """What a cell's answers say: each measured latency, and the work of every answered image."""
+
+    latencies: list[float] = field(default_factory=list)
+    images: int = 0
+    steps: int = 0  # denoising steps over the answered images
+    expert_steps: float = 0.0  # their mean experts per token weighted by steps
+
+    async def post(self, http: httpx.AsyncClient, url: str, body: dict, measured: bool = True) -> None:
+        start = time.monotonic()
+        r = await http.post(url + "/generate", json=body)
+        r.raise_for_status()
+        if measured:
+            self.latencies.append(time.monotonic() - start)
+        self.images += 1
+        self.steps += body["num_steps"]
+        self.expert_steps += body["num_steps"] * r.json()["expert_usage"]["mean_experts_per_token"]
+
+    def summary(self, wall: float) -> dict:
+        return {
+            **summarize(self.latencies, self.images, wall),
+            "mean_steps": self.steps / self.images,
+            "experts_per_token": self.expert_steps / self.steps,
+        }
+
+
 def summarize(latencies: list[float], images: int, wall: float) -> dict:
     latencies = sorted(latencies)
 
@@ -147,49 +179,37 @@ async def closed_loop(
     The first `warmup_per_client` answers of each client are not measured: they start as one
     synchronised burst, which is not the steady state the percentiles should describe.
     """
-    latencies: list[float] = []
-    images = 0
+    answers = Answers()
     stop = time.monotonic() + time_limit
 
     async def client(index: int, http: httpx.AsyncClient) -> None:
-        nonlocal images
         for i in range(requests_per_client):
             if time.monotonic() > stop:
                 return
-            start = time.monotonic()
-            r = await http.post(url + "/generate", json=request_body(index + i * concurrency, steps))
-            r.raise_for_status()
-            if i >= warmup_per_client:
-                latencies.append(time.monotonic() - start)
-            images += 1
+            body = request_body(index + i * concurrency, steps)
+            await answers.post(http, url, body, measured=i >= warmup_per_client)
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as http:
         start = time.monotonic()
         await asyncio.gather(*(client(c, http) for c in range(concurrency)))
         wall = time.monotonic() - start
-    return summarize(latencies, images, wall)
+    return answers.summary(wall)
 
 
 async def open_loop(url: str, rate: float, requests: int, steps: list[int], seed: int = 0) -> dict:
     """Poisson arrivals at `rate` requests/s, whatever the answers: how traffic from many users looks."""
     gaps = random.Random(seed)
-    latencies: list[float] = []
-
-    async def one(index: int, http: httpx.AsyncClient) -> None:
-        start = time.monotonic()
-        r = await http.post(url + "/generate", json=request_body(index, steps))
-        r.raise_for_status()
-        latencies.append(time.monotonic() - start)
+    answers = Answers()
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=requests + 4)) as http:
         start = time.monotonic()
         tasks = []
         for i in range(requests):
-            tasks.append(asyncio.create_task(one(i, http)))
+            tasks.append(asyncio.create_task(answers.post(http, url, request_body(i, steps))))
             await asyncio.sleep(gaps.expovariate(rate))
         await asyncio.gather(*tasks)
         wall = time.monotonic() - start
-    return summarize(latencies, requests, wall)
+    return answers.summary(wall)
 
 
 def direct_engine(
@@ -235,7 +255,7 @@ def main() -> None:
         help="whole row tiles for every GEMM (exact bytes whatever the batch)",
     )
     parser.add_argument("--moe", default=None, help="MoE spec for --preset (e.g. 4in32 for XL/2)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU")
+    parser.add_argument("--peak-tflops", type=float, default=BF16_PEAK_TFLOPS, help="bf16 dense peak of the GPU")
     parser.add_argument(
         "--steps",
         type=int,
@@ -289,6 +309,8 @@ def main() -> None:
         "steps": args.steps,
         "max_batch_rows": args.max_batch_rows,
     }
+    gpu = args.device != "cpu"
+    config = ModelConfig.from_dict(read_config(args.checkpoint)["model"])
     saturation_requests = max(args.requests, 2 * max(args.concurrency))
     direct = direct_engine(
         args.checkpoint,
@@ -308,6 +330,9 @@ def main() -> None:
         try:
 
             def record(arrivals: str, concurrency: Optional[int], result: dict) -> None:
+                result["TFLOP/s"] = result["images_per_s"] * image_flops(config, result) / 1e12
+                if gpu:
+                    result["share of bf16 peak"] = result["TFLOP/s"] / args.peak_tflops
                 rows.append({"batching": batching, "arrivals": arrivals, "concurrency": concurrency, **result})
                 save(name, {**header, "summary": {"direct_engine_images_per_s": direct, "partial": True}}, rows)
                 print(
@@ -325,20 +350,21 @@ def main() -> None:
     top = max(args.concurrency)
     step_top = next(r for r in rows if r["batching"] == "step" and r["concurrency"] == top)
 
-    def p95_static_over_step(arrivals: str) -> Optional[float]:
-        p95 = {r["batching"]: r["p95_ms"] for r in rows if r["arrivals"] == arrivals}
-        return p95["static"] / p95["step"] if len(p95) == 2 else None
+    def static_over_step(arrivals: str, key: str) -> Optional[float]:
+        value = {r["batching"]: r[key] for r in rows if r["arrivals"] == arrivals}
+        return value["static"] / value["step"] if len(value) == 2 else None
 
     summary = {
         "direct_engine_images_per_s": direct,
         "server_over_direct_at_saturation": step_top["images_per_s"] / direct,
-        "p95_static_over_step_at_c16": p95_static_over_step(closed_label(16)),
     }
-    for rate in args.rates:
-        summary[f"p95_static_over_step_at_{rate:g}_per_s"] = p95_static_over_step(open_label(rate))
-    if args.device != "cpu":
-        flops = flops_per_image(args.checkpoint, args.steps)
-        summary["bf16_peak_share_at_saturation"] = step_top["images_per_s"] * flops / (args.peak_tflops * 1e12)
+    for arrivals in [closed_label(c) for c in args.concurrency] + [open_label(rate) for rate in args.rates]:
+        for key in ("p50_ms", "p95_ms"):
+            summary[f"{key[:3]} static / step, {arrivals}"] = static_over_step(arrivals, key)
+    summary["experts_per_token_at_saturation"] = step_top["experts_per_token"]
+    summary["tflops_at_saturation"] = step_top["TFLOP/s"]
+    if gpu:
+        summary["bf16_peak_share_at_saturation"] = step_top["share of bf16 peak"]
     print(summary)
     save(name, {**header, "summary": summary}, rows)
 
@@ -399,42 +425,29 @@ def ray_scale_out(args: argparse.Namespace) -> None:
 
 
 def random_checkpoint(preset: str, moe: Optional[str] = None) -> str:
-    """A randomly initialised preset (thresholds set by a few training forwards) for speed figures."""
+    """A randomly initialised preset (thresholds set by a race, common.random_model) for speed figures."""
     import tempfile
 
     import torch
 
-    from racedit.model import build
     from racedit.model import save as save_checkpoint
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # XL/2's forwards take a while on a CPU
-    model = build(preset, **({"moe": {"spec": moe}} if moe else {})).to(device).train()
-    cfg = model.config
-    with torch.no_grad():
-        for _ in range(2):
-            model(
-                torch.randn(8, cfg.in_channels, cfg.image_size, cfg.image_size, device=device),
-                torch.rand(8, device=device),
-                torch.randint(0, cfg.num_classes, (8,), device=device),
-            )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # XL/2's forwards take a while on a CPU
+    model = random_model(preset, moe, device)
     # bf16 weights where a GPU will serve them in bf16 anyway: half the bytes to write and read (XL/2-4in32: 4.8 GB)
     return str(
         save_checkpoint(
-            model.cpu().eval(),
+            model.cpu(),
             Path(tempfile.mkdtemp()) / "racedit-random",
-            weights_dtype=torch.bfloat16 if device == "cuda" else None,
+            weights_dtype=torch.bfloat16 if device.type == "cuda" else None,
         )
     )
 
 
-def flops_per_image(checkpoint: str, steps: list[int]) -> float:
-    """Matmul FLOPs of one guided image (2 rows per step): 2 x activated parameters x tokens, roughly."""
-    from racedit.model import parameter_counts, read_config
-    from racedit.model.config import ModelConfig
-
-    config = ModelConfig.from_dict(read_config(checkpoint)["model"])
-    _, activated = parameter_counts(config)
-    return 2.0 * activated * config.num_tokens * 2 * sum(steps) / len(steps)
+def image_flops(config: ModelConfig, cell: dict) -> float:
+    """Activated FLOPs of one guided image of a cell: its mean steps, 2 rows a step, at the cell's
+    experts per token (exact for the cell's total: the count is linear in steps and experts)."""
+    return 2 * cell["mean_steps"] * forward_flops(config, cell["experts_per_token"]).per_row
 
 
 if __name__ == "__main__":
