@@ -1,5 +1,7 @@
 """MoE layer speed (variants timed round-robin, so load changes hit all alike): racedit's served dispatch
-(sorted groups on a CPU, one grouped GEMM on CUDA; with and without row tiles) against the
+(sorted groups on a CPU; on CUDA the device path, model/kernels.py: the whole layer with threshold
+routing, its threshold set so tokens take k experts on average; one grouped GEMM per matrix from
+host-read sizes too, with and without row tiles) against the
 per-expert NonZero loop (the export path), a DiT-MoE-style argsort loop, and a dense MLP of equal
 activated FLOPs -- both as a dense DiT runs it (Linear, GELU, Linear) and with the experts' own
 kernels (addmm, GELU in place, addmm).
@@ -38,11 +40,12 @@ from common import median_ratio, save, time_rounds  # noqa: E402
 from flops import expert_flops  # noqa: E402
 
 from racedit.model.config import MoEConfig
-from racedit.model.exact import ROW_TILE, SERVING, Execution
+from racedit.model.exact import ROW_TILE, SERVING
 from racedit.model.moe import Experts, MoELayer, expert_race, grouped_dispatch, loop_dispatch, sorted_dispatch
 from racedit.server.engine import pick_device
 
 LAYER = "MoE layer (MLP router, served dispatch)"
+DEVICE_LAYER = "MoE layer, device path (MLP router, threshold routing; served on CUDA)"
 COMPILED = "dense MLP, torch.compile"
 
 
@@ -109,6 +112,7 @@ def main() -> None:
     d, n, k, e = args.dim, args.tokens, cfg.k, cfg.num_experts
     layer_linear = MoELayer(d, 4.0, MoEConfig(spec=args.spec, router="linear", inference="topk"), 16).to(device).eval()
     layer_mlp = MoELayer(d, 4.0, MoEConfig(spec=args.spec, router="mlp", inference="topk"), 16).to(device).eval()
+    layer_served = MoELayer(d, 4.0, MoEConfig(spec=args.spec, router="mlp"), 16).to(device).eval()
     hidden = layer_linear.expert_hidden
     dense = (
         nn.Sequential(nn.Linear(d, hidden * k), nn.GELU(approximate="tanh"), nn.Linear(hidden * k, d)).to(device).eval()
@@ -122,19 +126,23 @@ def main() -> None:
     with torch.no_grad():
         scores = layer_linear.router(x, None, False)[0]
     mask, _ = expert_race(scores, k)
-    for module in (layer_linear, layer_mlp, dense, *modules):  # matmuls in `dtype`, as set_precision serves them
+    with torch.no_grad():  # the served layer's threshold: its own race's K-th gate, so k experts a token on average
+        layer_served.threshold.fill_(float(expert_race(layer_served.router(x, None, False)[0], k)[1]))
+    for module in (
+        layer_linear,
+        layer_mlp,
+        layer_served,
+        dense,
+        *modules,
+    ):  # matmuls in `dtype`, as set_precision serves them
         for p in module.parameters():
             p.data = p.data.to(dtype)
     flat_x, flat_w, flat_m = x[0], scores[0], mask[0]
     dense_x = flat_x.to(dtype)  # the dense MLPs and the DiT-MoE loop take activations in `dtype`
     assert int(flat_m.sum()) == n * k
     dense_name = "dense MLP (equal activated FLOPs)"
-    served = (
-        "grouped dispatch, row tiles (served on CUDA)"
-        if Execution().resolve(device).dispatch == "grouped"
-        else "sorted dispatch, row tiles (served on CPU)"
-    )
     served_exe = SERVING.resolve(device)
+    served = DEVICE_LAYER if served_exe.dispatch == "device" else "sorted dispatch, row tiles (served on CPU)"
     with torch.no_grad():
         variants = {
             dense_name: lambda: dense(dense_x),
@@ -143,9 +151,7 @@ def main() -> None:
             ),
             "sorted dispatch, no tiles": lambda: sorted_dispatch(flat_x, flat_w, flat_m, experts, None),
             "dense MLP, GELU in place (the experts' kernels)": lambda: dense_gelu_in_place(dense_x, dense),
-            "grouped dispatch, row tiles (served on CUDA)": lambda: grouped_dispatch(
-                flat_x, flat_w, flat_m, experts, ROW_TILE
-            ),
+            "grouped dispatch, row tiles": lambda: grouped_dispatch(flat_x, flat_w, flat_m, experts, ROW_TILE),
             "grouped dispatch, no tiles (torch._grouped_mm on CUDA)": lambda: grouped_dispatch(
                 flat_x, flat_w, flat_m, experts, None
             ),
@@ -154,6 +160,8 @@ def main() -> None:
             "MoE layer (linear router, served dispatch)": lambda: layer_linear(x, served_exe),
             LAYER: lambda: layer_mlp(x, served_exe),
         }
+        if served == DEVICE_LAYER:
+            variants[DEVICE_LAYER] = lambda: layer_served(x, served_exe)
         if args.head_to_head:
             keep = {dense_name, "dense MLP, GELU in place (the experts' kernels)", served}
             variants = {name: fn for name, fn in variants.items() if name in keep}
