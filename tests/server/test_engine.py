@@ -7,6 +7,7 @@ those two parts, never through the engine's private methods.
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -121,6 +122,34 @@ def test_steps_padded_to_row_buckets_give_each_request_its_unpadded_samples_and_
     for plain, padded in zip(answers[False], answers[True]):
         assert padded.samples.tobytes() == plain.samples.tobytes(), plain.request_id
         assert padded.expert_usage == plain.expert_usage, plain.request_id
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this host")
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_a_cuda_step_waits_on_the_device_once(tiny_checkpoint, cuda_graphs):
+    """At most one host sync per engine step, its results' copy: inputs go over from pinned memory without
+    blocking, the guided rows are decided on the host, and the forward (replayed or not) never syncs."""
+    runner = Runner(load(tiny_checkpoint), torch.device("cuda"), max_rows=16, cuda_graphs=cuda_graphs)
+    runner.warm_up()
+    assert runner.graph_report().enabled == cuda_graphs, runner.graph_report()
+    mixed = [
+        GenerationRequest(class_label=1, cfg_scale=4.0, num_steps=4, seed=1, num_images=2),
+        GenerationRequest(class_label=2, cfg_scale=1.0, num_steps=4, seed=2),
+        GenerationRequest(class_label=3, cfg_scale=2.0, num_steps=4, seed=3, sampler="sde_euler"),
+        GenerationRequest(class_label=4, cfg_scale=3.0, num_steps=4, seed=4, sampler="heun"),
+    ]
+    states = [runner.start(r) for r in mixed]
+    runner.step(states)  # the first step of every kind of sampler, outside the count
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runner.step(states)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 1, syncs
 
 
 def test_new_requests_join_a_running_batch_at_the_next_step(tiny_checkpoint):
