@@ -75,7 +75,8 @@ class Runner:
         require_servable(denoiser.config)
         prepared = denoiser.prepare(device, dtype, execution)
         self.graphs_off = graphs_unavailable(device, cuda_graphs)  # why not ("" when graphs run)
-        if padding if padding is not None else not self.graphs_off:
+        pad = not self.graphs_off if padding is None else padding
+        if pad:
             prepared = GraphedDenoiser(prepared, row_buckets(max_rows), graphs=cuda_graphs)
         self.denoiser = prepared
         self.device, self.dtype, self.decoder = device, dtype, decoder
