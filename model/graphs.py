@@ -4,9 +4,11 @@ Why: at serving batch sizes a GPU step is mostly kernel launches and host work; 
 graph replays the whole forward as one launch. A graph has fixed shapes, so each forward's rows are
 padded to the smallest bucket that holds them, and one graph is captured per bucket, all sharing one
 memory pool (buckets never run concurrently). Padding changes no real row: routing is per token (by
-thresholds), attention and the adaLN conditioning per sample, every GEMM batch-invariant
-(model/exact.py), so a row never sees how many rows share its forward. Padding rows are zero samples
-at t = 0 of the null class, routed by the learned thresholds.
+thresholds, or token choice) or per sample (expert choice), attention and the adaLN conditioning per
+sample, every GEMM batch-invariant (model/exact.py), so a row never sees how many rows share its
+forward. Padding rows are zero samples at t = 0 of the null class, routed by the learned thresholds.
+(A race over the whole batch at inference, `inference: topk` with expert race, depends on its
+batch-mates anyway, and there padding rows join the race.)
 
 Capture asks of the wrapped forward what graphs ask of any code: no host sync and no shape that
 follows the data (model/moe.py's CUDA dispatch on worst-case buffers). Where a capture fails anyway,
