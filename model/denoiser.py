@@ -67,3 +67,11 @@ def device_of(denoiser: Denoiser) -> torch.device:
     for tensor in (*getattr(denoiser, "parameters", lambda: [])(), *getattr(denoiser, "buffers", lambda: [])()):
         return tensor.device
     return torch.device("cpu")
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without blocking the host: on CUDA from pinned memory, since a copy from
+    pageable memory waits for the stream's queued work (a host sync per copy)."""
+    if device.type == "cuda" and host.device.type == "cpu":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

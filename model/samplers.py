@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .config import RACEDIT_CONVENTIONS, SAMPLER_NAMES, Conventions
+from .denoiser import to_device
 from .schedules import (
     diffusers_alphas_cumprod,
     diffusers_timesteps,
@@ -67,9 +68,10 @@ def start_noise(seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tenso
 
 
 def euler_update(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
-    """One Euler step of dx/dt = v from t to t_next, in fp32 (the step dt rounded to fp32 first)."""
+    """One Euler step of dx/dt = v from t to t_next, in fp32 (the step dt rounded to fp32 first). dt stays
+    a 0-dim CPU tensor: a CUDA kernel takes it as a scalar argument, with no copy to the device."""
     dt = torch.tensor(t_next, dtype=torch.float32) - torch.tensor(t, dtype=torch.float32)
-    return x.float() + dt.to(x.device) * v.float()
+    return x.float() + dt * v.float()
 
 
 class Sampler(ABC):
@@ -132,7 +134,7 @@ class Sampler(ABC):
         if self.generators is None:
             raise ValueError(f"the {self.name} sampler adds noise: give it each image's generator")
         shape = tuple(self.x.shape[1:])
-        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.x.device)
+        return to_device(torch.stack([torch.randn(shape, generator=g) for g in self.generators]), self.x.device)
 
 
 # ------------------------------------------------------------------ ODE, SDE ----

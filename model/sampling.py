@@ -14,7 +14,7 @@ import torch
 
 from .budget import thresholds_for
 from .config import ModelConfig
-from .denoiser import Denoiser, device_of
+from .denoiser import Denoiser, device_of, to_device
 from .samplers import make_sampler, start_noise
 from .usage import UsageAccumulator, UsageSummary, usage_by_image
 
@@ -25,7 +25,7 @@ def guided_prediction(
     x: torch.Tensor,
     t: torch.Tensor,
     labels: torch.Tensor,
-    cfg_scales: torch.Tensor,
+    cfg_scales: Union[torch.Tensor, Sequence[float]],
     thresholds: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """v = v_u + s (v_c - v_u) for N images, each with its own t, label and scale, in one forward;
@@ -34,27 +34,32 @@ def guided_prediction(
     variance half is never guided): the other channels are the conditional row's, as in DiT's
     `forward_with_cfg`.
 
-    Rows: N conditional rows, then one unconditional row for each image with s != 1.
-    Returns v [N, C, H, W] and, per forward row, experts_per_token [n_layers, R, L],
-    expert_load [n_layers, R, E] and the image each row belongs to [R].
+    Rows: N conditional rows, then one unconditional row for each image with s != 1. Which images
+    are guided is decided on the host, so `cfg_scales` are best given there (a sequence or a CPU
+    tensor): a device tensor costs a host sync to read. The row indices reach the device from pinned
+    memory without blocking. Returns v [N, C, H, W] and, per forward row, experts_per_token
+    [n_layers, R, L], expert_load [n_layers, R, E] and the image each row belongs to [R].
     """
-    guided = (cfg_scales != 1.0).nonzero().squeeze(1)
-    rows_x = torch.cat([x, x[guided]])
-    rows_t = torch.cat([t, t[guided]])
-    rows_y = torch.cat([labels, torch.full_like(labels[guided], model.null_class)])
-    rows_thresholds = None if thresholds is None else torch.cat([thresholds, thresholds[:, guided]], dim=1)
+    n = x.shape[0]
+    scales = cfg_scales.cpu() if isinstance(cfg_scales, torch.Tensor) else torch.tensor(list(cfg_scales))
+    guided = [i for i, flag in enumerate((scales != 1.0).tolist()) if flag]  # compared in the scales' dtype
+    owner = to_device(torch.tensor([*range(n), *guided], dtype=torch.long), x.device)  # [R]
+    index = owner[n:]  # the guided images, on the device
+    rows_x = torch.cat([x, x.index_select(0, index)])
+    rows_t = torch.cat([t, t.index_select(0, index)])
+    rows_y = torch.cat([labels, labels.new_full((len(guided),), model.null_class)])
+    rows_thresholds = None if thresholds is None else torch.cat([thresholds, thresholds.index_select(1, index)], dim=1)
     out = model(rows_x, rows_t, rows_y, thresholds=rows_thresholds, return_stats=True)
-    v = out.prediction[: x.shape[0]].clone()
-    if guided.numel():
-        v_u = out.prediction[x.shape[0] :]
-        s = cfg_scales[guided].view(-1, 1, 1, 1).to(v.dtype)
+    v = out.prediction[:n].clone()
+    if guided:
+        v_u = out.prediction[n:]
+        s = to_device(scales[guided], x.device).view(-1, 1, 1, 1).to(v.dtype)
         channels = model.config.family.guidance_channels
         if channels is None and v.shape[1] == x.shape[1]:
-            v[guided] = v_u + s * (v[guided] - v_u)
+            v[index] = v_u + s * (v[index] - v_u)
         else:
             k = channels or x.shape[1]
-            v[guided, :k] = v_u[:, :k] + s * (v[guided, :k] - v_u[:, :k])
-    owner = torch.cat([torch.arange(x.shape[0], device=x.device), guided])
+            v[index, :k] = v_u[:, :k] + s * (v[index, :k] - v_u[:, :k])
     return v, out.stats.experts_per_token, out.stats.expert_load, owner
 
 
@@ -128,8 +133,7 @@ def generate(
     while not state.done:
         x, t = state.query()
         now = scales if family.guides_at(state.position) else [1.0] * n  # a guidance interval (REPA)
-        s = torch.tensor(now, device=device)
-        v, ept, load, owner = guided_prediction(model, x, torch.full((n,), t, device=device), y, s, thresholds)
+        v, ept, load, owner = guided_prediction(model, x, torch.full((n,), t, device=device), y, now, thresholds)
         counts = usage_by_image(ept, load, owner, n).cpu()
         for i in range(n):
             usage[i].add(counts[:, i], 1 if now[i] == 1.0 else 2)

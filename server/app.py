@@ -98,6 +98,7 @@ def build_engine(settings: ServeSettings) -> Engine:
         metrics=EngineMetrics(),
         batch_invariant=settings.batch_invariant,
         decoder=decoder,
+        cuda_graphs=settings.cuda_graphs,
     )
 
 

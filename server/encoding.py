@@ -15,7 +15,16 @@ from racedit.model.usage import UsageSummary
 
 from .engine import Engine
 from .requests import GenerationRequest, GenerationResult, StepProgress
-from .schemas import ExpertUsage, GenerateResponse, ImageOut, ModelCard, PreviewEvent, ProgressEvent, ResolvedRequest
+from .schemas import (
+    CudaGraphs,
+    ExpertUsage,
+    GenerateResponse,
+    ImageOut,
+    ModelCard,
+    PreviewEvent,
+    ProgressEvent,
+    ResolvedRequest,
+)
 from .validation import Limits
 
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
@@ -164,6 +173,7 @@ def model_card(engine: Engine, name: str, backend: str, limits: Limits) -> Model
         default_num_steps=limits.default_steps,
         default_cfg_scale=limits.default_cfg_scale,
         family=limits.family,
+        cuda_graphs=CudaGraphs(**dataclasses.asdict(runner.graph_report())),
     )
 
 

@@ -112,11 +112,13 @@ class Engine:
         metrics: Optional[EngineMetrics] = None,
         batch_invariant: bool = True,
         decoder: Optional[Decoder] = None,
+        cuda_graphs: bool = True,
     ) -> Engine:
-        """The usual assembly: a runner with serving's execution (or plain GEMMs) and a scheduler by mode."""
+        """The usual assembly: a runner with serving's execution (or plain GEMMs), on CUDA one graph per
+        row bucket up to `max_batch_rows` unless `cuda_graphs` is off, and a scheduler by mode."""
         execution = SERVING if batch_invariant else Execution(row_tile=None)
         return cls(
-            Runner(denoiser, device, dtype, execution, decoder),
+            Runner(denoiser, device, dtype, execution, decoder, max_rows=max_batch_rows, cuda_graphs=cuda_graphs),
             Scheduler(max_batch_rows, max_queue, policy(mode, static_wait_ms)),
             metrics,
         )
@@ -132,6 +134,7 @@ class Engine:
 
     # ---------------------------------------------------------- lifecycle ----
     def start(self) -> Engine:
+        self.runner.warm_up()  # CUDA graphs captured before any request (the check below replays them)
         if self.check_invariance:
             self.batch_invariant = self.runner.check_batch_invariance(self.scheduler.max_batch_rows)
             if not self.batch_invariant:

@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 
 from racedit.model.budget import BudgetTable, budget_range, thresholds_for
-from racedit.model.denoiser import Denoiser
+from racedit.model.denoiser import Denoiser, to_device
 from racedit.model.exact import SERVING, Execution
+from racedit.model.graphs import GraphedDenoiser, GraphReport, graphs_unavailable, row_buckets
 from racedit.model.samplers import Sampler, make_sampler, start_noise
 from racedit.model.sampling import guided_prediction, require_servable, to_uint8
 from racedit.model.usage import UsageAccumulator, usage_by_image
@@ -53,7 +54,12 @@ class StepReport:
 
 
 class Runner:
-    """Owns the denoiser on its device; stateless between calls apart from what it read at start."""
+    """Owns the denoiser on its device; stateless between calls apart from what it read at start.
+
+    With `cuda_graphs` on a CUDA device, each step's rows are padded to a row bucket (powers of two up
+    to `max_rows`, model/graphs.py) and the step replays that bucket's captured forward. `padding`
+    pads to the buckets without graphs too (None: where graphs run; on a CPU padding only adds work).
+    """
 
     def __init__(
         self,
@@ -62,9 +68,17 @@ class Runner:
         dtype: torch.dtype = torch.float32,
         execution: Execution = SERVING,
         decoder: Optional[Decoder] = None,
+        max_rows: int = 64,
+        cuda_graphs: bool = True,
+        padding: Optional[bool] = None,
     ):
         require_servable(denoiser.config)
-        self.denoiser = denoiser.prepare(device, dtype, execution)
+        prepared = denoiser.prepare(device, dtype, execution)
+        self.graphs_off = graphs_unavailable(device, cuda_graphs)  # why not ("" when graphs run)
+        pad = not self.graphs_off if padding is None else padding
+        if pad:
+            prepared = GraphedDenoiser(prepared, row_buckets(max_rows), graphs=cuda_graphs)
+        self.denoiser = prepared
         self.device, self.dtype, self.decoder = device, dtype, decoder
         cfg = denoiser.config
         self.config = cfg
@@ -77,6 +91,17 @@ class Runner:
         self.image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)  # what is denoised (maybe latents)
         side = decoder.image_size(cfg.image_size) if decoder is not None else cfg.image_size
         self.output_shape = (3 if decoder is not None else cfg.in_channels, side, side)  # what is answered
+
+    def warm_up(self) -> None:
+        """Capture every row bucket's forward now (largest first), so that no request waits for one."""
+        if isinstance(self.denoiser, GraphedDenoiser):
+            self.denoiser.capture_all()
+
+    def graph_report(self) -> GraphReport:
+        """Row buckets and CUDA graphs as plain values (the model card's `cuda_graphs`)."""
+        if isinstance(self.denoiser, GraphedDenoiser):
+            return self.denoiser.report()
+        return GraphReport(False, self.graphs_off, [], [], 0)
 
     @torch.no_grad()
     def check_batch_invariance(self, max_rows: int) -> bool:
@@ -110,10 +135,10 @@ class Runner:
         thresholds = None
         if request.expert_budget != 1.0:
             thresholds = thresholds_for(self.budget_table, self.layer_thresholds, [request.expert_budget])[:, 0]
-            thresholds = thresholds.to(self.device)
+            thresholds = to_device(thresholds, self.device)
         return RequestState(
             request,
-            make_sampler(request.sampler, noise.to(self.device), request.num_steps, self.family, generators),
+            make_sampler(request.sampler, to_device(noise, self.device), request.num_steps, self.family, generators),
             UsageAccumulator.for_model(self.config),
             thresholds,
             time.monotonic(),
@@ -121,12 +146,14 @@ class Runner:
 
     @torch.no_grad()
     def step(self, states: list[RequestState]) -> StepReport:
-        """One guided evaluation for every image of `states`, as one batch; one copy to the host."""
+        """One guided evaluation for every image of `states`, as one batch. The host waits on the device
+        once: for the results. The inputs go over from pinned memory without blocking, and which rows are
+        guided is known here (the scales stay on the host)."""
         counts = [state.request.num_images for state in states]
         images = torch.tensor(counts)
 
         def per_image(values: list) -> torch.Tensor:  # one value per request -> one per image, on the device
-            return torch.tensor(values).repeat_interleave(images).to(self.device)
+            return to_device(torch.tensor(values).repeat_interleave(images), self.device)
 
         queries = [state.sampler.query() for state in states]
         asked = [state.sampler.query_index() for state in states]  # the grid point each prediction belongs to
@@ -134,7 +161,7 @@ class Runner:
         cfg = [s.request.cfg_scale if self.family.guides_at(s.sampler.position) else 1.0 for s in states]
         t = per_image([t for _, t in queries])
         labels = per_image([state.request.class_label for state in states])
-        scales = per_image(cfg)
+        scales = torch.tensor(cfg).repeat_interleave(images)  # on the host
         x_t = torch.cat([x for x, _ in queries])
         dialled = any(state.thresholds is not None for state in states)  # else the learned thresholds, as ever
         thresholds = (

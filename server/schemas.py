@@ -5,6 +5,7 @@ server serves those very models and adds only the limits that are its runtime se
 from racedit_client.models import (
     STREAM_EVENTS,
     WIRE_MODELS,
+    CudaGraphs,
     ErrorBody,
     ExpertUsage,
     GenerateRequest,
@@ -25,6 +26,7 @@ from racedit_client.models import (
 __all__ = [
     "STREAM_EVENTS",
     "WIRE_MODELS",
+    "CudaGraphs",
     "ErrorBody",
     "ExpertUsage",
     "GenerateRequest",

@@ -39,6 +39,11 @@ class ServeSettings(BaseSettings):
         description="whole row tiles for every GEMM, so a request's samples "
         "are the same bytes whatever shares its batch",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="on CUDA, pad each engine step's rows to a bucket (powers of two up to --max-batch-rows) "
+        "and replay that bucket's forward, captured once at start-up as a CUDA graph",
+    )
     backend: Literal["torch", "onnxruntime"] = Field("torch", description="denoiser backend")
     onnx: Optional[Path] = Field(None, description="ONNX file for --backend onnxruntime")
     batching: Literal["step", "static"] = Field(

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from racedit.model import build, generate
+from racedit.model.denoiser import DenoiserOutput, ForwardStats
 from racedit.model.samplers import Euler, Heun, time_grid
 from racedit.model.sampling import guided_prediction
 from racedit.model.training.config import LossConfig
@@ -76,6 +78,61 @@ def test_cfg_one_skips_the_unconditional_pass():
     assert ept.shape[1] == 4 and owner.tolist() == [0, 1, 2, 1]
     _, usage = generate(model, labels=[1], cfg_scale=1.0, num_steps=3, seeds=[0])
     assert usage[0].nominal_pairs == 3 * 1 * 16 * 2 * 2
+
+
+class ArithmeticDenoiser:
+    """A denoiser of fixed arithmetic with the tiny model's config: no routing and no host reads of its own,
+    so what a dispatch counter sees around it is `guided_prediction`'s."""
+
+    def __init__(self):
+        self.config = build("tiny").config
+        self.null_class = self.config.num_classes
+
+    def __call__(self, x, t, y, thresholds=None, return_stats=False):
+        rows = x.shape[0]
+        prediction = x * 2 + t.view(-1, 1, 1, 1) + y.view(-1, 1, 1, 1).to(x.dtype)
+        counts = torch.zeros(2, rows, self.config.num_tokens, dtype=torch.int32, device=x.device)
+        load = torch.zeros(2, rows, 4, dtype=torch.int32, device=x.device)
+        return DenoiserOutput(prediction, ForwardStats(counts, load, []))
+
+
+class HostWaits(TorchDispatchMode):
+    """Counts the ops that make the host wait on a device: data-dependent shapes and scalar reads, and
+    copies from the host that block."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default):
+            self.waits.append(str(func))
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu":
+            if kwargs.get("device", args[0].device).type != "cpu" and not kwargs.get("non_blocking", False):
+                self.waits.append(f"blocking copy to {kwargs['device']}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a host read has no data to read
+@pytest.mark.parametrize("scales", [[1.0, 4.0, 1.0, 2.5], torch.tensor([1.0, 4.0, 1.0, 2.5])], ids=["list", "tensor"])
+def test_guided_prediction_decides_the_guided_rows_on_the_host(device, scales):
+    model = ArithmeticDenoiser()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 3, 16, 16, generator=g).to(device), torch.rand(4, generator=g).to(device)
+    y = torch.tensor([1, 2, 3, 4]).to(device)
+    thresholds = torch.rand(2, 4, generator=g).to(device)
+    with HostWaits() as counter:
+        v, ept, load, owner = guided_prediction(model, x, t, y, scales, thresholds)
+    assert counter.waits == []
+    assert v.shape == x.shape and ept.shape == (2, 6, 16) and load.shape == (2, 6, 4) and owner.shape == (6,)
+    if device == "cpu":
+        assert owner.tolist() == [0, 1, 2, 3, 1, 3]
+        cond, uncond = x * 2 + t.view(-1, 1, 1, 1) + y.view(-1, 1, 1, 1), x * 2 + t.view(-1, 1, 1, 1) + 10
+        want = cond.clone()
+        for i, s in ((1, 4.0), (3, 2.5)):
+            want[i] = uncond[i] + s * (cond[i] - uncond[i])
+        assert torch.equal(v, want)
 
 
 def test_seed_determinism_and_batch_independence():

@@ -7,6 +7,7 @@ those two parts, never through the engine's private methods.
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -90,6 +91,65 @@ def test_row_cap_first_come_first_served_and_same_pixels(tiny_checkpoint, mode):
             seeds=[request.seed],
         )
         assert np.array_equal(result.images, expected.permute(0, 2, 3, 1).numpy())
+
+
+def test_steps_padded_to_row_buckets_give_each_request_its_unpadded_samples_and_usage(tiny_checkpoint):
+    """The rows CUDA graphs replay, run eagerly on a CPU: every step runs on a bucket, and a request's
+    samples and expert usage are what it gets from today's unpadded steps (the CPU default)."""
+    mixed = [
+        GenerationRequest(class_label=1, cfg_scale=4.0, num_steps=4, seed=1, num_images=2, request_id="a"),
+        GenerationRequest(class_label=2, cfg_scale=1.0, num_steps=6, seed=2, request_id="b"),
+        GenerationRequest(class_label=3, cfg_scale=2.0, num_steps=3, seed=3, request_id="c", sampler="sde_euler"),
+        GenerationRequest(class_label=4, cfg_scale=3.0, num_steps=2, seed=4, num_images=3, request_id="d"),
+    ]
+    answers, rows = {}, {}
+    for padding in (False, True):
+        runner = Runner(load(tiny_checkpoint), torch.device("cpu"), max_rows=16, padding=padding)
+        network = getattr(runner.denoiser, "denoiser", runner.denoiser)  # the RaceDiT, wrapped or not
+        seen = rows[padding] = []
+        network.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+        engine = Engine(runner, Scheduler(16, 256, policy("step")))
+        engine.start()
+        seen.clear()  # the start-up check's forwards
+        try:
+            answers[padding] = [f.result(timeout=60) for f in [engine.submit(r) for r in mixed]]
+        finally:
+            engine.stop()
+        report = runner.graph_report()
+        assert not report.enabled and report.reason.startswith("no CUDA device")
+        assert report.buckets == ([8, 16] if padding else [])
+    assert set(rows[True]) <= {8, 16} and set(rows[False]) - {8, 16}  # padded, and there was padding to do
+    for plain, padded in zip(answers[False], answers[True]):
+        assert padded.samples.tobytes() == plain.samples.tobytes(), plain.request_id
+        assert padded.expert_usage == plain.expert_usage, plain.request_id
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this host")
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_a_cuda_step_waits_on_the_device_once(tiny_checkpoint, cuda_graphs):
+    """At most one host sync per engine step, its results' copy: inputs go over from pinned memory without
+    blocking, the guided rows are decided on the host, and the forward (replayed or not) never syncs."""
+    runner = Runner(load(tiny_checkpoint), torch.device("cuda"), max_rows=16, cuda_graphs=cuda_graphs)
+    runner.warm_up()
+    assert runner.graph_report().enabled == cuda_graphs, runner.graph_report()
+    mixed = [
+        GenerationRequest(class_label=1, cfg_scale=4.0, num_steps=4, seed=1, num_images=2),
+        GenerationRequest(class_label=2, cfg_scale=1.0, num_steps=4, seed=2),
+        GenerationRequest(class_label=3, cfg_scale=2.0, num_steps=4, seed=3, sampler="sde_euler"),
+        GenerationRequest(class_label=4, cfg_scale=3.0, num_steps=4, seed=4, sampler="heun"),
+    ]
+    states = [runner.start(r) for r in mixed]
+    runner.step(states)  # the first step of every kind of sampler, outside the count
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runner.step(states)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 1, syncs
 
 
 def test_new_requests_join_a_running_batch_at_the_next_step(tiny_checkpoint):

@@ -12,10 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import metric
 from PIL import Image
 
 from racedit.model import generate, load
+from racedit.server.cli import settings_from_args
 
 
 def decode(image: dict) -> np.ndarray:
@@ -186,6 +188,26 @@ def test_models_and_health(server):
     assert card["id"] == "racedit-tiny" and card["classes"][6] == "star" and card["image_size"] == 16
     assert card["routing"]["routing"] == "expert_race" and len(card["thresholds"]) == 2
     assert card["parameters_total"] > card["parameters_activated"] > 0
+    graphs = card["cuda_graphs"]  # on by default: on CUDA one captured graph per row bucket up to 32 rows
+    if torch.cuda.is_available():
+        assert graphs["enabled"] and graphs["buckets"] == graphs["captured"] == [8, 16, 32], graphs
+        assert graphs["memory_bytes"] > 0
+    else:
+        assert graphs == {
+            "enabled": False,
+            "reason": "no CUDA device (serving on cpu)",
+            "buckets": [],
+            "captured": [],
+            "memory_bytes": 0,
+        }
+
+
+def test_cuda_graphs_are_a_flag_and_a_variable(monkeypatch):
+    assert settings_from_args([]).cuda_graphs is True
+    assert settings_from_args(["--no-cuda-graphs"]).cuda_graphs is False
+    monkeypatch.setenv("RACEDIT_CUDA_GRAPHS", "false")
+    assert settings_from_args([]).cuda_graphs is False
+    assert settings_from_args(["--cuda-graphs"]).cuda_graphs is True  # flags win
 
 
 def test_injected_step_failure_fails_only_its_request(server):
@@ -373,6 +395,7 @@ def tight(server_factory):
         "100000",
         "--request-timeout-s",
         "1.5",
+        "--no-cuda-graphs",
         env={"RACEDIT_API_KEY": "s3cret"},
     )
 
@@ -388,6 +411,17 @@ def test_api_key(tight):
         tight.url + "/generate", json={"class_label": 1, "num_steps": 2}, headers={"Authorization": "Bearer s3cret"}
     )
     assert ok.status_code == 200
+
+
+def test_no_cuda_graphs_says_so_in_the_model_card(tight):
+    card = httpx.get(tight.url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).json()["data"][0]
+    assert card["cuda_graphs"] == {
+        "enabled": False,
+        "reason": "turned off",
+        "buckets": [],
+        "captured": [],
+        "memory_bytes": 0,
+    }
 
 
 def test_full_queue_gives_429_and_deadline_gives_504(tight):

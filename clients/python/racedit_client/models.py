@@ -149,6 +149,19 @@ class StreamError(BaseModel):
     request_id: Optional[str] = None
 
 
+class CudaGraphs(BaseModel):
+    """How the engine runs a step's forward on a GPU: padded to a row bucket, replaying that bucket's
+    captured CUDA graph (README: Serving settings)."""
+
+    enabled: bool = Field(..., description="each step replays its row bucket's captured CUDA graph")
+    reason: str = Field("", description="why not, when not: turned off, no CUDA device, a capture failed")
+    buckets: list[int] = Field(..., description="the row counts a step is padded to ([]: steps run unpadded)")
+    captured: list[int] = Field(..., description="the buckets captured so far")
+    memory_bytes: int = Field(
+        ..., description="device memory the captures hold: static inputs and outputs, and the graphs' shared pool"
+    )
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -184,6 +197,9 @@ class ModelCard(BaseModel):
     family: str = Field(
         "racedit", description="whose conventions the checkpoint follows: racedit, dit, diffusers, sit, repa, ..."
     )
+    cuda_graphs: Optional[CudaGraphs] = Field(
+        None, description="row buckets and CUDA graphs of the engine's steps (--cuda-graphs)"
+    )
 
 
 class ModelList(BaseModel):
@@ -217,6 +233,7 @@ WIRE_MODELS = [
     ProgressEvent,
     PreviewEvent,
     StreamError,
+    CudaGraphs,
     ModelCard,
     ModelList,
     ErrorBody,
