@@ -65,6 +65,7 @@ class GraphReport:
     buckets: list[int]  # the row counts a forward is padded to ([]: forwards run unpadded)
     captured: list[int]  # the buckets captured so far
     memory_bytes: int  # device memory the captures hold: static inputs, outputs and the shared pool
+    moe_buffer_bytes: int = 0  # the device path's worst-case MoE buffers at the largest forward (one layer's)
 
 
 @dataclass

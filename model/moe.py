@@ -475,13 +475,21 @@ class MoELayer(nn.Module):
         )
 
     def device_buffer_bytes(self, tokens: int) -> int:
-        """Bytes of the device path's buffers for one call over `tokens` tokens, sized for the worst case
-        (every token taking every expert under threshold routing): what a CUDA graph of the layer holds."""
+        """About the bytes the device path allocates for one call over `tokens` tokens, sized for the worst
+        case (every token taking every expert under threshold routing): what a CUDA graph of it holds.
+        Counted: the router's hidden layer, logits, gate values, mask and slots per pair, each row's token
+        and the experts' two activations per grouped row, the shared expert's and the output per token
+        (not the per-block and per-tile metadata, under 1 %)."""
         experts, dim, width = self.num_experts, self.experts.w2.shape[2], self.experts.w2.shape[1]
         rows = worst_case_tiles(tokens, experts, GPU_GROUP_TILE, self.top_k_on_device) * GPU_GROUP_TILE
         element = self.experts.w1.element_size()
-        per_pair = 4 + 4 + 1 + 4  # logits, gate values, mask, slot
-        return tokens * experts * per_pair + rows * (4 + (width + dim) * element) + tokens * dim * 4
+        per_token = experts * (4 + 4 + 1 + 4) + dim * 4  # logits, gate values, mask, slot; the output
+        if self.router.kind == "mlp":
+            per_token += self.router.hidden.out_features * self.router.gate_head.weight.element_size()
+        if self.shared_expert is not None:
+            first, _, second = self.shared_expert
+            per_token += second.in_features * second.weight.element_size() + dim * 4
+        return tokens * per_token + rows * (4 + (width + dim) * element)
 
     def forward_on_device(
         self,

@@ -10,6 +10,7 @@ batch, which `check_batch_invariance` verifies on this host.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import torch
 
 from racedit.model.budget import BudgetTable, budget_range, thresholds_for
 from racedit.model.denoiser import Denoiser, to_device
-from racedit.model.exact import SERVING, Execution
+from racedit.model.exact import SERVING, Execution, kernel_device
 from racedit.model.graphs import GraphedDenoiser, GraphReport, graphs_unavailable, row_buckets
 from racedit.model.samplers import Sampler, make_sampler, start_noise
 from racedit.model.sampling import guided_prediction, require_servable, to_uint8
@@ -79,6 +80,9 @@ class Runner:
         if pad:
             prepared = GraphedDenoiser(prepared, row_buckets(max_rows), graphs=cuda_graphs)
         self.denoiser = prepared
+        # The device path sizes its MoE buffers for the worst case (every token taking every expert).
+        worst_case = getattr(prepared, "device_buffer_bytes", None)
+        self.moe_buffer_bytes = worst_case(max_rows) if worst_case is not None and kernel_device(device) else 0
         self.device, self.dtype, self.decoder = device, dtype, decoder
         cfg = denoiser.config
         self.config = cfg
@@ -100,8 +104,8 @@ class Runner:
     def graph_report(self) -> GraphReport:
         """Row buckets and CUDA graphs as plain values (the model card's `cuda_graphs`)."""
         if isinstance(self.denoiser, GraphedDenoiser):
-            return self.denoiser.report()
-        return GraphReport(False, self.graphs_off, [], [], 0)
+            return dataclasses.replace(self.denoiser.report(), moe_buffer_bytes=self.moe_buffer_bytes)
+        return GraphReport(False, self.graphs_off, [], [], 0, self.moe_buffer_bytes)
 
     @torch.no_grad()
     def check_batch_invariance(self, max_rows: int) -> bool:

@@ -1,7 +1,8 @@
 """Counting what a forward asks of the device, on the CPU: every Triton launch (a hook on Triton's
 launches, compiled or interpreted), every aten op that runs a kernel (a dispatch mode; views and
-allocations launch nothing), every op that reads a tensor's value on the host (a sync on a GPU),
-and the shapes of every op, so a test can tell whether any shape follows the routing."""
+allocations launch nothing), every read of a tensor's value on the host (a sync on a GPU: ops such
+as `item` and `nonzero` in the dispatch mode, `tolist` and `numpy`, which bypass it, hooked), and
+the shapes of every op, so a test can tell whether any shape follows the routing."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ HOST_READS = {  # ops that wait for a tensor's value on the host (or make shapes
     aten.masked_select.default,
     aten.unique_dim.default,
     aten._unique2.default,
-    aten.repeat_interleave.Tensor,
 }
+REPEATS = (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor)  # a host read without output_size
 
 
 def _shapes(tree) -> tuple:
@@ -49,15 +50,22 @@ class DeviceWork(TorchDispatchMode):
         self.kernels: list[str] = []
         self.host_reads: list[str] = []
         self.triton = 0
+        self.custom_op_bytes = 0  # what the kernels' ops allocated (their outputs)
+        self.in_kernel = 0  # inside an interpreted Triton launch
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.in_kernel:  # the interpreter's own tensor work while it runs a kernel: part of that launch
+            return out
         name = str(func)
         self.ops.append((name, _shapes((args, kwargs)), _shapes(out)))
-        if func in HOST_READS or (func is aten.repeat_interleave.self_Tensor and "output_size" not in (kwargs or {})):
+        if func in HOST_READS or (func in REPEATS and (kwargs or {}).get("output_size") is None):
             self.host_reads.append(name)
         if func.namespace != "racedit" and func not in NO_KERNEL and not func.is_view:
             self.kernels.append(name)
+        if func.namespace == "racedit":
+            flat, _ = torch.utils._pytree.tree_flatten(out)
+            self.custom_op_bytes += sum(t.nbytes for t in flat if isinstance(t, torch.Tensor))
         return out
 
     @property
@@ -86,9 +94,25 @@ def device_work():
 
     def run(self, *args, **kwargs):
         work.triton += 1
-        return original(self, *args, **kwargs)
+        work.in_kernel += 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            work.in_kernel -= 1
 
     interpreter.InterpretedFunction.run = run
+    readers = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}  # host reads past the dispatcher
+
+    def reader(name):
+        def read(tensor, *args, **kwargs):
+            if not work.in_kernel:  # the interpreter reads its arguments: that is the kernel running
+                work.host_reads.append(f"Tensor.{name}")
+            return readers[name](tensor, *args, **kwargs)
+
+        return read
+
+    for name in readers:
+        setattr(torch.Tensor, name, reader(name))
     knobs = triton.knobs.runtime
     previous = knobs.launch_enter_hook
     knobs.launch_enter_hook = lambda *_: setattr(work, "triton", work.triton + 1)
@@ -98,3 +122,5 @@ def device_work():
     finally:
         interpreter.InterpretedFunction.run = original
         knobs.launch_enter_hook = previous
+        for name, method in readers.items():
+            setattr(torch.Tensor, name, method)

@@ -273,7 +273,8 @@ def test_a_rows_routing_does_not_follow_its_batch_mates():
 def test_what_a_forward_asks_of_the_device_is_counted_and_bounded():
     """Launches (Triton's, hooked, and every aten op that runs a kernel) and host reads of one MoE layer
     and of a whole forward of B/2's structure (12 blocks, MLP routers, 4 of 32 experts; narrow widths:
-    the counts do not depend on widths), and of a DiT-MoE layer (linear router, shared expert)."""
+    the counts do not depend on widths), and of a DiT-MoE layer (linear router, shared expert); and the
+    bytes a layer's kernels allocate against `device_buffer_bytes`, which the model card reports."""
     result = on_device_path("""
         from launches import device_work
         from racedit.model import build, SERVING
@@ -289,20 +290,24 @@ def test_what_a_forward_asks_of_the_device_is_counted_and_bounded():
             out["forward"] = work.summary()
             with device_work() as work:
                 model.blocks[0].mlp(h, exe, thresholds=tau, residual=residual, gate=gate)
-            out["layer"] = work.summary()
+            out["layer"] = {**work.summary(), "bytes": work.custom_op_bytes,
+                            "counted": model.blocks[0].mlp.device_buffer_bytes(48)}
             shared = build("B/2", hidden_size=64, num_heads=2, image_size=8, num_classes=10, depth=1,
                            moe=dict(spec="2in8", routing="token_choice", gating="softmax", router="linear",
                                     expert_kind="swiglu", shared_expert=True)).eval()
             with device_work() as work:
                 shared.blocks[0].mlp(h, exe, residual=residual, gate=gate)
-            out["dit-moe layer"] = work.summary()
+            out["dit-moe layer"] = {**work.summary(), "bytes": work.custom_op_bytes,
+                                    "counted": shared.blocks[0].mlp.device_buffer_bytes(48)}
         print(json.dumps(out))
     """)
     forward, layer, dit_moe = result["forward"], result["layer"], result["dit-moe layer"]
     assert forward["host_reads"] == [] and layer["host_reads"] == [] and dit_moe["host_reads"] == []
     assert layer["launches"] == layer["triton"] == 7, layer  # hidden GEMM, route, layout, scatter, 2 GEMMs, combine
     assert dit_moe["launches"] == dit_moe["triton"] == 8, dit_moe  # route, layout, scatter, 2 GEMMs, shared x2, combine
-    assert forward["launches"] <= 170, forward  # the same forward took 686 before the device path
+    assert forward["launches"] <= 170, forward  # 676 launches and 12 host reads before the device path
+    for r in (layer, dit_moe):  # the worst-case buffers the model card reports are what the kernels allocate
+        assert 0.99 < r["counted"] / r["bytes"] <= 1.0, r
     # Per block: 2 adaLN norms, qkv, proj (gate and residual fused), the MoE layer's 7; then the patch
     # embedding, the timestep MLP's 2, every adaLN as 1 GEMM, the final norm and linear.
     assert forward["triton"] == 12 * (4 + 7) + 6, forward

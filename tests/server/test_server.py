@@ -191,7 +191,7 @@ def test_models_and_health(server):
     graphs = card["cuda_graphs"]  # on by default: on CUDA one captured graph per row bucket up to 32 rows
     if torch.cuda.is_available():
         assert graphs["enabled"] and graphs["buckets"] == graphs["captured"] == [8, 16, 32], graphs
-        assert graphs["memory_bytes"] > 0
+        assert graphs["memory_bytes"] > 0 and graphs["moe_buffer_bytes"] > 0
     else:
         assert graphs == {
             "enabled": False,
@@ -199,6 +199,7 @@ def test_models_and_health(server):
             "buckets": [],
             "captured": [],
             "memory_bytes": 0,
+            "moe_buffer_bytes": 0,  # the CPU path sizes its buffers by the pairs selected
         }
 
 
@@ -421,6 +422,7 @@ def test_no_cuda_graphs_says_so_in_the_model_card(tight):
         "buckets": [],
         "captured": [],
         "memory_bytes": 0,
+        "moe_buffer_bytes": 0,
     }
 
 

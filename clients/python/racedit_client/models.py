@@ -160,6 +160,11 @@ class CudaGraphs(BaseModel):
     memory_bytes: int = Field(
         ..., description="device memory the captures hold: static inputs and outputs, and the graphs' shared pool"
     )
+    moe_buffer_bytes: int = Field(
+        0,
+        description="on a GPU, one MoE layer's buffers at the largest step, sized for the worst case "
+        "(every token taking every expert), which the device path allocates each step (0 elsewhere)",
+    )
 
 
 class ModelCard(BaseModel):
