@@ -17,9 +17,12 @@
 # of 2026-11-26 (bench/results/gpu-h200-2026-11-26/) and issue #28's goals. Counts used there:
 # one B/2 row is 49.8 GFLOP (dense DiT 46.0), one XL/2-4in32 row 256.8 GFLOP (dense 237.2); bf16
 # peak 989 TFLOP/s; the e06a2ab B/2 forward at 64 rows made 907 kernel launches at 7.1 us of host
-# time each (6.4 ms) and 48 host syncs (call2-e06a2ab/profile.txt), and issue #28 aims at ~160
-# launches: a host-bound floor of 0.8-1.6 ms at 5-10 us a launch, well under the GPU's work at 64
-# rows, so the eager served forward should then be GPU-bound from 64 rows up.
+# time each (6.4 ms) and 48 host syncs (call2-e06a2ab/profile.txt). The device path (model/kernels.py)
+# counts, on a CPU in Triton's interpreter (tests/model/test_kernels.py): 164 launches per B/2 forward
+# (138 Triton) and 0 host syncs, where the code before it counted 676 and 12 the same way. Eagerly that
+# is 164 x 7.1 us = 1.2 ms of launches, plus about 10 us of Python dispatch per torch.library op
+# (138 of them: about 1.4 ms, measured on the 2-core CI host), under the GPU's work at 64 rows, so the
+# eager served forward should be GPU-bound from 64 rows up, and a replayed graph at every size.
 set -u
 phase=${1:-smoke}
 PY=${PYTHON:-python3}
@@ -98,8 +101,9 @@ else  # issue #28's order; the limits add up to the budget (560 s)
     # 64 rows: 16.4 TFLOP (16.6 ms at peak); 16 rows: 4.1 TFLOP (4.2 ms at peak).
     step engine-step-xl2 90 "$PY" bench/engine_step.py --preset XL/2 --moe 4in32 --rows 256 64 16 --repeats 5
     # Graph replay (racedit.model.graphs' GraphedDenoiser) against the eager served forward. Expected: the
-    # replay near the GPU's own time, so at 16 rows well under eager (which pays every launch on the host:
-    # 907 x 7.1 us = 6.4 ms at e06a2ab against 0.8 ms of B/2 work at peak), and the two close at 256 rows.
+    # replay near the GPU's own time, so at 16 rows under eager (which pays every launch and op dispatch on
+    # the host: about 2.6 ms for the device path's 164 launches, 6.4 ms for e06a2ab's 907, against 0.8 ms
+    # of B/2 work at peak), and the two close at 256 rows.
     # Without racedit.model.graphs in the checkout it says "graphs: not available" and saves that.
     step graphs-b2 30 "$PY" bench/engine_step.py --preset B/2 --phases graphs --rows 16 64 256 --repeats 10
     step graphs-xl2 40 "$PY" bench/engine_step.py --preset XL/2 --moe 4in32 --phases graphs --rows 16 64 256 \

@@ -30,11 +30,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def norm_modulate(
-    x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
+    x: torch.Tensor,
+    norm: nn.LayerNorm,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    exe: Execution,
 ) -> torch.Tensor:
     """modulate(norm(x), shift, scale): x [B, L, D] fp32, shift and scale [B, D]. On the device path one
-    kernel that emits the next GEMM's input dtype (`out_dtype`) once; elsewhere fp32."""
-    if device_path(x):
+    kernel that emits the next GEMM's input dtype (`out_dtype`) once; elsewhere (exports too) fp32."""
+    if exe.dispatch == "device" and device_path(x):
         from . import kernels  # Triton: only on the device path
 
         return kernels.norm_modulate(x, shift, scale, norm.eps, out_dtype)
@@ -189,9 +194,9 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, Optional[Routing]]:
         """x [B, L, D] fp32, modulation [B, 6D] (this block's adaLN output, `RaceDiT.modulations`)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=1)
-        h = norm_modulate(x, self.norm1, shift1, scale1, self.attn.qkv.weight.dtype)
+        h = norm_modulate(x, self.norm1, shift1, scale1, self.attn.qkv.weight.dtype, exe)
         x = self.attn(h, exe, residual=x, gate=gate1)
-        h = norm_modulate(x, self.norm2, shift2, scale2, self.mlp_input_dtype)
+        h = norm_modulate(x, self.norm2, shift2, scale2, self.mlp_input_dtype, exe)
         if isinstance(self.mlp, MoELayer):
             return self.mlp(h, exe, predict_target, thresholds, residual=x, gate=gate2)
         return self.mlp(h, exe, residual=x, gate=gate2), None
@@ -212,7 +217,8 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, modulation: torch.Tensor, exe: Execution) -> torch.Tensor:
         shift, scale = modulation.chunk(2, dim=1)
-        return self.linear(norm_modulate(x, self.norm, shift, scale, self.linear.weight.dtype), exe.row_tile)
+        h = norm_modulate(x, self.norm, shift, scale, self.linear.weight.dtype, exe)
+        return self.linear(h, exe.row_tile)
 
 
 # ----------------------------------------------------------------- model ----
