@@ -470,9 +470,8 @@ class MoELayer(nn.Module):
     def top_k_on_device(self) -> int:
         """k when the device path selects each token's top-k, 0 when it selects by threshold."""
         routing = self.config.routing
-        return (
-            self.k if routing == "token_choice" or (routing == "threshold" and self.config.inference == "topk") else 0
-        )
+        by_top_k = routing == "token_choice" or (routing == "threshold" and self.config.inference == "topk")
+        return self.k if by_top_k else 0
 
     def device_buffer_bytes(self, tokens: int) -> int:
         """About the bytes the device path allocates for one call over `tokens` tokens, sized for the worst
@@ -506,13 +505,9 @@ class MoELayer(nn.Module):
 
         batch, seq_len, dim = x.shape
         router, tile = self.router, exe.row_tile
-        h = (
-            x
-            if router.kind != "mlp"
-            else router.hidden(x, tile, activation="gelu", out_dtype=router.gate_head.weight.dtype)
-        )
-        h = h.reshape(-1, h.shape[-1])
         head = router.gate_head
+        h = x if router.kind != "mlp" else router.hidden(x, tile, activation="gelu", out_dtype=head.weight.dtype)
+        h = h.reshape(-1, h.shape[-1])
         block = kernels.route_block(head.weight)
         routing, top_k = self.config.routing, self.top_k_on_device
         if top_k or (routing != "expert_choice" and self.config.inference == "threshold"):

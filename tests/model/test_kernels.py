@@ -205,6 +205,25 @@ def test_combine_sums_each_tokens_experts_in_expert_order_then_gates_and_adds_th
     assert result["equal"] and result["empty_row_zero"] and result["full"] < 1e-5
 
 
+def test_norm_modulate_is_adalns_layer_norm_and_modulation_emitted_in_the_gemms_dtype():
+    result = on_device_path("""
+        import torch.nn.functional as F
+        from racedit.model.dit import modulate
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(3, 10, 72, generator=g) * 3 + 1                    # D = 72: a partial block of columns
+        modulation = torch.randn(3, 6 * 72, generator=g)                   # a block's adaLN output: strided chunks
+        shift, scale = modulation.chunk(6, dim=1)[:2]
+        ref = modulate(F.layer_norm(x, (72,), eps=1e-6), shift, scale)
+        out = {}
+        for dtype in (torch.float32, torch.float16):
+            y = kernels.norm_modulate(x, shift, scale, 1e-6, dtype)
+            out[str(dtype)] = {"dtype": str(y.dtype), "err": (y.float() - ref).abs().max().item()}
+        print(json.dumps(out))
+    """)
+    assert result["torch.float32"]["dtype"] == "torch.float32" and result["torch.float32"]["err"] < 1e-5
+    assert result["torch.float16"]["dtype"] == "torch.float16" and result["torch.float16"]["err"] < 1e-2
+
+
 def test_the_models_device_path_matches_its_torch_path():
     """A Race-DiT (MLP router, GELU experts with biases) and a DiT-MoE-shaped network (SwiGLU experts and a
     shared expert without biases, softmax top-2, qk-LayerNorm, t unscaled) with every GEMM, routing,
