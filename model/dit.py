@@ -39,7 +39,7 @@ def norm_modulate(
 ) -> torch.Tensor:
     """modulate(norm(x), shift, scale): x [B, L, D] fp32, shift and scale [B, D]. On the device path one
     kernel that emits the next GEMM's input dtype (`out_dtype`) once; elsewhere (exports too) fp32."""
-    if exe.dispatch == "device" and device_path(x):
+    if exe.dispatch == "device" and device_path(x, shift, scale):
         from . import kernels  # Triton: only on the device path
 
         return kernels.norm_modulate(x, shift, scale, norm.eps, out_dtype)

@@ -106,17 +106,13 @@ def kernel_device(device: torch.device) -> bool:
     return device.type == "cuda" or (TRITON_ON_CPU and device.type == "cpu")
 
 
-def device_path(*tensors: torch.Tensor) -> bool:
-    """Whether work on these tensors takes the device path (model/kernels.py): on a kernel device, and
-    no autograd (the kernels have no backward; training takes the torch path)."""
-    if not kernel_device(tensors[0].device):
+def device_path(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether work on these tensors (None: absent) takes the device path (model/kernels.py): on a kernel
+    device, and no autograd (the kernels have no backward; training takes the torch path)."""
+    present = [t for t in tensors if t is not None]
+    if not kernel_device(present[0].device):
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-
-def gpu_invariant(t: torch.Tensor, weight: torch.Tensor, tile: Optional[int]) -> bool:
-    """Whether this GEMM runs on the batch-invariant Triton kernel: on the device path, with a row tile."""
-    return tile is not None and device_path(t, weight)
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
 
 Activation = Literal["none", "gelu_tanh", "gelu", "swiglu", "silu"]
@@ -152,7 +148,7 @@ def linear(
     activation acts on the fp32 sum before rounding; elsewhere on the rounded result."""
     lead = x.shape[:-1]
     width = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
-    if gpu_invariant(x, weight, tile):  # rows are independent in the kernel: no padding; it rounds in and out itself
+    if tile is not None and device_path(x, weight, bias, residual, gate):  # rows independent in the kernel: no padding
         from . import kernels  # Triton: only on the device path
 
         rows = x.reshape(-1, x.shape[-1])

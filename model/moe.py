@@ -444,7 +444,7 @@ class MoELayer(nn.Module):
     ) -> tuple[torch.Tensor, Routing]:
         """x [B, L, D] -> [B, L, D] and the routing; `exe` resolved (model/exact.py). With `residual`
         [B, L, D] and `gate` [B, D]: residual + gate * that, the block's gated residual."""
-        if exe.dispatch == "device" and device_path(x, self.experts.w1) and not predict_target:
+        if exe.dispatch == "device" and device_path(x, self.experts.w1, residual, gate) and not predict_target:
             return self.forward_on_device(x, exe, thresholds, residual, gate)
         batch, seq_len, dim = x.shape
         logits, target = self.router(x, exe.row_tile, predict_target)  # [B, L, E]

@@ -48,13 +48,28 @@ def test_the_switch_sends_cpu_tensors_down_the_device_path():
     assert Execution().resolve(torch.device("cpu")).dispatch == "sorted"  # without it: the torch path
     result = on_device_path("""
         import os
+        from conftest import batch, tiny_model
         from racedit.model import Execution
         x = torch.zeros(2, 3)
-        print(json.dumps({"dispatch": Execution().resolve(torch.device("cpu")).dispatch,
-                          "interpret": os.environ.get("TRITON_INTERPRET"), "device_path": exact.device_path(x),
-                          "with_grad": exact.device_path(x.requires_grad_())}))
+        out = {"dispatch": Execution().resolve(torch.device("cpu")).dispatch,
+               "interpret": os.environ.get("TRITON_INTERPRET"), "device_path": exact.device_path(x),
+               "with_grad": exact.device_path(x.requires_grad_())}
+        grads = []  # a training step: the kernels have no backward, so autograd takes the torch path
+        for on in (False, True):
+            torch_path(on)
+            model = tiny_model().train()
+            model(*batch(model, 4)).prediction.square().mean().backward()
+            grads.append([p.grad for p in model.parameters() if p.grad is not None])
+        out["same_grads"] = len(grads[0]) == len(grads[1]) > 20 and all(map(torch.equal, *grads))
+        print(json.dumps(out))
     """)
-    assert result == {"dispatch": "device", "interpret": "1", "device_path": True, "with_grad": False}
+    assert result == {
+        "dispatch": "device",
+        "interpret": "1",
+        "device_path": True,
+        "with_grad": False,
+        "same_grads": True,
+    }
 
 
 def test_linear_rounds_through_the_weights_dtype_and_applies_each_epilogue():
