@@ -72,7 +72,7 @@ step() {  # step NAME SECONDS COMMAND...: at most SECONDS, and no more than the 
 if [ "$phase" = smoke ]; then
     step kernels-xl 90 "$PY" bench/kernel_invariance.py --repeats 5
     step exactness 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/server/test_exactness.py -k cuda
-    step engine-step-b2 90 "$PY" bench/engine_step.py --preset B/2 --rows 64 --repeats 5 --no-compile
+    step engine-step-b2 90 "$PY" bench/engine_step.py --preset B/2 --rows 64 --repeats 5 --phases eager graphs
     step moe-layer 120 "$PY" bench/moe_layer.py --device cuda --compile --repeats 10
 else  # issue #28's order; the limits add up to the budget (560 s)
     # Every CUDA-only test: the exactness tests over HTTP (tiny step bf16/fp32, static bf16, the bundled
