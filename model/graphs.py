@@ -213,7 +213,8 @@ class GraphedDenoiser:
             captured.thresholds[:, rows:].copy_(
                 self.learned.unsqueeze(1).expand(-1, captured.thresholds.shape[1] - rows)
             )
-        captured.graph.replay()
+        with torch.cuda.device(self.device):
+            captured.graph.replay()
         return (
             captured.prediction[:rows].clone(),
             captured.experts_per_token[:, :rows].clone(),
@@ -247,15 +248,18 @@ class GraphedDenoiser:
 
         graph = torch.cuda.CUDAGraph()
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_RUNS):
-                    forward()
-            torch.cuda.current_stream(device).wait_stream(side)
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                outputs = forward()
-        except RuntimeError as exc:  # a host sync or a data-dependent shape in the forward
+            # The capture stream is the current device's: make it the model's (cuda:1 serves on cuda:1).
+            with torch.cuda.device(device):
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_RUNS):
+                        forward()
+                torch.cuda.current_stream(device).wait_stream(side)
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    outputs = forward()
+        except Exception as exc:  # a host sync or a data-dependent shape in the forward; a kernel that fails
+            # to compile (Triton's errors are not RuntimeErrors) fails eagerly too, and says so there
             self.graphs, self.reason = False, f"capture of {bucket} rows failed: {str(exc).splitlines()[0]}"
             self.captured.clear()
             self.memory_bytes = 0

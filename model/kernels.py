@@ -35,6 +35,7 @@ graph breaks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -51,16 +52,25 @@ CONFIGS = {
     ("grouped", torch.float16): (None, 128, 64, 4, 4),
 }
 FP32_CONFIG = (64, 64, 32, 4, 3)  # full-precision fp32 FMAs (no TF32): small tiles fit shared memory
+# Pinned on every launch: contracting a * b + c into one FMA changes a result's last bits, and Triton's
+# default for it changes in 3.10, so served bytes would follow the Triton version.
+FIXED = dict(enable_fp_fusion=False)
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "gelu": 2, "swiglu": 3, "silu": 4}
 GATINGS = {"identity": 0, "sigmoid": 1, "softmax": 2}
 
 
 @functools.cache
 def persistent_programs(device: torch.device) -> int:
-    """Programs of a persistent grouped GEMM: enough to fill the GPU, a few in the interpreter."""
+    """Programs of a persistent grouped GEMM: as many as run at once (two per SM: a program's tiles
+    take about 96 KB of shared memory), a few in the interpreter."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it `t`'s (a model served on cuda:1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ GEMM ----
@@ -195,12 +205,15 @@ def _tiled_mm(
         )  # fmt: skip
         out = acc.to(b_ptr.dtype.element_ty)
         keep = real[:, None] & (cols[None, :] < N)
-        wide = rows[:, None].to(tl.int64)
-        if RESIDUAL:
-            res = tl.load(res_ptr + wide * N + cols[None, :], mask=keep, other=0.0)
-            gate = tl.load(gate_ptr + (wide // rows_per_gate) * stride_gate + cols[None, :], mask=keep, other=0.0)
+        wide = rows.to(tl.int64)
+        if RESIDUAL:  # row pointers first, then the tile: fewer registers than a tile of int64 offsets
+            res_rows = res_ptr + wide * N
+            gate_rows = gate_ptr + (wide // rows_per_gate) * stride_gate
+            res = tl.load(res_rows[:, None] + cols[None, :], mask=keep, other=0.0)
+            gate = tl.load(gate_rows[:, None] + cols[None, :], mask=keep, other=0.0)
             out = res + gate * out.to(tl.float32)
-        tl.store(c_ptr + wide * stride_cm + cols[None, :] * stride_cn, out.to(c_ptr.dtype.element_ty), mask=keep)
+        c_rows = c_ptr + wide * stride_cm
+        tl.store(c_rows[:, None] + cols[None, :] * stride_cn, out.to(c_ptr.dtype.element_ty), mask=keep)
 
 
 def _config(b: torch.Tensor, grouped: bool) -> tuple:
@@ -225,22 +238,24 @@ def linear(
     b = weight.t()
     n = b.shape[1] // 2 if activation == "swiglu" else b.shape[1]
     block_m, block_n, block_k, warps, stages = _config(weight, grouped=False)
-    if activation == "swiglu":  # two accumulators per output tile: half as many columns keep the registers
-        block_n = max(32, block_n // 2)
+    if activation != "none" or residual is not None:  # an epilogue's temporaries (SwiGLU's up half, erf,
+        block_n = max(32, block_n // 2)  # residual and gate) beside the tile: half as many columns keep
+        # the registers from spilling (ptxas for sm_90: 248 bytes of stack for erf-GELU at 128 x 256)
     out = a.new_empty(m, n, dtype=out_dtype)
     if m == 0:
         return out
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _tiled_mm[grid](
-        a, a, b, bias if bias is not None else a, out, a, a, a,
-        residual if residual is not None else a, gate if gate is not None else a,
-        m, n, k, rows_per_gate,
-        a.stride(0), a.stride(1), 0, b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        gate.stride(0) if gate is not None else 0,
-        ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, GROUPED=False, GATHER=False,
-        RESIDUAL=residual is not None, IEEE=weight.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    with on_device_of(a):
+        _tiled_mm[grid](
+            a, a, b, bias if bias is not None else a, out, a, a, a,
+            residual if residual is not None else a, gate if gate is not None else a,
+            m, n, k, rows_per_gate,
+            a.stride(0), a.stride(1), 0, b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            gate.stride(0) if gate is not None else 0,
+            ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, GROUPED=False, GATHER=False,
+            RESIDUAL=residual is not None, IEEE=weight.dtype == torch.float32,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **FIXED,
+        )  # fmt: skip
     return out
 
 
@@ -280,16 +295,17 @@ def grouped_linear(
     if work == 0:
         return out
     grid = (min(work, persistent_programs(a.device)),)
-    _tiled_mm[grid](
-        a, a_index if a_index is not None else a, weight, bias if bias is not None else a, out,
-        tile_group, tile_rows, num_tiles, a, a,
-        rows, n, a.shape[1], 1,
-        a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
-        out.stride(0), out.stride(1), 0,
-        ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, GROUPED=True, GATHER=a_index is not None,
-        RESIDUAL=False, IEEE=weight.dtype == torch.float32,
-        BLOCK_M=tile, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    with on_device_of(a):
+        _tiled_mm[grid](
+            a, a_index if a_index is not None else a, weight, bias if bias is not None else a, out,
+            tile_group, tile_rows, num_tiles, a, a,
+            rows, n, a.shape[1], 1,
+            a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+            out.stride(0), out.stride(1), 0,
+            ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, GROUPED=True, GATHER=a_index is not None,
+            RESIDUAL=False, IEEE=weight.dtype == torch.float32,
+            BLOCK_M=tile, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **FIXED,
+        )  # fmt: skip
     return out
 
 
@@ -327,10 +343,11 @@ def norm_modulate(
     out = x.new_empty(x.shape, dtype=out_dtype)
     if x.numel() == 0:
         return out
-    _norm_modulate[(batch * seq_len,)](
-        x, shift, scale, out, batch * seq_len, dim, seq_len, shift.stride(0), eps,
-        BLOCK_D=triton.next_power_of_2(dim), num_warps=4,
-    )  # fmt: skip
+    with on_device_of(x):
+        _norm_modulate[(batch * seq_len,)](
+            x, shift, scale, out, batch * seq_len, dim, seq_len, shift.stride(0), eps,
+            BLOCK_D=triton.next_power_of_2(dim), num_warps=4, **FIXED,
+        )  # fmt: skip
     return out
 
 
@@ -367,7 +384,7 @@ def _select(z, rows, cols, real, valid, tau_ptr, stride_tau, rows_per_sample, GA
     return s, selected
 
 
-@triton.jit(do_not_specialize=["M", "rows_per_sample"])
+@triton.jit(do_not_specialize=["M", "rows_per_sample"], do_not_specialize_on_alignment=["tau_ptr"])
 def _router_mm(
     a_ptr,
     b_ptr,
@@ -444,14 +461,16 @@ def route(
     block_counts = x.new_empty(blocks, experts, dtype=torch.int32)
     if blocks:
         b = weight.t()
-        _router_mm[(blocks,)](
-            x, b, bias if bias is not None else x, thresholds if thresholds is not None else x,
-            logits, scores, mask, block_counts, tokens, experts, x.shape[1], rows_per_sample,
-            x.stride(0), x.stride(1), b.stride(0), b.stride(1), thresholds.stride(0) if thresholds is not None else 0,
-            HAS_BIAS=bias is not None, GATING=GATINGS[gating], TOPK=top_k if thresholds is None else 0,
-            IEEE=weight.dtype == torch.float32, BLOCK_M=block_m, BLOCK_E=max(16, triton.next_power_of_2(experts)),
-            BLOCK_K=block_k, num_warps=4, num_stages=stages,
-        )  # fmt: skip
+        with on_device_of(x):
+            _router_mm[(blocks,)](
+                x, b, bias if bias is not None else x, thresholds if thresholds is not None else x,
+                logits, scores, mask, block_counts, tokens, experts, x.shape[1], rows_per_sample,
+                x.stride(0), x.stride(1), b.stride(0), b.stride(1),
+                thresholds.stride(0) if thresholds is not None else 0,
+                HAS_BIAS=bias is not None, GATING=GATINGS[gating], TOPK=top_k if thresholds is None else 0,
+                IEEE=weight.dtype == torch.float32, BLOCK_M=block_m, BLOCK_E=max(16, triton.next_power_of_2(experts)),
+                BLOCK_K=block_k, num_warps=4, num_stages=stages, **FIXED,
+            )  # fmt: skip
     return logits, scores, mask.view(torch.bool), block_counts
 
 
@@ -486,10 +505,11 @@ def count_pairs(mask: torch.Tensor, block: int) -> torch.Tensor:
     tokens, experts = mask.shape
     block_counts = mask.new_empty(triton.cdiv(tokens, block), experts, dtype=torch.int32)
     if tokens:
-        _count_pairs[(block_counts.shape[0],)](
-            mask.view(torch.int8), block_counts, tokens, experts, BLOCK_T=block,
-            BLOCK_E=max(16, triton.next_power_of_2(experts)),
-        )  # fmt: skip
+        with on_device_of(mask):
+            _count_pairs[(block_counts.shape[0],)](
+                mask.view(torch.int8), block_counts, tokens, experts, BLOCK_T=block,
+                BLOCK_E=max(16, triton.next_power_of_2(experts)), **FIXED,
+            )  # fmt: skip
     return block_counts
 
 
@@ -562,10 +582,12 @@ def dispatch_layout(
     tile_rows = block_counts.new_empty(max_tiles)
     num_tiles = block_counts.new_empty(1)
     counts = block_counts.new_empty(experts)
-    _layout[(1,)](
-        block_counts, block_offsets, tile_expert, tile_rows, num_tiles, counts, blocks, experts, max_tiles,
-        TILE=tile, BLOCK_B=64, BLOCK_E=max(16, triton.next_power_of_2(experts)), BLOCK_TILES=256, num_warps=4,
-    )  # fmt: skip
+    with on_device_of(block_counts):
+        _layout[(1,)](
+            block_counts, block_offsets, tile_expert, tile_rows, num_tiles, counts, blocks, experts, max_tiles,
+            TILE=tile, BLOCK_B=64, BLOCK_E=max(16, triton.next_power_of_2(experts)), BLOCK_TILES=256, num_warps=4,
+            **FIXED,
+        )  # fmt: skip
     return block_offsets, tile_expert, tile_rows, num_tiles, counts
 
 
@@ -603,10 +625,11 @@ def scatter_pairs(
     slot = mask.new_empty(tokens, experts, dtype=torch.int32)
     source = mask.new_empty(max_tiles * tile, dtype=torch.int32)
     if tokens:
-        _scatter[(triton.cdiv(tokens, block),)](
-            mask.view(torch.int8), block_offsets, slot, source, tokens, experts,
-            BLOCK_T=block, BLOCK_E=max(16, triton.next_power_of_2(experts)),
-        )  # fmt: skip
+        with on_device_of(mask):
+            _scatter[(triton.cdiv(tokens, block),)](
+                mask.view(torch.int8), block_offsets, slot, source, tokens, experts,
+                BLOCK_T=block, BLOCK_E=max(16, triton.next_power_of_2(experts)), **FIXED,
+            )  # fmt: skip
     return slot, source
 
 
@@ -679,12 +702,14 @@ def combine(
     if tokens == 0:
         return out
     block_t, block_d = 16, 128
-    _combine[(triton.cdiv(tokens, block_t), triton.cdiv(dim, block_d))](
-        y, slot, scores, extra if extra is not None else out, residual if residual is not None else out,
-        gate if gate is not None else out, out, tokens, dim, experts, rows_per_gate, y.stride(0),
-        gate.stride(0) if gate is not None else 0,
-        HAS_EXTRA=extra is not None, RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
-    )  # fmt: skip
+    with on_device_of(y):
+        _combine[(triton.cdiv(tokens, block_t), triton.cdiv(dim, block_d))](
+            y, slot, scores, extra if extra is not None else out, residual if residual is not None else out,
+            gate if gate is not None else out, out, tokens, dim, experts, rows_per_gate, y.stride(0),
+            gate.stride(0) if gate is not None else 0,
+            HAS_EXTRA=extra is not None, RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+            **FIXED,
+        )  # fmt: skip
     return out
 
 
