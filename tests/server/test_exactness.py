@@ -162,3 +162,24 @@ def test_stochastic_samplers_npy_bytes_are_the_same_alone_and_among_others(serve
         assert [e.numpy().tobytes() for e in expected] == [
             np.load(io.BytesIO(a), allow_pickle=False).tobytes() for a in alone
         ], sampler
+
+
+def test_the_device_path_serves_over_http_on_a_cpu(server_factory, tiny_checkpoint):
+    """`racedit serve` under RACEDIT_TRITON_ON_CPU=1: the engine's steps on the device path (its Triton
+    programs in the interpreter), a request among another that shares its steps, against the library's
+    torch path; the model card names the worst-case MoE buffers the device path allocates."""
+    server = server_factory("--device", "cpu", "--dtype", "float32", env={"RACEDIT_TRITON_ON_CPU": "1"})
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert card["cuda_graphs"]["moe_buffer_bytes"] > 0 and not card["cuda_graphs"]["enabled"]
+    target = {"class_label": "star", "cfg_scale": 4.0, "num_steps": 3, "seed": 1234, "num_images": 2}
+    other = {"class_label": 2, "cfg_scale": 1.0, "num_steps": 12, "seed": 5}
+    together, still_running = run_among_others(server, target, [other], static=False)
+    assert still_running
+    served = [np.load(io.BytesIO(s), allow_pickle=False) for s in samples(together)]
+    expected, usage = generate(load(tiny_checkpoint), [6, 6], 4.0, 3, seeds=[1234, 1235], as_float=True)
+    assert max(np.abs(s - e.numpy()).max() for s, e in zip(served, expected)) < 1e-4
+    # Its own arithmetic (activations before rounding, its own LayerNorm), so not the torch path's bytes:
+    # the server did run the kernels.
+    assert all(s.tobytes() != e.numpy().tobytes() for s, e in zip(served, expected))
+    answered = together.json()["expert_usage"]["mean_experts_per_token"]
+    assert abs(answered - np.mean([u.mean_experts_per_token for u in usage])) < 0.05
