@@ -118,6 +118,17 @@ def device_path(*tensors: Optional[torch.Tensor]) -> bool:
 Activation = Literal["none", "gelu_tanh", "gelu", "swiglu", "silu"]
 
 
+def swiglu(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up] along its last dim (2H -> H); `inplace` writes into gate's half."""
+    gate_half, up = h.chunk(2, dim=-1)
+    return F.silu(gate_half, inplace=True).mul_(up) if inplace else F.silu(gate_half) * up
+
+
+def output_width(width: int, activation: Activation) -> int:
+    """Columns a GEMM of `width` output columns gives after its activation: SwiGLU halves them."""
+    return width // 2 if activation == "swiglu" else width
+
+
 def activate(h: torch.Tensor, activation: Activation) -> torch.Tensor:
     """The activation a GEMM's epilogue applies on the device path, here on its rounded result (fp32)."""
     if activation == "gelu_tanh":
@@ -125,8 +136,7 @@ def activate(h: torch.Tensor, activation: Activation) -> torch.Tensor:
     if activation == "gelu":
         return F.gelu(h)
     if activation == "swiglu":
-        gate_half, up = h.chunk(2, dim=-1)
-        return F.silu(gate_half) * up
+        return swiglu(h)
     if activation == "silu":
         return F.silu(h)
     return h
@@ -147,7 +157,7 @@ def linear(
     [B, N]: residual + gate * y, a block's gated residual (fp32). On the device path, one kernel: the
     activation acts on the fp32 sum before rounding; elsewhere on the rounded result."""
     lead = x.shape[:-1]
-    width = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
+    width = output_width(weight.shape[0], activation)
     if tile is not None and device_path(x, weight, bias, residual, gate):  # rows independent in the kernel: no padding
         from . import kernels  # Triton: only on the device path
 

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .exact import output_width
+
 # One fixed configuration per (use, dtype) -- the point of the kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 # The grouped kernel's BLOCK_M is the experts' group tile (GPU_GROUP_TILE in model/exact.py).
 CONFIGS = {
@@ -66,6 +68,11 @@ def persistent_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def _expert_block(experts: int) -> int:
+    """Columns of a tile holding every expert of a token (tl.dot and tl.arange want a power of two >= 16)."""
+    return max(16, triton.next_power_of_2(experts))
 
 
 def on_device_of(t: torch.Tensor):
@@ -236,7 +243,7 @@ def linear(
     and `gate` [M / rows_per_gate, N] (fp32): residual + gate * that, in fp32."""
     m, k = a.shape
     b = weight.t()
-    n = b.shape[1] // 2 if activation == "swiglu" else b.shape[1]
+    n = output_width(b.shape[1], activation)
     block_m, block_n, block_k, warps, stages = _config(weight, grouped=False)
     if activation != "none" or residual is not None:  # an epilogue's temporaries (SwiGLU's up half, erf,
         block_n = max(32, block_n // 2)  # residual and gate) beside the tile: half as many columns keep
@@ -261,7 +268,7 @@ def linear(
 
 @linear.register_fake
 def _(a, weight, bias, out_dtype, activation, residual, gate, rows_per_gate):
-    n = weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
+    n = output_width(weight.shape[0], activation)
     return a.new_empty(a.shape[0], n, dtype=out_dtype)
 
 
@@ -286,7 +293,7 @@ def grouped_linear(
     if activation == "swiglu" and weight.shape[-1] % 2:
         raise ValueError(f"swiglu needs [gate | up] weights of even width, got {weight.shape[-1]}")
     rows = tile_group.shape[0] * tile
-    n = weight.shape[-1] // 2 if activation == "swiglu" else weight.shape[-1]
+    n = output_width(weight.shape[-1], activation)
     _, block_n, block_k, warps, stages = _config(weight, grouped=True)
     if activation == "swiglu":
         block_n = max(32, block_n // 2)
@@ -311,13 +318,13 @@ def grouped_linear(
 
 @grouped_linear.register_fake
 def _(a, a_index, weight, bias, tile_group, tile_rows, num_tiles, tile, activation):
-    n = weight.shape[-1] // 2 if activation == "swiglu" else weight.shape[-1]
+    n = output_width(weight.shape[-1], activation)
     return weight.new_empty(tile_group.shape[0] * tile, n)
 
 
 # ----------------------------------------------------------- layer norm ----
-@triton.jit(do_not_specialize=["M", "rows_per_sample"])
-def _norm_modulate(x_ptr, shift_ptr, scale_ptr, out_ptr, M, D, rows_per_sample, stride_mod, eps, BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["rows_per_sample"])
+def _norm_modulate(x_ptr, shift_ptr, scale_ptr, out_ptr, D, rows_per_sample, stride_mod, eps, BLOCK_D: tl.constexpr):
     """out[m] = LayerNorm(x[m]) * (1 + scale[s]) + shift[s], s = m // rows_per_sample, in fp32, stored as out's."""
     m = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -345,7 +352,7 @@ def norm_modulate(
         return out
     with on_device_of(x):
         _norm_modulate[(batch * seq_len,)](
-            x, shift, scale, out, batch * seq_len, dim, seq_len, shift.stride(0), eps,
+            x, shift, scale, out, dim, seq_len, shift.stride(0), eps,
             BLOCK_D=triton.next_power_of_2(dim), num_warps=4, **FIXED,
         )  # fmt: skip
     return out
@@ -468,7 +475,7 @@ def route(
                 x.stride(0), x.stride(1), b.stride(0), b.stride(1),
                 thresholds.stride(0) if thresholds is not None else 0,
                 HAS_BIAS=bias is not None, GATING=GATINGS[gating], TOPK=top_k if thresholds is None else 0,
-                IEEE=weight.dtype == torch.float32, BLOCK_M=block_m, BLOCK_E=max(16, triton.next_power_of_2(experts)),
+                IEEE=weight.dtype == torch.float32, BLOCK_M=block_m, BLOCK_E=_expert_block(experts),
                 BLOCK_K=block_k, num_warps=4, num_stages=stages, **FIXED,
             )  # fmt: skip
     return logits, scores, mask.view(torch.bool), block_counts
@@ -508,7 +515,7 @@ def count_pairs(mask: torch.Tensor, block: int) -> torch.Tensor:
         with on_device_of(mask):
             _count_pairs[(block_counts.shape[0],)](
                 mask.view(torch.int8), block_counts, tokens, experts, BLOCK_T=block,
-                BLOCK_E=max(16, triton.next_power_of_2(experts)), **FIXED,
+                BLOCK_E=_expert_block(experts), **FIXED,
             )  # fmt: skip
     return block_counts
 
@@ -585,7 +592,7 @@ def dispatch_layout(
     with on_device_of(block_counts):
         _layout[(1,)](
             block_counts, block_offsets, tile_expert, tile_rows, num_tiles, counts, blocks, experts, max_tiles,
-            TILE=tile, BLOCK_B=64, BLOCK_E=max(16, triton.next_power_of_2(experts)), BLOCK_TILES=256, num_warps=4,
+            TILE=tile, BLOCK_B=64, BLOCK_E=_expert_block(experts), BLOCK_TILES=256, num_warps=4,
             **FIXED,
         )  # fmt: skip
     return block_offsets, tile_expert, tile_rows, num_tiles, counts
@@ -628,7 +635,7 @@ def scatter_pairs(
         with on_device_of(mask):
             _scatter[(triton.cdiv(tokens, block),)](
                 mask.view(torch.int8), block_offsets, slot, source, tokens, experts,
-                BLOCK_T=block, BLOCK_E=max(16, triton.next_power_of_2(experts)), **FIXED,
+                BLOCK_T=block, BLOCK_E=_expert_block(experts), **FIXED,
             )  # fmt: skip
     return slot, source
 

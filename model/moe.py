@@ -51,6 +51,7 @@ from .exact import (
     pad_rows,
     padded,
     rounded,
+    swiglu,
 )
 
 
@@ -132,10 +133,9 @@ class Router(nn.Module):
 
 
 # --------------------------------------------------------------- experts ----
-def swiglu(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """silu(gate) * up of h = [gate | up] along its last dim (2H -> H); `inplace` writes into gate's half."""
-    gate_half, up = h.chunk(2, dim=-1)
-    return F.silu(gate_half, inplace=True).mul_(up) if inplace else F.silu(gate_half) * up
+def epilogue_activation(kind: str) -> str:
+    """The device path's GEMM epilogue for an expert kind (`exact.Activation`): GELU is the tanh form."""
+    return "swiglu" if kind == "swiglu" else "gelu_tanh"
 
 
 class Experts(nn.Module):
@@ -207,9 +207,8 @@ class Experts(nn.Module):
         weights' dtype (R the worst case; only the tiles the device counted are written)."""
         from . import kernels  # Triton: only on the device path
 
-        act = "swiglu" if self.kind == "swiglu" else "gelu_tanh"
         tiles = (layout.tile_expert, layout.tile_rows, layout.num_tiles, layout.tile)
-        h = kernels.grouped_linear(x, layout.source, self.w1, self.b1, *tiles, act)
+        h = kernels.grouped_linear(x, layout.source, self.w1, self.b1, *tiles, epilogue_activation(self.kind))
         return kernels.grouped_linear(h, None, self.w2, self.b2, *tiles, "none")
 
 
@@ -414,14 +413,14 @@ class MoELayer(nn.Module):
         "threshold" (a token-choice checkpoint given calibrated thresholds) infers by threshold, or
         with `inference: topk` by its own top-k; it trains as a race."""
         routing = self.config.routing
+        if not self.training and self.inference_rule == "top_k":
+            return token_choice(scores, self.k)
+        if not self.training and self.inference_rule == "threshold":
+            return threshold(scores, self.threshold if thresholds is None else thresholds)
         if routing == "token_choice":
             return token_choice(scores, self.k)
         if routing == "expert_choice":
             return expert_choice(scores, self.k)
-        if not self.training and self.config.inference == "threshold":
-            return threshold(scores, self.threshold if thresholds is None else thresholds)
-        if not self.training and routing == "threshold":
-            return token_choice(scores, self.k)
         mask, kth = expert_race(scores, self.k)
         if self.training:
             self._update_threshold(kth.detach())
@@ -467,11 +466,21 @@ class MoELayer(nn.Module):
         return out, Routing(scores=scores, mask=mask, target=target, logits=logits)
 
     @property
+    def inference_rule(self) -> str:
+        """How the layer selects pairs at inference (`select`; the device path the same): "top_k", each
+        token's k best; "threshold", per token by the learned threshold or the dial's; "batch", over the
+        batch (expert choice, or a race's top-k), decided in torch."""
+        routing, inference = self.config.routing, self.config.inference
+        if routing == "token_choice" or (routing == "threshold" and inference == "topk"):
+            return "top_k"
+        if routing != "expert_choice" and inference == "threshold":
+            return "threshold"
+        return "batch"
+
+    @property
     def top_k_on_device(self) -> int:
-        """k when the device path selects each token's top-k, 0 when it selects by threshold."""
-        routing = self.config.routing
-        by_top_k = routing == "token_choice" or (routing == "threshold" and self.config.inference == "topk")
-        return self.k if by_top_k else 0
+        """k when the device path selects each token's top-k, 0 otherwise."""
+        return self.k if self.inference_rule == "top_k" else 0
 
     def device_buffer_bytes(self, tokens: int) -> int:
         """About the bytes the device path allocates for one call over `tokens` tokens, sized for the worst
@@ -509,13 +518,13 @@ class MoELayer(nn.Module):
         h = x if router.kind != "mlp" else router.hidden(x, tile, activation="gelu", out_dtype=head.weight.dtype)
         h = h.reshape(-1, h.shape[-1])
         block = kernels.route_block(head.weight)
-        routing, top_k = self.config.routing, self.top_k_on_device
-        if top_k or (routing != "expert_choice" and self.config.inference == "threshold"):
+        top_k = self.top_k_on_device
+        if self.inference_rule != "batch":
             tau = None if top_k else thresholds if thresholds is not None else self.threshold.view(1).expand(batch)
             logits, scores, mask, block_counts = kernels.route(
                 h, head.weight, head.bias, tau, seq_len, self.config.gating, top_k
             )
-        else:  # expert choice, or a race's inference by the batch's top-k: selected in torch, laid out here
+        else:  # selected over the batch, in torch; laid out here
             logits = head(h, tile)
             scores = gating(logits, self.config.gating)
             mask = self.select(scores.view(batch, seq_len, -1), thresholds).reshape(scores.shape)
@@ -525,8 +534,8 @@ class MoELayer(nn.Module):
         shared = None
         if self.shared_expert is not None:
             first, _, second = self.shared_expert
-            kind = "swiglu" if self.config.expert_kind == "swiglu" else "gelu_tanh"
-            hidden = first(x, exe.row_tile, activation=kind, out_dtype=second.weight.dtype)
+            act = epilogue_activation(self.config.expert_kind)
+            hidden = first(x, exe.row_tile, activation=act, out_dtype=second.weight.dtype)
             shared = second(hidden, exe.row_tile).reshape(-1, dim)
         res = residual.reshape(-1, dim) if residual is not None else None
         out = kernels.combine(y, layout.slot, scores, shared, res, gate, seq_len)
